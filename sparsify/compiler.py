@@ -1,0 +1,161 @@
+"""``sparsify.compile``: capture a model's forward with a Dynamo backend and rewrite every attention in it.
+
+The backend receives one FX graph per frame Dynamo captures (in HF ``generate()``: a prefill frame, then decode
+frames, whose cache length becomes symbolic after the first recompile). Each frame is rewritten by the pass
+pipeline. When a decision depends on a length that is symbolic in the graph (a policy rule with
+``min_seq_len``/``max_seq_len``), the frame keeps one rewritten variant per distinct set of decisions and picks
+one per call from the concrete lengths — a guard of our own, so no recompilation per token.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import sympy
+import torch
+import torch.fx
+
+from .passes.apply_policy import apply_policy
+from .pipeline import PipelineResult, analyse, copy_graph_module, run_pipeline
+from .policy import Policy
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """``phase``: "auto" infers prefill/decode from q_len; "diffusion" marks bidirectional calls as diffusion
+    steps (the diffusion runtime sets it). ``dynamic`` is passed to ``torch.compile``."""
+
+    phase: Literal["auto", "diffusion"] = "auto"
+    dynamic: bool | None = None
+
+    def __post_init__(self):
+        if self.phase not in ("auto", "diffusion"):
+            raise ValueError(f"phase: {self.phase!r} is not allowed; allowed: auto, diffusion")
+
+
+class _LengthReader:
+    """Evaluates attentions' symbolic key lengths from a call's actual arguments.
+
+    Dynamo passes each size symbol either as a SymInt argument or as a dimension of a tensor argument;
+    ``placeholders`` (in argument order) say where.
+    """
+
+    def __init__(self, placeholders: list[torch.fx.Node], lengths: dict[int, sympy.Expr]):
+        self.indices = list(lengths)
+        symbols = sorted(set().union(*(e.free_symbols for e in lengths.values())), key=str) if lengths else []
+        self.getters: list[Callable[[tuple], int]] = []
+        for symbol in symbols:
+            self.getters.append(_find_symbol(placeholders, symbol))
+        self.evaluate = sympy.lambdify(symbols, [lengths[i] for i in self.indices], modules="math")
+
+    def __call__(self, args: tuple) -> dict[int, int]:
+        values = self.evaluate(*(get(args) for get in self.getters))
+        return {index: int(value) for index, value in zip(self.indices, values)}
+
+
+def _find_symbol(placeholders: list[torch.fx.Node], symbol: sympy.Symbol) -> Callable[[tuple], int]:
+    for position, node in enumerate(placeholders):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt) and value.node.expr == symbol:
+            return lambda args, p=position: int(args[p])
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == symbol:
+                    return lambda args, p=position, d=dim: int(args[p].shape[d])
+    raise RuntimeError(f"sparsify: size symbol {symbol} is not readable from the graph's inputs")
+
+
+class CompiledFrame:
+    """One captured frame: its graph, its attentions, and the rewritten variants built so far."""
+
+    def __init__(self, gm: torch.fx.GraphModule, policy: Policy, options: CompileOptions):
+        self.original = gm
+        self.policy = policy
+        self.diffusion = options.phase == "diffusion"
+        self.matches, self.annotations = analyse(gm, diffusion=self.diffusion)
+        self.variants: dict[tuple, PipelineResult] = {}
+        self.last: PipelineResult | None = None
+        self.calls = 0
+        symbolic = {a.index: a.kv_len for a in self.annotations.attentions if not isinstance(a.kv_len, int)}
+        self._reader = None
+        if symbolic and policy.depends_on_length:
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            self._reader = _LengthReader(placeholders, symbolic)
+        if self._reader is None:
+            self.last = self._variant(None)
+
+    def _variant(self, seq_lens: dict[int, int] | None) -> PipelineResult:
+        _, decisions = apply_policy(self.original, self.annotations, self.policy, seq_lens)
+        if decisions.key not in self.variants:
+            self.variants[decisions.key] = run_pipeline(
+                copy_graph_module(self.original), self.policy, diffusion=self.diffusion, seq_lens=seq_lens
+            )
+        return self.variants[decisions.key]
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self._reader is not None:
+            self.last = self._variant(self._reader(args))
+        return self.last.gm(*args)
+
+
+class SparsifyBackend:
+    """The Dynamo backend: every frame it is given becomes a :class:`CompiledFrame`."""
+
+    def __init__(self, policy: Policy, options: CompileOptions):
+        self.policy = policy
+        self.options = options
+        self.frames: list[CompiledFrame] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        frame = CompiledFrame(gm, self.policy, self.options)
+        self.frames.append(frame)
+        return frame
+
+    @property
+    def compilations(self) -> int:
+        return len(self.frames)
+
+
+@dataclass
+class SparsifyHandle:
+    """Attached to a compiled model as ``.sparsify``: the policy, options and every captured frame."""
+
+    policy: Policy
+    options: CompileOptions
+    backend: SparsifyBackend
+    model_name: str = ""
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def frames(self) -> list[CompiledFrame]:
+        return self.backend.frames
+
+
+def check_policy_against(model: torch.nn.Module, policy: Policy) -> None:
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if layers is not None and heads is not None:
+        policy.check_against_model(int(layers), int(heads))
+
+
+def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **options: Any) -> torch.nn.Module:
+    """Return ``model`` with every attention of its forward rewritten by ``policy``.
+
+    The result is a shallow copy of ``model`` (sharing its weights) whose ``forward`` is compiled, so it calls
+    and ``generate()``s like the model; ``result.sparsify`` holds the policy and the captured frames
+    (``sparsify.explain(result)`` prints them). The model itself is not changed.
+    """
+    resolved = Policy.load(policy)
+    compile_options = CompileOptions(**options)
+    check_policy_against(model, resolved)
+    backend = SparsifyBackend(resolved, compile_options)
+    compiled = copy.copy(model)
+    forward = type(model).forward.__get__(compiled)
+    compiled.forward = torch.compile(forward, backend=backend, dynamic=compile_options.dynamic)
+    name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    compiled.sparsify = SparsifyHandle(resolved, compile_options, backend, model_name=name)
+    return compiled

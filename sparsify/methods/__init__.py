@@ -1,0 +1,6 @@
+"""Attention methods, one per file; importing this package registers them all."""
+
+from . import dense  # noqa: F401
+from .base import METHODS, AttentionMethod, MethodSpec, register_method
+
+__all__ = ["METHODS", "AttentionMethod", "MethodSpec", "register_method"]

@@ -1,0 +1,165 @@
+"""The base of every attention method and the method registry.
+
+A method is one file under ``sparsify/methods``: a frozen, validated parameter dataclass and a subclass of
+:class:`AttentionMethod` that registers itself with :func:`register_method`. The rewrite pass asks the method
+whether it can serve a matched attention (:meth:`AttentionMethod.unsupported_reason`) and then lets it emit the
+graph nodes that replace it (:meth:`AttentionMethod.emit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pydantic
+
+from ..errors import PolicyError
+from ..registry import Registry, unknown_name_message
+
+if TYPE_CHECKING:
+    import torch.fx
+
+    from ..passes.annotate import AttentionInfo
+    from ..passes.rewrite import RewriteContext
+
+PHASES = ("prefill", "decode", "diffusion")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name with its validated parameters: what a policy rule resolves to."""
+
+    name: str
+    params: Any
+
+    @property
+    def method(self) -> "AttentionMethod":
+        return METHODS.get(self.name)
+
+    def describe(self) -> str:
+        fields = dataclasses.asdict(self.params) if dataclasses.is_dataclass(self.params) else {}
+        if not fields:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={_short(v)}' for k, v in fields.items())})"
+
+    def to_json(self) -> dict:
+        return {"use": self.name, "with": dataclasses.asdict(self.params)}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict) and "name" in value and "params" in value:
+        return value["name"] + json.dumps(value["params"], separators=(",", ":"))
+    return repr(value)
+
+
+class AttentionMethod:
+    """One way of computing attention. Subclasses set ``name``, ``Params`` and ``phases``.
+
+    ``Params`` is a frozen dataclass; its fields carry pydantic ``Field`` constraints in ``Annotated`` so that a
+    policy's ``with:`` block is validated field by field, with the field named in every error.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    phases: ClassVar[tuple[str, ...]] = PHASES
+    summary: ClassVar[str] = ""
+    params_validator: "ParamsValidator"  # set by register_method
+
+    def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:
+        """Why this method cannot serve ``attn`` (then it stays dense), or None when it can."""
+        if attn.phase not in self.phases:
+            return f"{self.name} serves phases {', '.join(self.phases)}, not {attn.phase}"
+        if attn.mask_kind != "none":
+            return (f"an attention mask tensor is given ({attn.mask_kind}: padding or a custom mask), "
+                    f"which {self.name} cannot honour")
+        if attn.causal and attn.q_len != attn.kv_len:
+            return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
+        return None
+
+    def emit(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> "torch.fx.Node":
+        """Insert the nodes computing this attention; return the node whose value replaces its output.
+
+        The output has the attention's output shape ``(B, Hq, q_len, Dv)`` and dtype.
+        """
+        raise NotImplementedError
+
+
+METHODS: Registry[AttentionMethod] = Registry("method")
+
+
+def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:
+    """Class decorator: validates the class's declaration and registers one instance under ``cls.name``."""
+    if not (dataclasses.is_dataclass(cls.Params) and cls.Params.__dataclass_params__.frozen):
+        raise TypeError(f"{cls.__name__}.Params must be a frozen dataclass")
+    method = cls()
+    method.params_validator = ParamsValidator(cls.Params)
+    METHODS.register(cls.name, method)
+    return cls
+
+
+class ParamsValidator:
+    """Validates a ``with:`` mapping into a parameter dataclass: unknown keys and wrong types are refused
+    (strictly: "64" is not an int), constraints given as ``Annotated[..., pydantic.Field(...)]`` are checked."""
+
+    def __init__(self, params_type: type):
+        self.params_type = params_type
+        hints = typing.get_type_hints(params_type, include_extras=True)
+        fields = {
+            f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else ...)
+            for f in dataclasses.fields(params_type)
+        }
+        config = pydantic.ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+        self.model = pydantic.create_model(params_type.__name__, __config__=config, **fields)
+
+    def validate_python(self, raw: dict) -> Any:
+        validated = self.model.model_validate(raw)
+        return self.params_type(**{name: getattr(validated, name) for name in self.model.model_fields})
+
+    def json_schema(self) -> dict:
+        return self.model.model_json_schema()
+
+
+def parse_method_spec(value: Any, where: str) -> MethodSpec:
+    """Parse ``"name"`` or ``{"use": name, "with": {...}}`` into a validated :class:`MethodSpec`.
+
+    ``where`` is the location used in error messages, e.g. ``rules[1]``.
+    """
+    if isinstance(value, MethodSpec):
+        return value
+    if isinstance(value, str):
+        name, raw_params = value, {}
+    elif isinstance(value, dict):
+        unknown = set(value) - {"use", "with"}
+        if unknown:
+            raise PolicyError(unknown_name_message(f"{where}", sorted(unknown)[0], ["use", "with"], "key"))
+        if "use" not in value:
+            raise PolicyError(f"{where}.use: missing; name a method ({', '.join(METHODS.names())})")
+        name, raw_params = value["use"], value.get("with") or {}
+        if not isinstance(name, str):
+            raise PolicyError(f"{where}.use: expected a method name (string), got {type(name).__name__}")
+        if not isinstance(raw_params, dict):
+            raise PolicyError(f"{where}.with: expected a mapping of parameters, got {type(raw_params).__name__}")
+    else:
+        raise PolicyError(f"{where}: expected a method name or {{use: ..., with: ...}}, got {type(value).__name__}")
+    method = METHODS.get(name, field=f"{where}.use")
+    try:
+        params = method.params_validator.validate_python(raw_params)
+    except pydantic.ValidationError as error:
+        raise PolicyError(format_validation_error(error, f"{where}.with", method.Params)) from None
+    return MethodSpec(name, params)
+
+
+def format_validation_error(error: pydantic.ValidationError, prefix: str, params_type: type | None) -> str:
+    """One line per problem, each naming the field; unknown keys get the allowed ones and a close match."""
+    lines = []
+    for problem in error.errors():
+        location = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem["loc"])
+        if problem["type"] == "extra_forbidden" and params_type is not None:
+            allowed = [f.name for f in dataclasses.fields(params_type)]
+            lines.append(unknown_name_message(location.rsplit(".", 1)[0], problem["loc"][-1], allowed, "key"))
+        else:
+            lines.append(f"{location}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(lines)

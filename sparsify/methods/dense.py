@@ -1,0 +1,28 @@
+"""``dense``: exact attention through SDPA. The baseline, and where every other method falls back to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import AttentionMethod, register_method
+
+
+@dataclass(frozen=True)
+class DenseParams:
+    """No parameters."""
+
+
+@register_method
+class Dense(AttentionMethod):
+    name = "dense"
+    Params = DenseParams
+    summary = "exact attention (SDPA); the baseline and the fallback"
+
+    def unsupported_reason(self, params, attn):
+        return None
+
+    def emit(self, params, attn, ctx):
+        return ctx.call(torch.ops.sparsify.dense_attention.default, ctx.q, ctx.k, ctx.v, ctx.attn_mask,
+                        attn.causal, attn.match.scale)

@@ -1,0 +1,46 @@
+"""The pass pipeline on one graph: match -> annotate -> apply policy -> rewrite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from .passes.annotate import AnnotateReport, annotate_attention
+from .passes.apply_policy import PolicyReport, apply_policy
+from .passes.match import MatchReport, match_attention
+from .passes.rewrite import RewriteReport, rewrite_attention
+from .policy import Policy
+
+
+@dataclass
+class PipelineResult:
+    gm: torch.fx.GraphModule
+    matches: MatchReport
+    annotations: AnnotateReport
+    decisions: PolicyReport
+    rewrite: RewriteReport
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph (node meta copied), sharing parameters and buffers."""
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def analyse(gm: torch.fx.GraphModule, *, diffusion: bool = False) -> tuple[MatchReport, AnnotateReport]:
+    gm, matches = match_attention(gm)
+    gm, annotations = annotate_attention(gm, matches, diffusion=diffusion)
+    return matches, annotations
+
+
+def run_pipeline(
+    gm: torch.fx.GraphModule, policy: Policy, *, diffusion: bool = False, seq_lens: dict[int, int] | None = None
+) -> PipelineResult:
+    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic."""
+    matches, annotations = analyse(gm, diffusion=diffusion)
+    gm, decisions = apply_policy(gm, annotations, policy, seq_lens)
+    gm, rewrite = rewrite_attention(gm, decisions)
+    return PipelineResult(gm, matches, annotations, decisions, rewrite)
