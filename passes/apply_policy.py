@@ -7,6 +7,7 @@ An attention whose form is unsupported (training dropout, ...) is left untouched
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx
 
@@ -27,6 +28,8 @@ class HeadSegment:
     spec: MethodSpec
     rule: str
     fallback: str | None = None
+    config: Any = None  # the kernel's launch config, set by the cost model
+    predicted: str = ""  # the cost model's prediction, for explain
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Decision:
     @property
     def key(self) -> tuple:
         """What distinguishes two decisions for the same attention (used to cache rewritten graphs)."""
-        return tuple((s.start, s.stop, s.spec, s.fallback) for s in self.segments) + (self.untouched,)
+        return tuple((s.start, s.stop, s.spec, s.fallback, s.config) for s in self.segments) + (self.untouched,)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class RewriteContext:
         self.attention: AttentionInfo | None = None
         self.q = self.k = self.v = self.attn_mask = None
         self.heads: tuple[int, int] = (0, 0)
+        self.config = None  # the kernel launch config the cost model chose for this segment
 
     def call(self, target: Callable, *args: Any, **kwargs: Any) -> torch.fx.Node:
         """Insert ``target(*args, **kwargs)`` before the attention being replaced."""
@@ -103,6 +104,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
             whole = len(decision.segments) == 1
             for segment in decision.segments:
                 ctx.heads = (segment.start, segment.stop)
+                ctx.config = segment.config
                 ctx.q = match.q if whole else ctx.call(aten.slice.Tensor, match.q, 1, segment.start, segment.stop)
                 ctx.k, ctx.v = (
                     node if whole else ctx.call(aten.slice.Tensor, node, 1, segment.start // group, segment.stop // group)

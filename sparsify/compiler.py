@@ -17,18 +17,22 @@ import sympy
 import torch
 import torch.fx
 
-from .passes.apply_policy import apply_policy
-from .pipeline import PipelineResult, analyse, copy_graph_module, run_pipeline
+from .passes.cost_model import DeviceCeilings, load_ceilings
+from .passes.fx_utils import value_of
+from .pipeline import PipelineResult, analyse, copy_graph_module, decide, run_pipeline
 from .policy import Policy
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     """``phase``: "auto" infers prefill/decode from q_len; "diffusion" marks bidirectional calls as diffusion
-    steps (the diffusion runtime sets it). ``dynamic`` is passed to ``torch.compile``."""
+    steps (the diffusion runtime sets it). ``dynamic`` is passed to ``torch.compile``. ``cost_model_fallback``:
+    let the cost model keep attentions dense where it predicts dense is cheaper (off: the policy is followed
+    to the letter, e.g. to study a method's accuracy at short lengths)."""
 
     phase: Literal["auto", "diffusion"] = "auto"
     dynamic: bool | None = None
+    cost_model_fallback: bool = True
 
     def __post_init__(self):
         if self.phase not in ("auto", "diffusion"):
@@ -70,27 +74,32 @@ def _find_symbol(placeholders: list[torch.fx.Node], symbol: sympy.Symbol) -> Cal
 class CompiledFrame:
     """One captured frame: its graph, its attentions, and the rewritten variants built so far."""
 
-    def __init__(self, gm: torch.fx.GraphModule, policy: Policy, options: CompileOptions):
+    def __init__(self, gm: torch.fx.GraphModule, policy: Policy, options: CompileOptions, ceilings: DeviceCeilings):
         self.original = gm
         self.policy = policy
+        self.ceilings = ceilings
         self.diffusion = options.phase == "diffusion"
+        self.allow_fallback = options.cost_model_fallback
         self.matches, self.annotations = analyse(gm, diffusion=self.diffusion)
         self.variants: dict[tuple, PipelineResult] = {}
         self.last: PipelineResult | None = None
         self.calls = 0
         symbolic = {a.index: a.kv_len for a in self.annotations.attentions if not isinstance(a.kv_len, int)}
         self._reader = None
-        if symbolic and policy.depends_on_length:
+        # Lengths matter when a rule tests them, or when a sparse method may meet the cost model's threshold.
+        if symbolic and (policy.depends_on_length or policy.uses_sparse_methods):
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
             self._reader = _LengthReader(placeholders, symbolic)
         if self._reader is None:
             self.last = self._variant(None)
 
     def _variant(self, seq_lens: dict[int, int] | None) -> PipelineResult:
-        _, decisions = apply_policy(self.original, self.annotations, self.policy, seq_lens)
+        decisions, _ = decide(self.original, self.annotations, self.policy, self.ceilings, seq_lens,
+                              allow_fallback=self.allow_fallback)
         if decisions.key not in self.variants:
             self.variants[decisions.key] = run_pipeline(
-                copy_graph_module(self.original), self.policy, diffusion=self.diffusion, seq_lens=seq_lens
+                copy_graph_module(self.original), self.policy, self.ceilings, diffusion=self.diffusion,
+                seq_lens=seq_lens, allow_fallback=self.allow_fallback,
             )
         return self.variants[decisions.key]
 
@@ -101,6 +110,14 @@ class CompiledFrame:
         return self.last.gm(*args)
 
 
+def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
+    for node in gm.graph.nodes:
+        value = value_of(node)
+        if node.op == "placeholder" and isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.device
+    return torch.device("cpu")
+
+
 class SparsifyBackend:
     """The Dynamo backend: every frame it is given becomes a :class:`CompiledFrame`."""
 
@@ -108,9 +125,13 @@ class SparsifyBackend:
         self.policy = policy
         self.options = options
         self.frames: list[CompiledFrame] = []
+        self.ceilings: dict[torch.device, DeviceCeilings] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        frame = CompiledFrame(gm, self.policy, self.options)
+        device = _graph_device(gm)
+        if device not in self.ceilings:
+            self.ceilings[device] = load_ceilings(device)
+        frame = CompiledFrame(gm, self.policy, self.options, self.ceilings[device])
         self.frames.append(frame)
         return frame
 

@@ -14,7 +14,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .compiler import check_policy_against
 from .errors import PolicyError
-from .pipeline import run_pipeline, analyse
+from .passes.cost_model import load_ceilings
+from .pipeline import analyse, run_pipeline
 from .policy import Policy
 
 
@@ -40,7 +41,9 @@ def export(
                 f"{rule.describe()}.when: min_seq_len/max_seq_len cannot be decided in an export whose key length is "
                 f"dynamic ({dynamic[0].kv_len}); export with static shapes, or drop the length condition"
             )
-    result = run_pipeline(gm, resolved, diffusion=diffusion)
+    device = next((v.device for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
+                   if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
+    result = run_pipeline(gm, resolved, load_ceilings(device), diffusion=diffusion)
     _refresh_fake_values(gm)
     program.sparsify_report = result  # for explain-style inspection in the exporting process
     return program

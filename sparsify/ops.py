@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ShapeError
+from .kernels import block_sparse_attention as kernel
+from .kernels import layout as layouts
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, op: str) -> None:
@@ -48,3 +50,70 @@ def dense_attention(
 @dense_attention.register_fake
 def _(q, k, v, attn_mask, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# -- block-sparse attention and the layouts it reads --------------------------------------------------------------
+# A layout travels between ops as its four index tensors (counts and indices, partial then full); block sizes and
+# the token mask travel as plain arguments.
+
+
+@torch.library.custom_op("sparsify::block_sparse_attention", mutates_args=())
+def block_sparse_attention(
+    q: Tensor, k: Tensor, v: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+    block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
+) -> tuple[Tensor, Tensor]:
+    """Attention over the key blocks of a layout. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D).
+
+    Returns out (B, Hq, Lq, D) and lse (B, Hq, Lq) float32. Triton on CUDA, the PyTorch reference elsewhere.
+    """
+    check_attention_inputs(q, k, v, "sparsify.block_sparse_attention")
+    layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                                 q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window))
+    if q.is_cuda:
+        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages)
+        return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)
+    return kernel.block_sparse_attention_reference(q, k, v, layout, scale)
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
+      window, scale, num_warps, num_stages):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _layout_tensors(layout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices
+
+
+def _fake_layout(heads_grid: tuple, q: Tensor, k: Tensor, block_m: int, block_n: int):
+    n_q, n_kv = -(-q.shape[2] // block_m), -(-k.shape[2] // block_n)
+    counts = q.new_empty((*heads_grid, n_q), dtype=torch.int32)
+    indices = q.new_empty((*heads_grid, n_q, n_kv), dtype=torch.int32)
+    return counts, indices, counts.clone(), indices.clone()
+
+
+@torch.library.custom_op("sparsify::sink_window_layout", mutates_args=())
+def sink_window_layout(q: Tensor, k: Tensor, sink: int, window: int, block_m: int, block_n: int
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sink + sliding-window layout for q's and k's lengths (on their device), shared by all heads."""
+    return _layout_tensors(layouts.sink_window_layout(q.shape[2], k.shape[2], sink, window, block_m, block_n,
+                                                      device=q.device))
+
+
+@sink_window_layout.register_fake
+def _(q, k, sink, window, block_m, block_n):
+    return _fake_layout((1, 1), q, k, block_m, block_n)
+
+
+@torch.library.custom_op("sparsify::block_topk_layout", mutates_args=())
+def block_topk_layout(q: Tensor, k: Tensor, density: float, block_m: int, block_n: int, sink_blocks: int
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks)."""
+    return _layout_tensors(layouts.block_topk_layout(q, k, density=density, block_m=block_m, block_n=block_n,
+                                                     sink_blocks=sink_blocks))
+
+
+@block_topk_layout.register_fake
+def _(q, k, density, block_m, block_n, sink_blocks):
+    return _fake_layout((q.shape[0], q.shape[1]), q, k, block_m, block_n)

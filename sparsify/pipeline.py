@@ -1,4 +1,4 @@
-"""The pass pipeline on one graph: match -> annotate -> apply policy -> rewrite."""
+"""The pass pipeline on one graph: match -> annotate -> apply policy -> cost model -> rewrite."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.fx
 
 from .passes.annotate import AnnotateReport, annotate_attention
 from .passes.apply_policy import PolicyReport, apply_policy
+from .passes.cost_model import CostReport, DeviceCeilings, cost_model
 from .passes.match import MatchReport, match_attention
 from .passes.rewrite import RewriteReport, rewrite_attention
 from .policy import Policy
@@ -19,6 +20,7 @@ class PipelineResult:
     matches: MatchReport
     annotations: AnnotateReport
     decisions: PolicyReport
+    costs: CostReport
     rewrite: RewriteReport
 
 
@@ -36,11 +38,20 @@ def analyse(gm: torch.fx.GraphModule, *, diffusion: bool = False) -> tuple[Match
     return matches, annotations
 
 
-def run_pipeline(
-    gm: torch.fx.GraphModule, policy: Policy, *, diffusion: bool = False, seq_lens: dict[int, int] | None = None
-) -> PipelineResult:
-    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic."""
-    matches, annotations = analyse(gm, diffusion=diffusion)
+def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy, ceilings: DeviceCeilings,
+           seq_lens: dict[int, int] | None, *, allow_fallback: bool = True) -> tuple[PolicyReport, CostReport]:
     gm, decisions = apply_policy(gm, annotations, policy, seq_lens)
+    gm, costs = cost_model(gm, decisions, ceilings, seq_lens, allow_fallback=allow_fallback)
+    return decisions, costs
+
+
+def run_pipeline(
+    gm: torch.fx.GraphModule, policy: Policy, ceilings: DeviceCeilings, *, diffusion: bool = False,
+    seq_lens: dict[int, int] | None = None, allow_fallback: bool = True,
+) -> PipelineResult:
+    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic;
+    ``allow_fallback`` lets the cost model send sparse segments back to dense where dense is cheaper."""
+    matches, annotations = analyse(gm, diffusion=diffusion)
+    decisions, costs = decide(gm, annotations, policy, ceilings, seq_lens, allow_fallback=allow_fallback)
     gm, rewrite = rewrite_attention(gm, decisions)
-    return PipelineResult(gm, matches, annotations, decisions, rewrite)
+    return PipelineResult(gm, matches, annotations, decisions, costs, rewrite)

@@ -114,6 +114,10 @@ class When:
         return self == When()
 
     @property
+    def uses_sparse_methods(self) -> bool:
+        return any(spec.name != "dense" for spec in [self.default, *(rule.spec for rule in self.rules)])
+
+    @property
     def depends_on_length(self) -> bool:
         return self.min_seq_len is not None or self.max_seq_len is not None
 
@@ -225,6 +229,10 @@ class Policy:
                         f"{rule.describe()}.when.{field}: {ranges.text!r} is out of range for a model with "
                         f"{count} {noun} (0-{count - 1})"
                     )
+
+    @property
+    def uses_sparse_methods(self) -> bool:
+        return any(spec.name != "dense" for spec in [self.default, *(rule.spec for rule in self.rules)])
 
     @property
     def depends_on_length(self) -> bool:

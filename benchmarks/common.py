@@ -1,0 +1,76 @@
+"""What every benchmark shares: CUDA-event timing and the results format of shared/docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_ms(fn, *, warmup: int = 3, runs: int = 20) -> float:
+    """Median wall time of ``fn()`` on the GPU in ms (CUDA events), after ``warmup`` calls.
+
+    Calls that take over a second are measured 3 times, as the results format allows."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+        if len(samples) == 3 and min(samples) > 1000:
+            break
+    return statistics.median(samples)
+
+
+def versions() -> dict[str, str]:
+    import triton
+
+    import sparsify
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "sparsify": sparsify.__version__}
+
+
+def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: dict | None = None) -> Path:
+    result = {
+        "name": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": versions(),
+        "command": "python " + " ".join(sys.argv),
+        "rows": rows,
+        "ratios": ratios,
+        **(extra or {}),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown_table(result))
+    return path
+
+
+def markdown_table(result: dict) -> str:
+    rows = result["rows"]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [f"# {result['name']}", "", f"{result['date']} · {result['device']} · "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "", f"`{result['command']}`", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    lines += ["", "| ratio (other / ours; > 1: ours faster) | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,1 @@
+"""Triton kernels, each file holding the kernel, its launcher and the plain-PyTorch reference beside it."""

@@ -1,0 +1,252 @@
+"""Block-sparse flash attention (forward), prefill and bidirectional.
+
+FlashAttention-2 style: one program per (query block, batch x query head); it walks the key blocks its layout
+lists — full blocks first, without masking (by arithmetic when they form one contiguous run), then partial
+blocks under the layout's token mask — with an online softmax, and writes the output and the log-sum-exp. GQA reads the KV head ``h // group`` in place (no copies).
+Rows that see no key get output 0 and lse -inf.
+
+``block_sparse_attention`` launches it (CUDA tensors); ``block_sparse_attention_reference`` computes the same
+function in plain PyTorch (any device) and is what the tests and the CPU path use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsify.errors import ShapeError
+
+from .layout import BlockLayout
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters; ``block_m``/``block_n`` must equal the layout's block sizes."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale,
+                  sink, window, stride_kn, stride_vn,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    offs_n = kv_block * BLOCK_N + offs_n_base
+    k_addr = k_ptrs + offs_n[None, :].to(tl.int64) * stride_kn
+    v_addr = v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn
+    # Masks only where needed: the tail of a partial block, and head_dim padding (HEAD_DIM not a power of 2).
+    if MASKED:
+        in_range = offs_n < kv_len
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_addr, mask=in_range[None, :], other=0.0)
+            v = tl.load(v_addr, mask=in_range[:, None], other=0.0)
+        else:
+            k = tl.load(k_addr, mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_addr, mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_addr)
+            v = tl.load(v_addr)
+        else:
+            k = tl.load(k_addr, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_addr, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    if IEEE:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    if MASKED:
+        visible = in_range[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (((offs_m_pos[:, None] - offs_n[None, :]) < window) | (offs_n[None, :] < sink))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen only masked keys keeps m = -inf; shift by 0 then, so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+    else:
+        # Unmasked blocks give every row a finite maximum: the scale folds into one multiply-subtract.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _block_sparse_fwd(
+    Q, K, V, Out, Lse,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im,
+    q_heads, group, q_len, kv_len, qk_scale, sink, window,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // q_heads
+    head = batch_head % q_heads
+    kv_head = head // group
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n_base = tl.arange(0, BLOCK_N)
+    offs_m_pos = offs_m + (kv_len - q_len)
+
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    k_ptrs = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_d[:, None] * stride_kd
+    v_ptrs = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    row = batch * stride_nb + head * stride_nh + block_m * stride_nm
+    index_row = batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih + block_m.to(tl.int64) * stride_im
+    n_full = tl.load(FULL_NUM + row)
+    if n_full > 0:
+        first = tl.load(FULL_IDX + index_row)
+        last = tl.load(FULL_IDX + index_row + n_full - 1)
+        if last - first + 1 == n_full:
+            # One contiguous run (causal, sliding window): walk it by arithmetic. Reading each index from memory
+            # puts a dependent load in front of every K/V load and cost ~18% on an H100 (measured).
+            for i in range(0, n_full):
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, first + i, offs_m_pos, offs_n_base,
+                                              offs_d, kv_len, qk_scale, sink, window, stride_kn, stride_vn,
+                                              False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE)
+        else:
+            for i in range(0, n_full):
+                kv_block = tl.load(FULL_IDX + index_row + i)
+                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n_base,
+                                              offs_d, kv_len, qk_scale, sink, window, stride_kn, stride_vn,
+                                              False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE)
+    n_partial = tl.load(KV_NUM + row)
+    for i in range(0, n_partial):
+        kv_block = tl.load(KV_IDX + index_row + i)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n_base, offs_d,
+                                      kv_len, qk_scale, sink, window, stride_kn, stride_vn,
+                                      True, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # lse in natural log: m and l are in base 2 (scores were scaled by log2(e)).
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_m < q_len
+    o_base = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + batch * stride_lb + head * stride_lh + offs_m * stride_lm, lse, mask=row_ok)
+
+
+def check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, q_heads, q_len, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[-1] != dim:
+        raise ShapeError(f"k and v must be (B, Hkv, kv_len, D) alike, with q's B and D; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q_heads % k.shape[1]:
+        raise ShapeError(f"query heads ({q_heads}) must be a multiple of key/value heads ({k.shape[1]})")
+    if (layout.q_len, layout.kv_len) != (q_len, k.shape[2]):
+        raise ShapeError(f"layout is for q_len={layout.q_len}, kv_len={layout.kv_len}; inputs have "
+                         f"q_len={q_len}, kv_len={k.shape[2]}")
+    lb, lh = layout.kv_num_blocks.shape[:2]
+    if lb not in (1, batch) or lh not in (1, q_heads) or layout.kv_num_blocks.shape[2] != layout.n_q_blocks:
+        raise ShapeError(f"layout grid {tuple(layout.kv_num_blocks.shape)} does not fit batch {batch}, "
+                         f"{q_heads} query heads, {layout.n_q_blocks} query blocks (sizes 1 broadcast)")
+
+
+def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float | None = None, *,
+                                     chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: the same function as the kernel, computed in float32, ``chunk`` query rows at a time.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32.
+    """
+    check_layout(q, k, v, layout)
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    full, partial = layout.block_masks()
+    keys = torch.arange(layout.kv_len, device=q.device)
+    key_block = keys // layout.block_n
+    kf, vf = k.float()[:, :, None], v.float()[:, :, None]                      # (B, Hkv, 1, Lk, D)
+    outs, lses = [], []
+    for start in range(0, q_len, chunk):
+        rows = torch.arange(start, min(start + chunk, q_len), device=q.device)
+        row_block = rows // layout.block_m
+        visible = full[..., row_block, :][..., key_block] | (
+            partial[..., row_block, :][..., key_block]
+            & layout.mask.visible((rows + layout.offset)[:, None], keys[None, :], layout.kv_len))
+        visible = visible.expand(batch, q_heads, -1, -1).reshape(batch, kv_heads, group, len(rows), -1)
+        qc = q[:, :, start:start + len(rows)].float().reshape(batch, kv_heads, group, len(rows), dim)
+        scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        outs.append(torch.matmul(probs, vf).reshape(batch, q_heads, len(rows), -1))
+        lses.append(lse.reshape(batch, q_heads, len(rows)))
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = None, *,
+                           config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel. Same contract as :func:`block_sparse_attention_reference`.
+
+    Takes float16/bfloat16 (and float32, computed in IEEE float32) on CUDA, or anything under TRITON_INTERPRET=1.
+    """
+    check_layout(q, k, v, layout)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
+        raise ShapeError(f"dtype: q, k, v must share float16, bfloat16 or float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, q_heads, q_len, dim = q.shape
+    config = config or KernelConfig(layout.block_m, layout.block_n)
+    if (config.block_m, config.block_n) != (layout.block_m, layout.block_n):
+        raise ShapeError(f"config blocks {config.block_m}x{config.block_n} differ from the layout's "
+                         f"{layout.block_m}x{layout.block_n}")
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
+    grid = (layout.n_q_blocks, batch * q_heads)
+    n, idx, fn, fidx = layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices
+    if fn.stride() != n.stride() or fidx.stride() != idx.stride():
+        fn, fidx, n, idx = fn.contiguous(), fidx.contiguous(), n.contiguous(), idx.contiguous()
+
+    def broadcast_stride(t, dim_):
+        return 0 if t.shape[dim_] == 1 else t.stride(dim_)
+
+    _block_sparse_fwd[grid](
+        q, k, v, out, lse, n, idx, fn, fidx,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        broadcast_stride(n, 0), broadcast_stride(n, 1), n.stride(2),
+        broadcast_stride(idx, 0), broadcast_stride(idx, 1), idx.stride(2),
+        q_heads, q_heads // k.shape[1], q_len, k.shape[2], scale * LOG2E,
+        layout.mask.sink, layout.mask.window,
+        HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse

@@ -1,0 +1,190 @@
+"""Cost model: predicted time of each attention from FLOPs against per-device ceilings, in sympy.
+
+For a sparse segment it (1) picks the kernel's launch config (block sizes, warps, stages) for the head_dim from
+the device's calibrated table, (2) predicts sparse and dense time as sympy expressions of the key length ``N``,
+solves for the length below which dense is cheaper, and falls back to dense there (the reason goes to
+``explain``). Methods say how many (query, key) pairs they visit through ``AttentionMethod.visited_pairs``.
+
+Ceilings come from a calibration run once per device (matmul rate, SDPA rate, the kernel's rate per config) and
+cached on disk under ``~/.cache/sparsify``; on a CPU nominal numbers are used (the CPU path is the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sympy
+import torch
+import torch.fx
+
+from ..kernels.block_sparse_attention import KernelConfig
+from ..methods.base import parse_method_spec
+from .apply_policy import DENSE, HeadSegment, PolicyReport
+
+N = sympy.Symbol("N", positive=True)
+
+# Candidate launch configs per head_dim; calibration picks the fastest, the first is the default.
+CANDIDATE_CONFIGS: dict[int, tuple[KernelConfig, ...]] = {
+    64: (KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
+         KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 2)),
+    128: (KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3),
+          KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2), KernelConfig(64, 64, 4, 3),
+          KernelConfig(128, 32, 4, 4)),
+    256: (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+}
+
+
+@dataclass(frozen=True)
+class DeviceCeilings:
+    """Rates of one device. ``*_tflops`` are achieved attention rates (4*D FLOPs per visited pair)."""
+
+    name: str
+    dense_tflops: float
+    sparse_tflops: float
+    launch_overhead_ms: float
+    configs: dict[int, KernelConfig] = field(default_factory=dict)
+
+    def config_for(self, head_dim: int) -> KernelConfig:
+        key = min(CANDIDATE_CONFIGS, key=lambda d: (d < head_dim, abs(d - head_dim)))
+        return self.configs.get(head_dim) or CANDIDATE_CONFIGS[key][0]
+
+
+# The CPU path runs the PyTorch reference: sparse work costs about as much per pair as dense, plus overhead.
+CPU_NOMINAL = DeviceCeilings("cpu (nominal)", dense_tflops=0.2, sparse_tflops=0.1, launch_overhead_ms=1.0)
+
+
+def dense_pairs(causal: bool):
+    return N * (N + 1) / 2 if causal else N * N
+
+
+def predicted_ms(pairs, batch_heads: int, head_dim: int, tflops: float, overhead_ms: float):
+    return 4 * head_dim * batch_heads * pairs / (tflops * 1e12) * 1e3 + overhead_ms
+
+
+def dense_threshold(sparse_ms, dense_ms) -> int | None:
+    """Smallest length at which the sparse prediction beats dense (0 if always, None if never)."""
+    gap = sympy.simplify(dense_ms - sparse_ms)
+    roots = [r for r in sympy.solve(sympy.Eq(gap, 0), N) if r.is_real and r > 0]
+    if roots:
+        return int(math.ceil(max(float(r) for r in roots)))
+    at_large = gap.subs(N, 10**7)
+    return 0 if at_large > 0 else None
+
+
+@dataclass
+class CostReport:
+    fallbacks: int
+    predictions: dict[str, str]
+
+
+def cost_model(
+    gm: torch.fx.GraphModule, decisions: PolicyReport, ceilings: DeviceCeilings, seq_lens: dict[int, int] | None,
+    *, allow_fallback: bool = True,
+) -> tuple[torch.fx.GraphModule, CostReport]:
+    """Attach launch configs and predictions to sparse segments; fall back to dense where it is cheaper
+    (unless ``allow_fallback`` is off: then every sparse segment stays sparse, with its prediction)."""
+    fallbacks, predictions = 0, {}
+    updated = []
+    for decision in decisions.decisions:
+        attention = decision.attention
+        length = attention.kv_len if isinstance(attention.kv_len, int) else (seq_lens or {}).get(attention.index)
+        segments = []
+        for segment in decision.segments:
+            new = _plan_segment(segment, attention, length, ceilings, allow_fallback)
+            fallbacks += new.spec.name == DENSE and segment.spec.name != DENSE
+            if new.predicted:
+                predictions[f"{attention.name}[{segment.start}:{segment.stop}]"] = new.predicted
+            segments.append(new)
+        updated.append(dataclasses.replace(decision, segments=tuple(segments)))
+    decisions.decisions[:] = updated
+    return gm, CostReport(fallbacks, predictions)
+
+
+def _plan_segment(segment: HeadSegment, attention, length: int | None, ceilings: DeviceCeilings,
+                  allow_fallback: bool) -> HeadSegment:
+    method = segment.spec.method
+    if segment.spec.name == DENSE or not hasattr(method, "visited_pairs"):
+        return segment
+    config = ceilings.config_for(attention.head_dim)
+    batch_heads = (attention.batch if isinstance(attention.batch, int) else 1) * (segment.stop - segment.start)
+    sparse = predicted_ms(method.visited_pairs(segment.spec.params, N, config), batch_heads, attention.head_dim,
+                          ceilings.sparse_tflops, 2 * ceilings.launch_overhead_ms)
+    dense = predicted_ms(dense_pairs(attention.causal), batch_heads, attention.head_dim, ceilings.dense_tflops,
+                         ceilings.launch_overhead_ms)
+    threshold = dense_threshold(sparse, dense)
+    if length is None:
+        return dataclasses.replace(segment, config=config)
+    sparse_now, dense_now = float(sparse.subs(N, length)), float(dense.subs(N, length))
+    predicted = f"sparse {sparse_now:.3f} ms vs dense {dense_now:.3f} ms at N={length} on {ceilings.name}"
+    if allow_fallback and (threshold is None or length < threshold):
+        where = "at every length" if threshold is None else f"below N={threshold}"
+        return dataclasses.replace(
+            segment, spec=parse_method_spec(DENSE, segment.rule), config=None, predicted=predicted,
+            fallback=f"cost model: dense is cheaper {where} ({predicted})",
+        )
+    return dataclasses.replace(segment, config=config, predicted=predicted)
+
+
+# -- calibration -------------------------------------------------------------------------------------------------
+
+
+def cache_path(device_name: str) -> Path:
+    root = Path(os.environ.get("SPARSIFY_CACHE", Path.home() / ".cache" / "sparsify"))
+    safe = "".join(c if c.isalnum() else "-" for c in f"{device_name}-torch{torch.__version__}")
+    return root / f"ceilings-{safe}.json"
+
+
+def load_ceilings(device: torch.device) -> DeviceCeilings:
+    """The device's ceilings: nominal on CPU; on CUDA read from the disk cache, else calibrated and cached."""
+    if device.type != "cuda":
+        return CPU_NOMINAL
+    name = torch.cuda.get_device_name(device)
+    path = cache_path(name)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        data["configs"] = {int(d): KernelConfig(**c) for d, c in data["configs"].items()}
+        return DeviceCeilings(**data)
+    ceilings = calibrate(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dataclasses.asdict(ceilings)
+    path.write_text(json.dumps(data, indent=2))
+    return ceilings
+
+
+def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> DeviceCeilings:
+    """Time SDPA and every candidate config of the kernel on a causal bf16 problem; a few seconds."""
+    import triton.testing
+
+    from ..kernels.block_sparse_attention import block_sparse_attention
+    from ..kernels.layout import causal_layout
+
+    pairs = seq_len * (seq_len + 1) / 2
+    generator = torch.Generator(device=device).manual_seed(0)
+    best: dict[int, tuple[float, KernelConfig]] = {}
+    dense_rates = []
+    for head_dim, configs in CANDIDATE_CONFIGS.items():
+        q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
+                   for _ in range(3))
+        flops = 4 * head_dim * heads * pairs
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        dense_rates.append(flops / ms / 1e9)
+        for config in configs:
+            layout = causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device)
+            try:
+                ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
+            except Exception:  # a config the device cannot run (shared memory) is simply not a candidate
+                continue
+            rate = flops / ms / 1e9
+            if head_dim not in best or rate > best[head_dim][0]:
+                best[head_dim] = (rate, config)
+    launch = triton.testing.do_bench(lambda: torch.empty(1, device=device).add_(1))
+    return DeviceCeilings(
+        name=torch.cuda.get_device_name(device), dense_tflops=sorted(dense_rates)[len(dense_rates) // 2],
+        sparse_tflops=sorted(r for r, _ in best.values())[len(best) // 2], launch_overhead_ms=launch,
+        configs={d: c for d, (_, c) in best.items()},
+    )

@@ -1,0 +1,49 @@
+"""``sink_window`` (StreamingLLM): query p sees key j <= p when ``j < sink`` or ``p - j < window``.
+
+Token-exact: the kernel skips key blocks outside the pattern and masks inside the partial ones. One layout per
+length serves every layer and head (a shared plan node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import sympy
+import torch
+from pydantic import Field
+
+from .base import AttentionMethod, register_method
+from .block_sparse import emit_block_sparse
+
+
+@dataclass(frozen=True)
+class SinkWindowParams:
+    sink: Annotated[int, Field(ge=0, description="Tokens at the start every query sees")] = 64
+    window: Annotated[int, Field(gt=0, description="Most recent tokens each query sees, itself included")] = 2048
+
+
+@register_method
+class SinkWindow(AttentionMethod):
+    name = "sink_window"
+    Params = SinkWindowParams
+    phases = ("prefill",)
+    summary = "sink + sliding window (StreamingLLM), token-exact block-sparse prefill"
+
+    def unsupported_reason(self, params, attn):
+        if not attn.causal:
+            return "sink_window is causal; this attention is bidirectional"
+        return super().unsupported_reason(params, attn)
+
+    def visited_pairs(self, params: SinkWindowParams, n: sympy.Symbol, config) -> sympy.Expr:
+        """Pairs in visited blocks: each query block reads about sink + window + one block on each side."""
+        return n * (params.sink + params.window + config.block_m + config.block_n)
+
+    def emit(self, params, attn, ctx):
+        config = ctx.config
+        layout = ctx.shared(
+            ("sink_window_layout", params, str(attn.q_len), str(attn.kv_len), config.block_m, config.block_n),
+            lambda: ctx.call(torch.ops.sparsify.sink_window_layout.default, ctx.q, ctx.k, params.sink,
+                             params.window, config.block_m, config.block_n),
+        )
+        return emit_block_sparse(ctx, attn, layout, causal=True, sink=params.sink, window=params.window)
