@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+def results_dir() -> Path:
+    """``benchmarks/results`` of the checkout we run from (the repository root), else beside this file."""
+    here = Path.cwd() / "benchmarks" / "results"
+    return here if here.parent.is_dir() else Path(__file__).resolve().parent / "results"
 
 
 def time_ms(fn, *, warmup: int = 3, runs: int = 20) -> float:
@@ -52,10 +55,11 @@ def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: d
         "ratios": ratios,
         **(extra or {}),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown_table(result))
+    (folder / f"{name}.md").write_text(markdown_table(result))
     return path
 
 

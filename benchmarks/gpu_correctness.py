@@ -18,7 +18,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.float() - expected).norm() / expected.norm()).item()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     device = torch.device("cuda")
     rows, ratios = [], {}
     for seq, head_dim, heads, kv_heads in ((4096, 128, 32, 8), (3001, 64, 9, 3), (2048, 128, 8, 8)):

