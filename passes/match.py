@@ -30,7 +30,8 @@ class AttentionMatch:
 
     ``output`` is the node whose value is the attention output ``(B, Hq, q_len, Dv)``; replacing its uses
     replaces the attention. ``q, k, v`` are the nodes of shapes ``(B, Hq, q_len, D)``, ``(B, Hkv, kv_len, D)``,
-    ``(B, Hkv, kv_len, Dv)`` (K/V before any GQA repetition). ``scale`` is resolved (never None).
+    ``(B, Hkv, kv_len, Dv)`` (K/V before any GQA repetition). ``scale`` is resolved (never None): a float, or
+    the node of a symbolic float (``torch.compile(dynamic=True)`` traces float attributes symbolically).
     ``unsupported`` says why the call must stay exactly as it is (then it is reported, not rewritten).
     """
 
@@ -41,7 +42,7 @@ class AttentionMatch:
     v: torch.fx.Node
     attn_mask: torch.fx.Node | None
     is_causal: bool
-    scale: float
+    scale: float | torch.fx.Node
     source: str
     unsupported: str | None = None
     extra_outputs: list[torch.fx.Node] = field(default_factory=list)
@@ -97,7 +98,7 @@ def _sdpa_match(pattern: str, output: torch.fx.Node, args: dict[str, Any], extra
     return AttentionMatch(
         pattern=pattern, output=output, q=q, k=k, v=v, attn_mask=args.get("attn_mask"),
         is_causal=bool(args.get("is_causal", False)),
-        scale=float(scale) if scale is not None else _default_scale(q),
+        scale=_default_scale(q) if scale is None else scale if isinstance(scale, torch.fx.Node) else float(scale),
         source=source_line(output),
         unsupported=unsupported, extra_outputs=list(extra),
     )
@@ -152,6 +153,12 @@ def _strip_gqa_repeat(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _is_scalar(value) -> bool:
+    """A Python number, or a node whose value is a (possibly symbolic) number."""
+    value = value_of(value)
+    return isinstance(value, (int, float, torch.SymFloat, torch.SymInt))
+
+
 def _through(node: torch.fx.Node, kinds: tuple[str, ...]) -> torch.fx.Node:
     while op_kind(node) in kinds:
         node = node.args[0]
@@ -174,8 +181,14 @@ def match_eager(node: torch.fx.Node) -> AttentionMatch | None:
         scores, mask = (left, right) if op_kind(_through(left, ("cast",))) in ("mul", "div", "matmul") else (right, left)
         scores = _through(scores, ("cast",))
     scale = 1.0
-    if op_kind(scores) in ("mul", "div") and isinstance(scores.args[1], (int, float)):
-        scale = float(scores.args[1]) if op_kind(scores) == "mul" else 1.0 / float(scores.args[1])
+    if op_kind(scores) in ("mul", "div") and _is_scalar(scores.args[1]):
+        factor = scores.args[1]
+        if op_kind(scores) == "mul":
+            scale = factor if isinstance(factor, torch.fx.Node) else float(factor)
+        elif isinstance(factor, torch.fx.Node):
+            return None  # 1/symbolic would need a new node; the match pass changes nothing
+        else:
+            scale = 1.0 / float(factor)
         scores = scores.args[0]
     if op_kind(scores) != "matmul" or op_kind(scores.args[1]) != "transpose":
         return None

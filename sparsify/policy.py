@@ -276,23 +276,25 @@ def _build_when(model: WhenModel, where: str) -> When:
 
 
 def _format_document_error(error: pydantic.ValidationError) -> str:
-    lines = []
+    """One message per location (a union field fails once per member type: the first says it best)."""
+    lines: dict[str, str] = {}
     for problem in error.errors():
-        loc = problem["loc"]
-        # Union members add their type name to the location (e.g. "str", "list[int]"): drop them.
-        loc = tuple(p for p in loc if isinstance(p, int) or p in _all_field_names())
-        location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "policy"
-        if problem["type"] == "extra_forbidden":
-            parent = next((str(p) for p in reversed(loc[:-1]) if not isinstance(p, int)), "")
+        unknown_key = problem["type"] == "extra_forbidden"
+        path = problem["loc"][:-1] if unknown_key else problem["loc"]
+        # Union members add their type name to the location (e.g. "str", "list[int]"): keep real fields only.
+        path = tuple(p for p in path if isinstance(p, int) or p in _all_field_names())
+        location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "policy"
+        if unknown_key:
+            parent = next((str(p) for p in reversed(path) if not isinstance(p, int)), "")
             model = _MODEL_AT.get(parent, PolicyModel)
             allowed = [f.alias or name for name, f in model.model_fields.items()]
-            lines.append(unknown_name_message(location.rsplit(".", 1)[0] if "." in location else "policy",
-                                              problem["loc"][-1], allowed, "key"))
+            lines.setdefault(f"{location}.{problem['loc'][-1]}",
+                             unknown_name_message(location, problem["loc"][-1], allowed, "key"))
         elif problem["type"] == "literal_error":
-            lines.append(f"{location}: {problem['input']!r} is not allowed; allowed: {', '.join(PHASES)}")
+            lines.setdefault(location, f"{location}: {problem['input']!r} is not allowed; allowed: {', '.join(PHASES)}")
         else:
-            lines.append(f"{location}: {problem['msg']} (got {problem.get('input')!r})")
-    return "; ".join(dict.fromkeys(lines))
+            lines.setdefault(location, f"{location}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(lines.values())
 
 
 def _all_field_names() -> set[str]:
