@@ -72,6 +72,10 @@ def layer_index(path: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _or(value, fallback):
+    return fallback if value is None else value
+
+
 def as_length(size) -> Length:
     if isinstance(size, torch.SymInt):
         expr = size.node.expr
@@ -103,7 +107,8 @@ def annotate_attention(
         else:
             phase = "decode" if q_len == 1 else "prefill"
         attentions.append(AttentionInfo(
-            index=index, match=match, layer=layer_index(path), module_path=path,
+            # Without a numbered module on the path (attention in a top-level forward), graph order is the layer.
+            index=index, match=match, layer=_or(layer_index(path), index), module_path=path,
             batch=as_length(q.shape[0]), q_heads=int(q.shape[1]), kv_heads=int(k.shape[1]),
             head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), q_len=q_len, kv_len=as_length(k.shape[-2]),
             causal=causal, phase=phase, dtype=q.dtype, mask_kind=_mask_kind(match.attn_mask),

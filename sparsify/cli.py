@@ -83,7 +83,8 @@ def cmd_export(args) -> int:
     sparsify, policy, model, tokenizer = _load(args)
     ids = torch.zeros((1, args.seq_len), dtype=torch.long, device=args.device)
     with _step("exporting"):
-        program = sparsify.export(model, (ids,), policy, kwargs={"use_cache": False})
+        # Tuples, not transformers' output classes, which a .pt2 cannot restore in another process.
+        program = sparsify.export(model, (ids,), policy, kwargs={"use_cache": False, "return_dict": False})
     torch.export.save(program, args.output)
     ops = sorted({str(n.target) for n in program.graph.nodes if str(n.target).startswith("sparsify.")})
     print(f"wrote {args.output} ({', '.join(ops)})")

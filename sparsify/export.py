@@ -27,7 +27,13 @@ def export(
     kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
     diffusion: bool = False,
+    cost_model_fallback: bool = True,
 ) -> torch.export.ExportedProgram:
+    """Export ``model`` on ``example_inputs`` (and ``kwargs``) with every attention rewritten by ``policy``.
+
+    Decisions (including the cost model's dense fallback, unless ``cost_model_fallback`` is off) are taken for
+    the example's shapes. ``program.sparsify_report`` holds the pipeline's reports.
+    """
     resolved = Policy.load(policy)
     check_policy_against(model, resolved)
     program = torch.export.export(model, tuple(example_inputs), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
@@ -43,7 +49,8 @@ def export(
             )
     device = next((v.device for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
-    result = run_pipeline(gm, resolved, load_ceilings(device), diffusion=diffusion)
+    result = run_pipeline(gm, resolved, load_ceilings(device), diffusion=diffusion,
+                          allow_fallback=cost_model_fallback)
     _refresh_fake_values(gm)
     program.sparsify_report = result  # for explain-style inspection in the exporting process
     return program

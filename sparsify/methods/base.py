@@ -70,11 +70,11 @@ class AttentionMethod:
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:
         """Why this method cannot serve ``attn`` (then it stays dense), or None when it can."""
-        if attn.phase not in self.phases:
-            return f"{self.name} serves phases {', '.join(self.phases)}, not {attn.phase}"
         if attn.mask_kind != "none":
             return (f"an attention mask tensor is given ({attn.mask_kind}: padding or a custom mask), "
                     f"which {self.name} cannot honour")
+        if attn.phase not in self.phases:
+            return f"{self.name} serves phases {', '.join(self.phases)}, not {attn.phase}"
         if attn.causal and attn.q_len != attn.kv_len:
             return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
         return None

@@ -31,9 +31,10 @@ class SinkWindow(AttentionMethod):
     summary = "sink + sliding window (StreamingLLM), token-exact block-sparse prefill"
 
     def unsupported_reason(self, params, attn):
-        if not attn.causal:
-            return "sink_window is causal; this attention is bidirectional"
-        return super().unsupported_reason(params, attn)
+        reason = super().unsupported_reason(params, attn)
+        if reason is None and not attn.causal:
+            reason = "sink_window is causal; this attention is bidirectional"
+        return reason
 
     def visited_pairs(self, params: SinkWindowParams, n: sympy.Symbol, config) -> sympy.Expr:
         """Pairs in visited blocks: each query block reads about sink + window + one block on each side."""
