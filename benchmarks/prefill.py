@@ -10,11 +10,12 @@ Effective TFLOP/s count 4*D FLOPs per (query, key) pair in the blocks an impleme
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from sparsify.kernels.block_sparse_attention import KernelConfig, block_sparse_attention
+from sparsify.kernels.block_sparse_attention import block_sparse_attention
 from sparsify.kernels.layout import block_topk_layout, causal_layout, sink_window_layout
 from sparsify.passes.cost_model import load_ceilings
 
@@ -37,7 +38,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda")
     # Each block mask's mask_mod closes over different constants; give FlexAttention room to compile each.
     torch._dynamo.config.recompile_limit = 64
-    config = load_ceilings(device).config_for(HEAD_DIM)
+    ceilings = load_ceilings(device)
+    config = ceilings.config_for(HEAD_DIM)
     flex = torch.compile(flex_attention, dynamic=False)
     rows, ratios, layout_ms = [], {}, {}
     for seq in args.seq:
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
             build = builders[case]
             # Block top-k selects blocks, so both kernels get the same 128x128 blocks; token-exact layouts use
             # each implementation's own best block size.
-            ours_config = KernelConfig(128, 128, 8, 3) if case.startswith("topk") else config
+            ours_config = dataclasses.replace(config, block_m=128, block_n=128) if case.startswith("topk") else config
             layout = build(ours_config.block_m, ours_config.block_n)
             layout_ms[f"{case}@{seq}"] = time_ms(lambda: build(ours_config.block_m, ours_config.block_n), runs=10)
             flex_layout = layout if (layout.block_m, layout.block_n) == (128, 128) else build(128, 128)
@@ -79,7 +81,9 @@ def main(argv=None) -> None:
                   flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    path = write_result("prefill", rows, ratios, {"layout_build_ms": layout_ms, "kernel_config": vars(config)})
+    extra = {"layout_build_ms": layout_ms, "kernel_config": dataclasses.asdict(config),
+             "calibration": dataclasses.asdict(ceilings)}
+    path = write_result("prefill", rows, ratios, extra)
     print(f"wrote {path}")
 
 

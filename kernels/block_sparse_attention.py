@@ -2,8 +2,10 @@
 
 FlashAttention-2 style: one program per (query block, batch x query head); it walks the key blocks its layout
 lists — full blocks first, without masking (by arithmetic when they form one contiguous run), then partial
-blocks under the layout's token mask — with an online softmax, and writes the output and the log-sum-exp. GQA reads the KV head ``h // group`` in place (no copies).
-Rows that see no key get output 0 and lse -inf.
+blocks under the layout's token mask — with an online softmax, and writes the output and the log-sum-exp.
+GQA reads the KV head ``h // group`` in place (no copies). Rows that see no key get output 0 and lse -inf.
+On Hopper and newer, K/V tiles come through TMA tensor descriptors; elsewhere (and under the interpreter)
+through pointers.
 
 ``block_sparse_attention`` launches it (CUDA tensors); ``block_sparse_attention_reference`` computes the same
 function in plain PyTorch (any device) and is what the tests and the CPU path use.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsify.errors import ShapeError
 
@@ -27,44 +30,60 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters; ``block_m``/``block_n`` must equal the layout's block sizes."""
+    """Launch parameters; ``block_m``/``block_n`` must equal the layout's block sizes. ``use_tma`` loads K/V
+    through Hopper's tensor-memory accelerator where hardware and strides allow (else through pointers)."""
 
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    use_tma: bool = False
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale,
-                  sink, window, stride_kn, stride_vn,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    offs_n = kv_block * BLOCK_N + offs_n_base
-    k_addr = k_ptrs + offs_n[None, :].to(tl.int64) * stride_kn
-    v_addr = v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn
-    # Masks only where needed: the tail of a partial block, and head_dim padding (HEAD_DIM not a power of 2).
-    if MASKED:
-        in_range = offs_n < kv_len
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_addr, mask=in_range[None, :], other=0.0)
-            v = tl.load(v_addr, mask=in_range[:, None], other=0.0)
-        else:
-            k = tl.load(k_addr, mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_addr, mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def _load_kv(k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_head, kv_block, offs_n, offs_d, kv_len, stride_kn,
+             stride_vn, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """K as (BLOCK_D, BLOCK_N) and V as (BLOCK_N, BLOCK_D). Pointer loads mask only where needed: the tail of a
+    partial block, and head_dim padding (HEAD_DIM not a power of 2). TMA fills rows past kv_len with zeros."""
+    if USE_TMA:
+        k = k_desc.load([batch, kv_head, kv_block * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D).T
+        v = v_desc.load([batch, kv_head, kv_block * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_addr)
-            v = tl.load(v_addr)
+        k_addr = k_ptrs + offs_n[None, :].to(tl.int64) * stride_kn
+        v_addr = v_ptrs + offs_n[:, None].to(tl.int64) * stride_vn
+        if MASKED:
+            in_range = offs_n < kv_len
+            if BLOCK_D == HEAD_DIM:
+                k = tl.load(k_addr, mask=in_range[None, :], other=0.0)
+                v = tl.load(v_addr, mask=in_range[:, None], other=0.0)
+            else:
+                k = tl.load(k_addr, mask=in_range[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+                v = tl.load(v_addr, mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         else:
-            k = tl.load(k_addr, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_addr, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            if BLOCK_D == HEAD_DIM:
+                k = tl.load(k_addr)
+                v = tl.load(v_addr)
+            else:
+                k = tl.load(k_addr, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+                v = tl.load(v_addr, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_head, kv_block, offs_m_pos,
+                  offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn, stride_vn,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr):
+    offs_n = kv_block * BLOCK_N + offs_n_base
+    k, v = _load_kv(k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_head, kv_block, offs_n, offs_d, kv_len, stride_kn,
+                    stride_vn, MASKED, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
     if IEEE:
         qk = tl.dot(q, k, input_precision="ieee")
     else:
         qk = tl.dot(q, k)
     if MASKED:
-        visible = in_range[None, :]
+        visible = offs_n[None, :] < kv_len
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m_pos[:, None])
         if HAS_WINDOW:
@@ -91,7 +110,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, K_DESC, V_DESC, Out, Lse,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -102,7 +121,7 @@ def _block_sparse_fwd(
     stride_ib, stride_ih, stride_im,
     q_heads, group, q_len, kv_len, qk_scale, sink, window,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -127,29 +146,29 @@ def _block_sparse_fwd(
 
     row = batch * stride_nb + head * stride_nh + block_m * stride_nm
     index_row = batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih + block_m.to(tl.int64) * stride_im
+    # Full blocks: when they form one contiguous run (causal, sliding window) the first loop walks it by
+    # arithmetic, since reading every index from memory puts a dependent load before each K/V load (it cost ~18%
+    # on an H100). Otherwise the run is empty and the second loop reads the indices. Both loops sit at top
+    # level: loops nested in a data-dependent `if` pipelined worse (measured).
     n_full = tl.load(FULL_NUM + row)
-    if n_full > 0:
-        first = tl.load(FULL_IDX + index_row)
-        last = tl.load(FULL_IDX + index_row + n_full - 1)
-        if last - first + 1 == n_full:
-            # One contiguous run (causal, sliding window): walk it by arithmetic. Reading each index from memory
-            # puts a dependent load in front of every K/V load and cost ~18% on an H100 (measured).
-            for i in range(0, n_full):
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, first + i, offs_m_pos, offs_n_base,
-                                              offs_d, kv_len, qk_scale, sink, window, stride_kn, stride_vn,
-                                              False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE)
-        else:
-            for i in range(0, n_full):
-                kv_block = tl.load(FULL_IDX + index_row + i)
-                acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n_base,
-                                              offs_d, kv_len, qk_scale, sink, window, stride_kn, stride_vn,
-                                              False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE)
+    first = tl.load(FULL_IDX + index_row, mask=n_full > 0, other=0)
+    last = tl.load(FULL_IDX + index_row + n_full - 1, mask=n_full > 0, other=-1)
+    n_run = tl.where(last - first + 1 == n_full, n_full, 0)
+    for i in range(0, n_run):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, first + i,
+                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
+                                      stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
+    for i in range(n_run, n_full):
+        kv_block = tl.load(FULL_IDX + index_row + i)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, kv_block,
+                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
+                                      stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
     n_partial = tl.load(KV_NUM + row)
     for i in range(0, n_partial):
         kv_block = tl.load(KV_IDX + index_row + i)
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_block, offs_m_pos, offs_n_base, offs_d,
-                                      kv_len, qk_scale, sink, window, stride_kn, stride_vn,
-                                      True, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE)
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, kv_block,
+                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
+                                      stride_vn, True, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -213,6 +232,15 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float 
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
 
 
+def _tma_usable(k: torch.Tensor, v: torch.Tensor, dim: int) -> bool:
+    """TMA copies need Hopper or newer, 16-byte aligned strides, a power-of-2 head_dim and 2-byte elements."""
+    if not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    aligned = all(s * k.element_size() % 16 == 0 for t in (k, v) for s in t.stride()[:-1])
+    return (aligned and k.stride(-1) == 1 and v.stride(-1) == 1 and dim == triton.next_power_of_2(dim)
+            and k.element_size() == 2)
+
+
 def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = None, *,
                            config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel. Same contract as :func:`block_sparse_attention_reference`.
@@ -238,15 +266,22 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
     def broadcast_stride(t, dim_):
         return 0 if t.shape[dim_] == 1 else t.stride(dim_)
 
+    use_tma = config.use_tma and _tma_usable(k, v, dim)
+    if use_tma:
+        block = [1, 1, config.block_n, dim]
+        k_desc = TensorDescriptor(k, list(k.shape), list(k.stride()), block)
+        v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
+    else:
+        k_desc = v_desc = k  # placeholders: the kernel reads K/V through pointers then
     _block_sparse_fwd[grid](
-        q, k, v, out, lse, n, idx, fn, fidx,
+        q, k, v, k_desc, v_desc, out, lse, n, idx, fn, fidx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         broadcast_stride(n, 0), broadcast_stride(n, 1), n.stride(2),
         broadcast_stride(idx, 0), broadcast_stride(idx, 1), idx.stride(2),
         q_heads, q_heads // k.shape[1], q_len, k.shape[2], scale * LOG2E,
         layout.mask.sink, layout.mask.window,
         HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32,
+        CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -28,14 +28,17 @@ from .apply_policy import DENSE, HeadSegment, PolicyReport
 
 N = sympy.Symbol("N", positive=True)
 
-# Candidate launch configs per head_dim; calibration picks the fastest, the first is the default.
+# Candidate launch configs per head_dim, each tried with and without TMA loads; calibration picks the fastest,
+# the first is the default (no calibration, or no CUDA).
+_SHAPES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
+    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)),
+    128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
+          (128, 32, 4, 4)),
+    256: ((64, 64, 4, 2), (64, 32, 4, 2)),
+}
 CANDIDATE_CONFIGS: dict[int, tuple[KernelConfig, ...]] = {
-    64: (KernelConfig(128, 64, 4, 3), KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
-         KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 2)),
-    128: (KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3),
-          KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2), KernelConfig(64, 64, 4, 3),
-          KernelConfig(128, 32, 4, 4)),
-    256: (KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
+    dim: tuple(KernelConfig(*shape, use_tma=tma) for tma in (False, True) for shape in shapes)
+    for dim, shapes in _SHAPES.items()
 }
 
 
@@ -48,6 +51,8 @@ class DeviceCeilings:
     sparse_tflops: float
     launch_overhead_ms: float
     configs: dict[int, KernelConfig] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)  # TFLOP/s of every candidate, for the record
+    rejected: dict[str, str] = field(default_factory=dict)  # candidates that failed to run, and why
 
     def config_for(self, head_dim: int) -> KernelConfig:
         key = min(CANDIDATE_CONFIGS, key=lambda d: (d < head_dim, abs(d - head_dim)))
@@ -70,10 +75,9 @@ def dense_threshold(sparse_ms, dense_ms) -> int | None:
     """Smallest length at which the sparse prediction beats dense (0 if always, None if never)."""
     gap = sympy.simplify(dense_ms - sparse_ms)
     roots = [r for r in sympy.solve(sympy.Eq(gap, 0), N) if r.is_real and r > 0]
-    if roots:
-        return int(math.ceil(max(float(r) for r in roots)))
-    at_large = gap.subs(N, 10**7)
-    return 0 if at_large > 0 else None
+    # Past the last crossing the sign of the gap no longer changes: it says which one wins from there on.
+    start = int(math.ceil(max(float(r) for r in roots))) if roots else 0
+    return start if gap.subs(N, start + 1) > 0 else None
 
 
 @dataclass
@@ -166,6 +170,8 @@ def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> Devi
     pairs = seq_len * (seq_len + 1) / 2
     generator = torch.Generator(device=device).manual_seed(0)
     best: dict[int, tuple[float, KernelConfig]] = {}
+    measured: dict[str, float] = {}
+    rejected: dict[str, str] = {}
     dense_rates = []
     for head_dim, configs in CANDIDATE_CONFIGS.items():
         q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
@@ -173,18 +179,21 @@ def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> Devi
         flops = 4 * head_dim * heads * pairs
         ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
         dense_rates.append(flops / ms / 1e9)
+        measured[f"sdpa D={head_dim}"] = flops / ms / 1e9
         for config in configs:
             layout = causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device)
             try:
                 ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
-            except Exception:  # a config the device cannot run (shared memory) is simply not a candidate
+            except Exception as error:  # a config this device cannot run (shared memory, TMA) is no candidate
+                rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
                 continue
             rate = flops / ms / 1e9
+            measured[f"D={head_dim} {config}"] = rate
             if head_dim not in best or rate > best[head_dim][0]:
                 best[head_dim] = (rate, config)
     launch = triton.testing.do_bench(lambda: torch.empty(1, device=device).add_(1))
     return DeviceCeilings(
         name=torch.cuda.get_device_name(device), dense_tflops=sorted(dense_rates)[len(dense_rates) // 2],
         sparse_tflops=sorted(r for r, _ in best.values())[len(best) // 2], launch_overhead_ms=launch,
-        configs={d: c for d, (_, c) in best.items()},
+        configs={d: c for d, (_, c) in best.items()}, measured=measured, rejected=rejected,
     )

@@ -62,6 +62,7 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
     block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
+    use_tma: bool,
 ) -> tuple[Tensor, Tensor]:
     """Attention over the key blocks of a layout. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D).
 
@@ -71,14 +72,14 @@ def block_sparse_attention(
     layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
                                  q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window))
     if q.is_cuda:
-        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages)
+        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
         return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)
     return kernel.block_sparse_attention_reference(q, k, v, layout, scale)
 
 
 @block_sparse_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
-      window, scale, num_warps, num_stages):
+      window, scale, num_warps, num_stages, use_tma):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 

@@ -14,5 +14,5 @@ def emit_block_sparse(ctx, attn, layout: torch.fx.Node, *, causal: bool, sink: i
     parts = [ctx.call(operator.getitem, layout, i) for i in range(4)]
     result = ctx.call(torch.ops.sparsify.block_sparse_attention.default, ctx.q, ctx.k, ctx.v, *parts,
                       config.block_m, config.block_n, causal, sink, window, attn.match.scale,
-                      config.num_warps, config.num_stages)
+                      config.num_warps, config.num_stages, config.use_tma)
     return ctx.call(operator.getitem, result, 0)

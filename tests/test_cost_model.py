@@ -1,0 +1,46 @@
+"""The cost model: sympy predictions, the dense threshold, configs, calibration cache."""
+
+import json
+
+import sympy
+import torch
+
+from sparsify.kernels.block_sparse_attention import KernelConfig
+from sparsify.methods.base import METHODS, parse_method_spec
+from sparsify.passes.cost_model import (CPU_NOMINAL, N, DeviceCeilings, cache_path, dense_pairs, dense_threshold,
+                                        load_ceilings, predicted_ms)
+
+
+def test_dense_threshold_solves_the_crossing():
+    dense = predicted_ms(dense_pairs(True), 32, 128, 500.0, 0.01)
+    sparse = predicted_ms(N * 2304, 32, 128, 400.0, 0.02)
+    threshold = dense_threshold(sparse, dense)
+    assert float(sparse.subs(N, threshold)) <= float(dense.subs(N, threshold))
+    assert float(sparse.subs(N, threshold - 2)) > float(dense.subs(N, threshold - 2))
+    assert 4000 < threshold < 7000  # about 2 * 2304 * 500 / 400 plus the overhead
+
+
+def test_never_and_always_cheaper():
+    dense = predicted_ms(dense_pairs(True), 1, 64, 1.0, 0.0)
+    assert dense_threshold(predicted_ms(N * N, 1, 64, 1.0, 0.0), dense) is None  # twice the work: never
+    assert dense_threshold(predicted_ms(N * N / 4, 1, 64, 1.0, 0.0), dense) == 0  # a quarter: always
+
+
+def test_methods_state_their_visited_pairs():
+    config = KernelConfig(128, 64)
+    window = parse_method_spec({"use": "sink_window", "with": {"sink": 64, "window": 2048}}, "test")
+    pairs = window.method.visited_pairs(window.params, N, config)
+    assert sympy.simplify(pairs - N * (64 + 2048 + 128 + 64)) == 0
+    topk = parse_method_spec({"use": "block_topk", "with": {"density": 0.1}}, "test")
+    assert float(topk.method.visited_pairs(topk.params, N, config).subs(N, 65536)) < 0.12 * 65536 ** 2
+    assert not hasattr(METHODS.get("dense"), "visited_pairs")
+
+
+def test_config_choice_and_cached_calibration(tmp_path, monkeypatch):
+    ceilings = DeviceCeilings("x", 1.0, 1.0, 0.0, configs={128: KernelConfig(128, 128, 8, 2)})
+    assert ceilings.config_for(128) == KernelConfig(128, 128, 8, 2)
+    assert ceilings.config_for(96).block_m == 128  # the default for the next size up
+    assert load_ceilings(torch.device("cpu")) is CPU_NOMINAL
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path))
+    path = cache_path("Some GPU")
+    assert path.parent == tmp_path and json.dumps(str(path))

