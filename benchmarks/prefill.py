@@ -60,7 +60,7 @@ def main(argv=None) -> None:
             build = builders[case]
             # Block top-k selects blocks, so both kernels get the same 128x128 blocks; token-exact layouts use
             # each implementation's own best block size.
-            ours_config = dataclasses.replace(config, block_m=128, block_n=128) if case.startswith("topk") else config
+            ours_config = ceilings.config_for(HEAD_DIM, (128, 128)) if case.startswith("topk") else config
             layout = build(ours_config.block_m, ours_config.block_n)
             layout_ms[f"{case}@{seq}"] = time_ms(lambda: build(ours_config.block_m, ours_config.block_n), runs=10)
             flex_layout = layout if (layout.block_m, layout.block_n) == (128, 128) else build(128, 128)

@@ -8,8 +8,9 @@ A :class:`BlockLayout` over queries cut into blocks of ``block_m`` and keys into
 * ``kv_indices[b, h, m, :kv_num_blocks[b, h, m]]`` — partial key blocks, where the layout's :class:`TokenMask`
   decides each (query, key) pair (the causal diagonal, a window's edge, the sequence tail).
 
-Index tensors are int32 of shape ``(B', H', n_q_blocks)`` and ``(B', H', n_q_blocks, n_kv_blocks)``, with B' in
-{1, B} and H' in {1, Hq} (size 1 broadcasts); entries past the count are unused. A block is never in both lists.
+Index tensors are int32 of shape ``(B', H', n_q_blocks)`` and ``(B', H', n_q_blocks, W)``, with B' in {1, B},
+H' in {1, Hq} (size 1 broadcasts) and W at least the largest count (``n_kv_blocks`` from the rule builders, the
+candidate count from block top-k); entries past the count are unused. A block is never in both lists.
 Builders work on block-level tensors, never on an N x N token mask (``to_dense_mask`` does, for tests only).
 
 Positions: with ``q_len < kv_len`` the queries are the last ``q_len`` positions (bottom-right alignment, as with
@@ -119,7 +120,8 @@ class BlockLayout:
             return mask.visible(q_idx + offset, kv_idx, kv_len)
 
         return BlockMask.from_kv_blocks(
-            self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+            self.kv_num_blocks, _full_width(self.kv_num_blocks, self.kv_indices, self.n_kv_blocks),
+            self.full_kv_num_blocks, _full_width(self.full_kv_num_blocks, self.full_kv_indices, self.n_kv_blocks),
             BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len),
         )
 
@@ -213,6 +215,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _full_width(counts: torch.Tensor, indices: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
+    """Index lists padded to ``n_kv_blocks`` columns with 0 past each count (FlexAttention's own form)."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    indices = torch.where(valid, indices, 0)
+    return torch.nn.functional.pad(indices, (0, n_kv_blocks - indices.shape[-1]))
+
+
 def _expand_indices(counts: torch.Tensor, indices: torch.Tensor, n_kv_blocks: int) -> torch.Tensor:
     valid = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
     dense = torch.zeros((*counts.shape, n_kv_blocks + 1), dtype=torch.bool, device=counts.device)
@@ -226,6 +235,14 @@ def compress(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Stable sort puts selected blocks first, in ascending order.
     indices = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     return counts, indices
+
+
+def compress_candidates(candidates: torch.Tensor, valid: torch.Tensor, n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate block indices ``(..., k)`` with a validity mask -> (counts, valid indices sorted first).
+
+    Entries past a row's count hold ``n_kv`` and are never read."""
+    keyed = torch.where(valid, candidates, n_kv)
+    return valid.sum(-1, dtype=torch.int32), keyed.sort(-1).values.to(torch.int32)
 
 
 def from_block_masks(full: torch.Tensor, partial: torch.Tensor, geometry: Geometry) -> BlockLayout:
@@ -297,16 +314,22 @@ def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block
     group = q_heads // kv_heads
     scores = torch.matmul(q_pool.view(batch, kv_heads, group, -1, dim), k_pool[:, :, None].transpose(-1, -2))
     scores = scores.view(batch, q_heads, q_pool.shape[2], k_pool.shape[2])
-    any_visible, _ = geometry.rule_blocks(q.device)
-    p0, p1, k0, _ = geometry.block_bounds(q.device)
+    any_visible, all_visible = geometry.rule_blocks(q.device)
+    _, p1, k0, _ = geometry.block_bounds(q.device)
     forced = (k0 // block_n < sink_blocks) | (k0 // block_n == p1 // block_n)
     scores = scores.masked_fill(~any_visible, float("-inf")).masked_fill(forced & any_visible, float("inf"))
     n_kv = scores.shape[-1]
     keep = max(min_blocks, math.ceil(density * n_kv))
     # The forced blocks (+inf) come on top of the ``keep`` best ones, not out of them.
-    top = scores.topk(min(n_kv, keep + sink_blocks + 1), dim=-1).indices
-    selected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & any_visible
-    return _from_rule(geometry, selected, q.device)
+    top = scores.topk(min(n_kv, keep + sink_blocks + 1), dim=-1).indices          # (B, Hq, n_q, k)
+    shape = (*top.shape[:-1], n_kv)
+    visible = any_visible.expand(shape).gather(-1, top)
+    full = visible & all_visible.expand(shape).gather(-1, top)
+    # Compress the k candidates, not whole rows: sorting k indices per row instead of n_kv is most of the
+    # builder's time at long lengths.
+    full_num, full_idx = compress_candidates(top, full, n_kv)
+    part_num, part_idx = compress_candidates(top, visible & ~full, n_kv)
+    return BlockLayout(part_num, part_idx, full_num, full_idx, block_m, block_n, q_len, kv_len, geometry.mask)
 
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:

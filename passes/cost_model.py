@@ -51,10 +51,20 @@ class DeviceCeilings:
     sparse_tflops: float
     launch_overhead_ms: float
     configs: dict[int, KernelConfig] = field(default_factory=dict)
-    measured: dict[str, float] = field(default_factory=dict)  # TFLOP/s of every candidate, for the record
-    rejected: dict[str, str] = field(default_factory=dict)  # candidates that failed to run, and why
+    # Every candidate the calibration ran: {"head_dim", "config" (as a dict), "tflops"}; and those that failed.
+    measured: list[dict] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
 
-    def config_for(self, head_dim: int) -> KernelConfig:
+    def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None) -> KernelConfig:
+        """The fastest calibrated config for ``head_dim`` (with ``blocks`` = (block_m, block_n) if given, for
+        layouts whose block size is fixed by the method), else the default candidate."""
+        if blocks is not None:
+            fitting = [m for m in self.measured if m["head_dim"] == head_dim and m["config"] != "sdpa"
+                       and (m["config"]["block_m"], m["config"]["block_n"]) == blocks]
+            if fitting:
+                return KernelConfig(**max(fitting, key=lambda m: m["tflops"])["config"])
+            defaults = [c for c in CANDIDATE_CONFIGS.get(head_dim, ()) if (c.block_m, c.block_n) == blocks]
+            return defaults[0] if defaults else KernelConfig(*blocks)
         key = min(CANDIDATE_CONFIGS, key=lambda d: (d < head_dim, abs(d - head_dim)))
         return self.configs.get(head_dim) or CANDIDATE_CONFIGS[key][0]
 
@@ -170,7 +180,7 @@ def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> Devi
     pairs = seq_len * (seq_len + 1) / 2
     generator = torch.Generator(device=device).manual_seed(0)
     best: dict[int, tuple[float, KernelConfig]] = {}
-    measured: dict[str, float] = {}
+    measured: list[dict] = []
     rejected: dict[str, str] = {}
     dense_rates = []
     for head_dim, configs in CANDIDATE_CONFIGS.items():
@@ -179,7 +189,7 @@ def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> Devi
         flops = 4 * head_dim * heads * pairs
         ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
         dense_rates.append(flops / ms / 1e9)
-        measured[f"sdpa D={head_dim}"] = flops / ms / 1e9
+        measured.append({"head_dim": head_dim, "config": "sdpa", "tflops": flops / ms / 1e9})
         for config in configs:
             layout = causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device)
             try:
@@ -188,7 +198,7 @@ def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> Devi
                 rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
                 continue
             rate = flops / ms / 1e9
-            measured[f"D={head_dim} {config}"] = rate
+            measured.append({"head_dim": head_dim, "config": dataclasses.asdict(config), "tflops": rate})
             if head_dim not in best or rate > best[head_dim][0]:
                 best[head_dim] = (rate, config)
     launch = triton.testing.do_bench(lambda: torch.empty(1, device=device).add_(1))

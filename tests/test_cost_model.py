@@ -44,3 +44,15 @@ def test_config_choice_and_cached_calibration(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path))
     path = cache_path("Some GPU")
     assert path.parent == tmp_path and json.dumps(str(path))
+
+
+def test_config_for_fixed_blocks_uses_the_calibration_record():
+    fast = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True}
+    slow = {"block_m": 128, "block_n": 128, "num_warps": 4, "num_stages": 2, "use_tma": False}
+    ceilings = DeviceCeilings("x", 1.0, 1.0, 0.0, configs={128: KernelConfig(64, 64, 4, 3, True)},
+                              measured=[{"head_dim": 128, "config": "sdpa", "tflops": 9.0},
+                                        {"head_dim": 128, "config": slow, "tflops": 1.0},
+                                        {"head_dim": 128, "config": fast, "tflops": 2.0}])
+    assert ceilings.config_for(128) == KernelConfig(64, 64, 4, 3, True)
+    assert ceilings.config_for(128, (128, 128)) == KernelConfig(**fast)
+    assert ceilings.config_for(64, (128, 128)).block_n == 128

@@ -194,3 +194,11 @@ def test_layout_build_touches_no_token_mask():
     layout = sink_window_layout(131072, 131072, 64, 2048, 128, 128)
     assert layout.kv_indices.numel() == 1024 * 1024
     assert math.isclose(layout.density(), (2048 + 128 + 128) / 131072, rel_tol=0.15)
+
+
+def test_block_topk_narrow_index_lists_convert_to_a_block_mask():
+    q, k, _ = random_qkv(1, 4, 2, 300, 300, 16)
+    layout = block_topk_layout(q, k, density=0.2, block_m=32, block_n=32)
+    assert layout.kv_indices.shape[-1] < layout.n_kv_blocks  # candidate-wide lists, not n_kv-wide
+    back = BlockLayout.from_block_mask(layout.to_block_mask(), layout.mask)
+    assert torch.equal(back.to_dense_mask(), layout.to_dense_mask())
