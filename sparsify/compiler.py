@@ -10,6 +10,7 @@ one per call from the concrete lengths — a guard of our own, so no recompilati
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -154,6 +155,28 @@ class SparsifyHandle:
     def frames(self) -> list[CompiledFrame]:
         return self.backend.frames
 
+    @property
+    def calls(self) -> int:
+        """Calls that went through sparsify's rewritten graphs (a call Dynamo ran eagerly does not count)."""
+        return sum(frame.calls for frame in self.frames)
+
+
+def _own_forward(module: torch.nn.Module) -> Callable:
+    """``module.forward`` behind a code object of its own.
+
+    Dynamo keeps compiled frames, and its recompile limit, per code object. Copies of one model compiled with
+    different policies would otherwise share ``type(model).forward``'s budget; once it ran out, Dynamo would run
+    the plain (dense) forward without a word.
+    """
+    method = type(module).forward
+
+    def forward(*args, **kwargs):
+        return method(module, *args, **kwargs)
+
+    forward.__code__ = forward.__code__.replace()
+    functools.update_wrapper(forward, method)
+    return forward
+
 
 def check_policy_against(model: torch.nn.Module, policy: Policy) -> None:
     config = getattr(model, "config", None)
@@ -175,8 +198,7 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     check_policy_against(model, resolved)
     backend = SparsifyBackend(resolved, compile_options)
     compiled = copy.copy(model)
-    forward = type(model).forward.__get__(compiled)
-    compiled.forward = torch.compile(forward, backend=backend, dynamic=compile_options.dynamic)
+    compiled.forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     compiled.sparsify = SparsifyHandle(resolved, compile_options, backend, model_name=name)
     return compiled

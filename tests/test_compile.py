@@ -245,3 +245,21 @@ def test_explain_needs_a_compiled_model():
         sparsify.explain(tiny_model("llama"))
     compiled = sparsify.compile(tiny_model("llama"), "dense")
     assert "no frame captured yet" in sparsify.explain(compiled)
+
+
+def test_several_policies_on_one_model_each_keep_their_own_compile_budget():
+    """Copies compiled from one model must not share Dynamo's per-code recompile budget (once spent, Dynamo
+    would run the dense forward silently)."""
+    model = tiny_model("llama")
+    policies = [{"rules": [{"when": {"phase": "prefill"}, "use": "sink_window", "with": {"sink": 1, "window": w}}]}
+                for w in (4, 6, 8)]
+    compiled = [sparsify.compile(model, p, cost_model_fallback=False) for p in policies]
+    with torch.no_grad():
+        for length in (20, 24, 28, 32):
+            ids = torch.randint(0, 256, (1, length))
+            dense = model(ids).logits
+            for fast in compiled:
+                before = fast.sparsify.calls
+                fast.generate(ids, max_new_tokens=3, do_sample=False)
+                assert (fast(ids).logits - dense).abs().max() > 1e-3
+                assert fast.sparsify.calls > before

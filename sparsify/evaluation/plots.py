@@ -1,0 +1,73 @@
+"""Plots of evaluation results (PNG, matplotlib without a display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def scores_vs_length(rows: list[dict], path: Path, title: str) -> Path:
+    tasks = sorted({r["task"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    columns = min(3, len(tasks))
+    lines = -(-len(tasks) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False)
+    for axis, task in zip(axes.flat, tasks):
+        for method in methods:
+            points = sorted((r["seq_len"], r["score"]) for r in rows if r["task"] == task and r["method"] == method)
+            if points:
+                axis.plot(*zip(*points), marker="o", label=method)
+        axis.set_title(task)
+        axis.set_xlabel("prompt tokens")
+        axis.set_ylabel("score")
+        axis.set_ylim(-0.05, 1.05)
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(tasks):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def layer_errors(fidelity: list[dict], path: Path, title: str) -> Path:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for entry in fidelity:
+        label = f"{entry['method']} @{entry['seq_len']}"
+        left.plot(range(len(entry["layer_rel_error"])), entry["layer_rel_error"], marker=".", label=label)
+        if entry.get("continuation_kl"):
+            right.plot(range(1, len(entry["continuation_kl"]) + 1), entry["continuation_kl"], label=label)
+    left.set_xlabel("layer")
+    left.set_ylabel("relative error of attention output")
+    left.set_yscale("symlog", linthresh=1e-4)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    right.set_xlabel("decode step (teacher-forced)")
+    right.set_ylabel("KL(dense || policy)")
+    right.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def block_pattern(full, partial, path: Path, title: str) -> Path:
+    """Heatmap of one head's layout: 1 full block, 0.5 partial (masked inside), 0 skipped."""
+    grid = full.float() + 0.5 * partial.float()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.imshow(grid.cpu().numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    axis.set_xlabel("key block")
+    axis.set_ylabel("query block")
+    visited = (full | partial).float().mean().item()
+    axis.set_title(f"{title}\n{visited:.1%} of blocks visited (dark: full, light: partial)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
