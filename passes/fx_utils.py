@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
@@ -65,8 +66,7 @@ def module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    # Dynamo writes L['self'].model.layers.3 or L['self']._modules['model']...; export writes model.layers.3.
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
+    # Dynamo writes L['self'].model.layers.3 (the traced function's local holding the root module, whatever its
+    # name) or L['self']._modules['model']...; export writes model.layers.3.
+    path = re.sub(r"^(?:[LG]\['[^']+'\]|self)\.?", "", path)
     return path.replace("._modules['", ".").replace("['", ".").replace("']", "")

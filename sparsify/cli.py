@@ -72,12 +72,26 @@ def cmd_run(args) -> int:
 def cmd_explain(args) -> int:
     sparsify, policy, model, tokenizer = _load(args)
     compiled = sparsify.compile(model, policy, cost_model_fallback=not args.no_fallback)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=generator).to(args.device)
+    ids = _sample_prompt(tokenizer, args.seq_len).to(args.device)
     with _step(f"tracing a {args.seq_len}-token forward"), torch.no_grad():
         compiled(ids)
     print(sparsify.explain(compiled))
+    if args.plot:
+        from .explain import plot_pattern
+
+        print(f"wrote {plot_pattern(model, compiled, ids, args.layer, args.head, args.plot)}")
     return 0
+
+
+def _sample_prompt(tokenizer, length: int) -> torch.Tensor:
+    """A real-text prompt of ``length`` tokens (patterns on random tokens would say little)."""
+    import random
+
+    from .evaluation.tasks import TASKS
+
+    sample = TASKS.get("niah_single").generate(tokenizer, length + 64, random.Random(0), 0.5)
+    ids = tokenizer(sample.context, return_tensors="pt").input_ids[:, :length]
+    return ids
 
 
 def cmd_export(args) -> int:
@@ -137,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(explain)
     explain.add_argument("--seq-len", type=int, default=4096)
     explain.add_argument("--no-fallback", action="store_true", help="follow the policy even where dense is cheaper")
+    explain.add_argument("--plot", metavar="PNG", help="draw the block pattern of one layer and head")
+    explain.add_argument("--layer", type=int, default=2)
+    explain.add_argument("--head", type=int, default=0)
     explain.set_defaults(handler=cmd_explain)
 
     export = commands.add_parser("export", help="export a .pt2 program whose attentions are sparsify ops")

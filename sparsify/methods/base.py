@@ -79,6 +79,11 @@ class AttentionMethod:
             return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
         return None
 
+    def layout(self, params: Any, q, k, config) -> Any:
+        """The ``BlockLayout`` this method would visit for q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), or None for
+        methods without one (used to draw patterns; the rewritten graph builds its layouts with ops)."""
+        return None
+
     def emit(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> "torch.fx.Node":
         """Insert the nodes computing this attention; return the node whose value replaces its output.
 

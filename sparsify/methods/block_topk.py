@@ -14,6 +14,7 @@ import sympy
 import torch
 from pydantic import Field
 
+from ..kernels.layout import block_topk_layout
 from .base import AttentionMethod, register_method
 from .block_sparse import emit_block_sparse
 
@@ -34,6 +35,10 @@ class BlockTopk(AttentionMethod):
     def visited_pairs(self, params: BlockTopkParams, n: sympy.Symbol, config) -> sympy.Expr:
         kept_blocks = params.density * n / config.block_n + params.sink_blocks + 1
         return n * kept_blocks * config.block_n
+
+    def layout(self, params, q, k, config):
+        return block_topk_layout(q, k, density=params.density, block_m=config.block_m, block_n=config.block_n,
+                                 sink_blocks=params.sink_blocks)
 
     def emit(self, params, attn, ctx):
         config = ctx.config

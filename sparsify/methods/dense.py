@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.layout import causal_layout
 from .base import AttentionMethod, register_method
 
 
@@ -22,6 +23,9 @@ class Dense(AttentionMethod):
 
     def unsupported_reason(self, params, attn):
         return None
+
+    def layout(self, params, q, k, config):
+        return causal_layout(q.shape[2], k.shape[2], config.block_m, config.block_n, device=q.device)
 
     def emit(self, params, attn, ctx):
         return ctx.call(torch.ops.sparsify.dense_attention.default, ctx.q, ctx.k, ctx.v, ctx.attn_mask,

@@ -13,6 +13,7 @@ import sympy
 import torch
 from pydantic import Field
 
+from ..kernels.layout import sink_window_layout
 from .base import AttentionMethod, register_method
 from .block_sparse import emit_block_sparse
 
@@ -39,6 +40,10 @@ class SinkWindow(AttentionMethod):
     def visited_pairs(self, params: SinkWindowParams, n: sympy.Symbol, config) -> sympy.Expr:
         """Pairs in visited blocks: each query block reads about sink + window + one block on each side."""
         return n * (params.sink + params.window + config.block_m + config.block_n)
+
+    def layout(self, params, q, k, config):
+        return sink_window_layout(q.shape[2], k.shape[2], params.sink, params.window, config.block_m,
+                                  config.block_n, device=q.device)
 
     def emit(self, params, attn, ctx):
         config = ctx.config

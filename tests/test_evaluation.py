@@ -1,0 +1,151 @@
+"""sparsify eval: deterministic task generators with checkable answers, fidelity, the results format, the CLI."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import sparsify
+from sparsify.cli import main
+from sparsify.evaluation import TASKS, EvalConfig, evaluate
+from sparsify.evaluation import fidelity
+from sparsify.evaluation.runner import sample_rng, write
+from sparsify.errors import PolicyError, SparsifyError
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 0-255): enough tokenizer for the runner, with no files to load."""
+
+    chat_template = None
+
+    class Encoded:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = list(text.encode("utf-8"))
+        return self.Encoded(torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_generators_are_deterministic_and_checkable(name):
+    task, tokenizer = TASKS.get(name), ByteTokenizer()
+    first = task.generate(tokenizer, 3000, sample_rng(7, name, 3000, 0), 0.5)
+    again = task.generate(tokenizer, 3000, sample_rng(7, name, 3000, 0), 0.5)
+    other = task.generate(tokenizer, 3000, sample_rng(8, name, 3000, 0), 0.5)
+    assert first == again and first.answers != other.answers
+    assert 2500 <= len(tokenizer(first.context).input_ids) <= 3000
+    for answer in first.answers:
+        assert answer in first.context  # the needle really is in the haystack
+    oracle = " ".join(first.answers)
+    assert first.score(oracle) == 1.0
+    assert first.score("I do not know.") == 0.0
+
+
+def test_needles_sit_at_the_requested_depth():
+    task, tokenizer = TASKS.get("niah_single"), ByteTokenizer()
+    for depth in (0.0, 0.25, 0.75, 1.0):
+        sample = task.generate(tokenizer, 4000, random.Random(0), depth)
+        position = sample.context.index(sample.answers[0]) / len(sample.context)
+        assert abs(position - depth) < 0.08
+
+
+def test_dense_policy_has_exactly_zero_fidelity_error():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, "dense")
+    ids = torch.randint(0, 256, (1, 40))
+    result = fidelity.measure(model, compiled, ids, continuation=3)
+    assert result["layer_rel_error"] == [0.0, 0.0, 0.0]
+    assert result["prompt_kl"] == 0.0 and result["prompt_top1"] == 1.0
+    assert result["continuation_kl"] == [0.0, 0.0, 0.0] and result["continuation_top1"] == 1.0
+
+
+def test_a_sparse_policy_shows_error_only_in_its_layers():
+    model = tiny_model("llama")
+    policy = {"rules": [{"when": {"layers": "0"}, "use": "dense"},
+                        {"when": {"phase": "prefill"}, "use": "sink_window", "with": {"sink": 1, "window": 4}}]}
+    compiled = sparsify.compile(model, policy, cost_model_fallback=False)
+    result = fidelity.measure(model, compiled, torch.randint(0, 256, (1, 40)), continuation=2)
+    assert result["layer_rel_error"][0] == 0.0 and min(result["layer_rel_error"][1:]) > 1e-3
+    assert result["prompt_kl"] > 0
+
+
+def test_runner_writes_the_shared_results_format(tmp_path):
+    model = tiny_model("llama", layers=2)
+    policy = tmp_path / "narrow.yaml"
+    policy.write_text("rules:\n  - when: {phase: prefill}\n    use: sink_window\n    with: {sink: 4, window: 32}\n")
+    config = EvalConfig(policies=(str(policy),), tasks=("passkey", "niah_single"), lengths=(300,), samples=2,
+                        fidelity_lengths=(300,), continuation=2, generation_tokens=4, suite="test", device="cpu")
+    result = evaluate(config, model=model, tokenizer=ByteTokenizer())
+    assert not result.interrupted
+    assert {(r["task"], r["method"], r["n"]) for r in result.rows} == {
+        (t, m, 2) for t in ("passkey", "niah_single") for m in ("dense", "narrow")}
+    path = write(config, result, "tiny-llama", folder=tmp_path)
+    data = json.loads(path.read_text())
+    assert {"name", "date", "device", "versions", "command", "rows", "ratios", "model"} <= set(data)
+    assert data["name"] == "eval-test" and data["model"] == "tiny-llama"
+    assert all({"task", "seq_len", "method", "score", "n"} <= set(row) for row in data["rows"])
+    assert [f["method"] for f in data["fidelity"]] == ["dense", "narrow"]
+    assert data["fidelity"][0]["layer_rel_error"] == [0.0, 0.0]
+    assert [g["method"] for g in data["generation"]] == ["dense", "narrow"]
+    for suffix in (".md", "-scores.png", "-fidelity.png"):
+        assert (tmp_path / f"eval-test{suffix}").stat().st_size > 0
+
+
+def test_runner_keeps_finished_samples_on_ctrl_c(monkeypatch):
+    model = tiny_model("llama", layers=2)
+    calls = {"n": 0}
+    original = model.generate
+
+    def interrupting_generate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", interrupting_generate)
+    config = EvalConfig(tasks=("passkey",), lengths=(300,), samples=4, fidelity_lengths=(), device="cpu")
+    result = evaluate(config, model=model, tokenizer=ByteTokenizer())
+    assert result.interrupted and len(result.samples) == 2 and result.rows[0]["n"] == 2
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(PolicyError, match="tasks: unknown task 'pasky'.*did you mean 'passkey'"):
+        EvalConfig(tasks=("pasky",))
+    with pytest.raises(SparsifyError, match="samples: must be > 0"):
+        EvalConfig(samples=0)
+    with pytest.raises(SparsifyError, match="lengths: each must be at least 256"):
+        EvalConfig(lengths=(100,))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "/no/model.gguf"], "no such GGUF file"),
+    (["eval", "--policy", "nope"], "is neither a preset"),
+    (["eval", "--tasks", "passkey", "magic"], "unknown task 'magic'"),
+])
+def test_eval_cli_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_explain_plot_draws_the_method_pattern(tmp_path):
+    from sparsify.explain import plot_pattern
+
+    model = tiny_model("llama")
+    policy = {"rules": [{"when": {"layers": "1"}, "use": "block_topk", "with": {"density": 0.3}}]}
+    compiled = sparsify.compile(model, policy, cost_model_fallback=False)
+    ids = torch.randint(0, 256, (1, 300))
+    with torch.no_grad():
+        compiled(ids)
+    path = plot_pattern(model, compiled, ids, layer=1, head=3, path=tmp_path / "pattern.png")
+    assert path.stat().st_size > 0
+    with pytest.raises(SparsifyError, match="--layer: 7 is not a layer"):
+        plot_pattern(model, compiled, ids, layer=7, head=0, path=tmp_path / "x.png")
+    with pytest.raises(SparsifyError, match="--head: 9 is not a query head"):
+        plot_pattern(model, compiled, ids, layer=1, head=9, path=tmp_path / "x.png")
