@@ -20,7 +20,7 @@ a KV cache): query row i sits at position ``i + kv_len - q_len``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -101,9 +101,6 @@ class BlockLayout:
         rule = self.mask.visible((rows + self.offset)[:, None], keys[None, :], self.kv_len)
         return full_tokens | (partial_tokens & rule)
 
-    def to(self, device: torch.device | str) -> "BlockLayout":
-        return replace(self, **{name: getattr(self, name).to(device) for name in _INDEX_FIELDS})
-
     def __repr__(self) -> str:
         shape = tuple(self.kv_num_blocks.shape)
         return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, blocks={self.block_m}x{self.block_n}, "
@@ -160,9 +157,6 @@ class BlockLayout:
 
     def _geometry(self) -> "Geometry":
         return Geometry(self.q_len, self.kv_len, self.block_m, self.block_n, self.mask)
-
-
-_INDEX_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,6 @@ class AnnotateReport:
     attentions: list[AttentionInfo]
     layer_graph: nx.DiGraph
 
-    @property
-    def num_layers(self) -> int:
-        layers = [a.layer for a in self.attentions if a.layer is not None]
-        return max(layers) + 1 if layers else len(self.attentions)
-
 
 _LAYER_IN_PATH = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -45,7 +45,6 @@ class AttentionMatch:
     scale: float | torch.fx.Node
     source: str
     unsupported: str | None = None
-    extra_outputs: list[torch.fx.Node] = field(default_factory=list)
 
 
 @dataclass
@@ -86,7 +85,7 @@ def _default_scale(q: torch.fx.Node) -> float:
     return 1.0 / math.sqrt(tensor_shape(q)[-1])
 
 
-def _sdpa_match(pattern: str, output: torch.fx.Node, args: dict[str, Any], extra=()) -> AttentionMatch:
+def _sdpa_match(pattern: str, output: torch.fx.Node, args: dict[str, Any]) -> AttentionMatch:
     q, k, v = args["query"], args["key"], args["value"]
     scale = args.get("scale")
     unsupported = None
@@ -100,7 +99,7 @@ def _sdpa_match(pattern: str, output: torch.fx.Node, args: dict[str, Any], extra
         is_causal=bool(args.get("is_causal", False)),
         scale=_default_scale(q) if scale is None else scale if isinstance(scale, torch.fx.Node) else float(scale),
         source=source_line(output),
-        unsupported=unsupported, extra_outputs=list(extra),
+        unsupported=unsupported,
     )
 
 
@@ -121,7 +120,7 @@ def match_aten_fused_sdpa(node: torch.fx.Node) -> AttentionMatch | None:
     others = [user for user in node.users if user not in outputs]
     if len(outputs) != 1:
         return None
-    match = _sdpa_match("aten_fused_sdpa", outputs[0], args, extra=[node])
+    match = _sdpa_match("aten_fused_sdpa", outputs[0], args)
     if others and match.unsupported is None:
         match.unsupported = "uses the log-sum-exp or other auxiliary outputs of the fused SDPA op"
     return match

@@ -81,7 +81,7 @@ class CompiledFrame:
         self.ceilings = ceilings
         self.diffusion = options.phase == "diffusion"
         self.allow_fallback = options.cost_model_fallback
-        self.matches, self.annotations = analyse(gm, diffusion=self.diffusion)
+        _, self.annotations = analyse(gm, diffusion=self.diffusion)
         self.variants: dict[tuple, PipelineResult] = {}
         self.last: PipelineResult | None = None
         self.calls = 0

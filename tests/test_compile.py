@@ -263,3 +263,41 @@ def test_several_policies_on_one_model_each_keep_their_own_compile_budget():
                 fast.generate(ids, max_new_tokens=3, do_sample=False)
                 assert (fast(ids).logits - dense).abs().max() > 1e-3
                 assert fast.sparsify.calls > before
+
+
+SEEN_PREVIOUS: list[bool] = []
+
+
+@torch.library.custom_op("sparsify_test::with_previous", mutates_args=())
+def with_previous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    SEEN_PREVIOUS.append(previous is not None and previous.shape == q.shape)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).contiguous()
+
+
+@with_previous.register_fake
+def _(q, k, v, previous):
+    return torch.empty_like(q)
+
+
+def test_values_flow_from_one_layer_to_later_ones():
+    """A method can hand a value from one attention to later ones (LessIsMore's shared selection)."""
+
+    class Relay(AttentionMethod):
+        name = "relay"
+        Params = RecordingParams
+
+        def emit(self, params, attn, ctx):
+            out = ctx.call(torch.ops.sparsify_test.with_previous.default, ctx.q, ctx.k, ctx.v,
+                           ctx.published("relay_output"))
+            ctx.publish("relay_output", out)
+            return out
+
+    register_method(Relay)
+    SEEN_PREVIOUS.clear()
+    try:
+        model = tiny_model("llama", layers=4)
+        compiled = sparsify.compile(model, {"rules": [{"when": {"layers": "1-"}, "use": "relay"}]})
+        assert_close_to_dense(model, compiled, torch.randint(0, 256, (1, 12)), atol=1e-5, rtol=1e-5)
+    finally:
+        METHODS.unregister("relay")
+    assert SEEN_PREVIOUS == [False, True, True]
