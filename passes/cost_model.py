@@ -96,12 +96,60 @@ class CostReport:
     predictions: dict[str, str]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    config: KernelConfig
+    threshold: int | None
+    sparse_ms: object  # callable: length -> predicted ms
+    dense_ms: object
+
+
+class CostModel:
+    """Predictions on one device. The sympy work (building expressions, solving for the threshold) runs once per
+    (method, heads, head_dim, causal), not once per call: decisions are re-taken per call when lengths are
+    symbolic. ``allow_fallback`` off keeps every sparse segment sparse (with its prediction)."""
+
+    def __init__(self, ceilings: DeviceCeilings, allow_fallback: bool = True):
+        self.ceilings = ceilings
+        self.allow_fallback = allow_fallback
+        self._plans: dict[tuple, _Plan] = {}
+
+    def _plan(self, spec, batch_heads: int, head_dim: int, causal: bool) -> _Plan:
+        key = (spec, batch_heads, head_dim, causal)
+        if key not in self._plans:
+            ceilings = self.ceilings
+            config = ceilings.config_for(head_dim)
+            sparse = predicted_ms(spec.method.visited_pairs(spec.params, N, config), batch_heads, head_dim,
+                                  ceilings.sparse_tflops, 2 * ceilings.launch_overhead_ms)
+            dense = predicted_ms(dense_pairs(causal), batch_heads, head_dim, ceilings.dense_tflops,
+                                 ceilings.launch_overhead_ms)
+            self._plans[key] = _Plan(config, dense_threshold(sparse, dense), sympy.lambdify(N, sparse),
+                                     sympy.lambdify(N, dense))
+        return self._plans[key]
+
+    def plan_segment(self, segment: HeadSegment, attention, length: int | None) -> HeadSegment:
+        if segment.spec.name == DENSE or not hasattr(segment.spec.method, "visited_pairs"):
+            return segment
+        batch_heads = (attention.batch if isinstance(attention.batch, int) else 1) * (segment.stop - segment.start)
+        plan = self._plan(segment.spec, batch_heads, attention.head_dim, attention.causal)
+        if length is None:
+            return dataclasses.replace(segment, config=plan.config)
+        predicted = (f"sparse {plan.sparse_ms(length):.3f} ms vs dense {plan.dense_ms(length):.3f} ms at N={length} "
+                     f"on {self.ceilings.name}")
+        if self.allow_fallback and (plan.threshold is None or length < plan.threshold):
+            # The reason names the threshold, not this length's numbers: it is part of the variant's key.
+            where = "at every length" if plan.threshold is None else f"below N={plan.threshold}"
+            return dataclasses.replace(
+                segment, spec=parse_method_spec(DENSE, segment.rule), config=None, predicted=predicted,
+                fallback=f"cost model: dense is cheaper {where} on {self.ceilings.name}",
+            )
+        return dataclasses.replace(segment, config=plan.config, predicted=predicted)
+
+
 def cost_model(
-    gm: torch.fx.GraphModule, decisions: PolicyReport, ceilings: DeviceCeilings, seq_lens: dict[int, int] | None,
-    *, allow_fallback: bool = True,
+    gm: torch.fx.GraphModule, decisions: PolicyReport, model: CostModel, seq_lens: dict[int, int] | None
 ) -> tuple[torch.fx.GraphModule, CostReport]:
-    """Attach launch configs and predictions to sparse segments; fall back to dense where it is cheaper
-    (unless ``allow_fallback`` is off: then every sparse segment stays sparse, with its prediction)."""
+    """Attach launch configs and predictions to sparse segments; fall back to dense where it is cheaper."""
     fallbacks, predictions = 0, {}
     updated = []
     for decision in decisions.decisions:
@@ -109,7 +157,7 @@ def cost_model(
         length = attention.kv_len if isinstance(attention.kv_len, int) else (seq_lens or {}).get(attention.index)
         segments = []
         for segment in decision.segments:
-            new = _plan_segment(segment, attention, length, ceilings, allow_fallback)
+            new = model.plan_segment(segment, attention, length)
             fallbacks += new.spec.name == DENSE and segment.spec.name != DENSE
             if new.predicted:
                 predictions[f"{attention.name}[{segment.start}:{segment.stop}]"] = new.predicted
@@ -117,31 +165,6 @@ def cost_model(
         updated.append(dataclasses.replace(decision, segments=tuple(segments)))
     decisions.decisions[:] = updated
     return gm, CostReport(fallbacks, predictions)
-
-
-def _plan_segment(segment: HeadSegment, attention, length: int | None, ceilings: DeviceCeilings,
-                  allow_fallback: bool) -> HeadSegment:
-    method = segment.spec.method
-    if segment.spec.name == DENSE or not hasattr(method, "visited_pairs"):
-        return segment
-    config = ceilings.config_for(attention.head_dim)
-    batch_heads = (attention.batch if isinstance(attention.batch, int) else 1) * (segment.stop - segment.start)
-    sparse = predicted_ms(method.visited_pairs(segment.spec.params, N, config), batch_heads, attention.head_dim,
-                          ceilings.sparse_tflops, 2 * ceilings.launch_overhead_ms)
-    dense = predicted_ms(dense_pairs(attention.causal), batch_heads, attention.head_dim, ceilings.dense_tflops,
-                         ceilings.launch_overhead_ms)
-    threshold = dense_threshold(sparse, dense)
-    if length is None:
-        return dataclasses.replace(segment, config=config)
-    sparse_now, dense_now = float(sparse.subs(N, length)), float(dense.subs(N, length))
-    predicted = f"sparse {sparse_now:.3f} ms vs dense {dense_now:.3f} ms at N={length} on {ceilings.name}"
-    if allow_fallback and (threshold is None or length < threshold):
-        where = "at every length" if threshold is None else f"below N={threshold}"
-        return dataclasses.replace(
-            segment, spec=parse_method_spec(DENSE, segment.rule), config=None, predicted=predicted,
-            fallback=f"cost model: dense is cheaper {where} ({predicted})",
-        )
-    return dataclasses.replace(segment, config=config, predicted=predicted)
 
 
 # -- calibration -------------------------------------------------------------------------------------------------

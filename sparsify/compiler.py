@@ -18,7 +18,7 @@ import sympy
 import torch
 import torch.fx
 
-from .passes.cost_model import DeviceCeilings, load_ceilings
+from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
 from .passes.fx_utils import value_of
 from .pipeline import PipelineResult, analyse, copy_graph_module, decide, run_pipeline
 from .policy import Policy
@@ -78,9 +78,8 @@ class CompiledFrame:
     def __init__(self, gm: torch.fx.GraphModule, policy: Policy, options: CompileOptions, ceilings: DeviceCeilings):
         self.original = gm
         self.policy = policy
-        self.ceilings = ceilings
+        self.costs = CostModel(ceilings, options.cost_model_fallback)
         self.diffusion = options.phase == "diffusion"
-        self.allow_fallback = options.cost_model_fallback
         _, self.annotations = analyse(gm, diffusion=self.diffusion)
         self.variants: dict[tuple, PipelineResult] = {}
         self.last: PipelineResult | None = None
@@ -95,12 +94,10 @@ class CompiledFrame:
             self.last = self._variant(None)
 
     def _variant(self, seq_lens: dict[int, int] | None) -> PipelineResult:
-        decisions, _ = decide(self.original, self.annotations, self.policy, self.ceilings, seq_lens,
-                              allow_fallback=self.allow_fallback)
+        decisions, _ = decide(self.original, self.annotations, self.policy, self.costs, seq_lens)
         if decisions.key not in self.variants:
             self.variants[decisions.key] = run_pipeline(
-                copy_graph_module(self.original), self.policy, self.ceilings, diffusion=self.diffusion,
-                seq_lens=seq_lens, allow_fallback=self.allow_fallback,
+                copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion, seq_lens=seq_lens
             )
         return self.variants[decisions.key]
 

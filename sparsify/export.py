@@ -14,7 +14,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .compiler import check_policy_against
 from .errors import PolicyError
-from .passes.cost_model import load_ceilings
+from .passes.cost_model import CostModel, load_ceilings
 from .pipeline import analyse, run_pipeline
 from .policy import Policy
 
@@ -49,8 +49,7 @@ def export(
             )
     device = next((v.device for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
-    result = run_pipeline(gm, resolved, load_ceilings(device), diffusion=diffusion,
-                          allow_fallback=cost_model_fallback)
+    result = run_pipeline(gm, resolved, CostModel(load_ceilings(device), cost_model_fallback), diffusion=diffusion)
     _refresh_fake_values(gm)
     program.sparsify_report = result  # for explain-style inspection in the exporting process
     return program

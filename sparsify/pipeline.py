@@ -8,7 +8,7 @@ import torch.fx
 
 from .passes.annotate import AnnotateReport, annotate_attention
 from .passes.apply_policy import PolicyReport, apply_policy
-from .passes.cost_model import CostReport, DeviceCeilings, cost_model
+from .passes.cost_model import CostModel, CostReport, cost_model
 from .passes.match import MatchReport, match_attention
 from .passes.rewrite import RewriteReport, rewrite_attention
 from .policy import Policy
@@ -38,20 +38,19 @@ def analyse(gm: torch.fx.GraphModule, *, diffusion: bool = False) -> tuple[Match
     return matches, annotations
 
 
-def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy, ceilings: DeviceCeilings,
-           seq_lens: dict[int, int] | None, *, allow_fallback: bool = True) -> tuple[PolicyReport, CostReport]:
+def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy, costs: CostModel,
+           seq_lens: dict[int, int] | None) -> tuple[PolicyReport, CostReport]:
     gm, decisions = apply_policy(gm, annotations, policy, seq_lens)
-    gm, costs = cost_model(gm, decisions, ceilings, seq_lens, allow_fallback=allow_fallback)
-    return decisions, costs
+    gm, report = cost_model(gm, decisions, costs, seq_lens)
+    return decisions, report
 
 
 def run_pipeline(
-    gm: torch.fx.GraphModule, policy: Policy, ceilings: DeviceCeilings, *, diffusion: bool = False,
-    seq_lens: dict[int, int] | None = None, allow_fallback: bool = True,
+    gm: torch.fx.GraphModule, policy: Policy, costs: CostModel, *, diffusion: bool = False,
+    seq_lens: dict[int, int] | None = None,
 ) -> PipelineResult:
-    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic;
-    ``allow_fallback`` lets the cost model send sparse segments back to dense where dense is cheaper."""
+    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic."""
     matches, annotations = analyse(gm, diffusion=diffusion)
-    decisions, costs = decide(gm, annotations, policy, ceilings, seq_lens, allow_fallback=allow_fallback)
+    decisions, cost_report = decide(gm, annotations, policy, costs, seq_lens)
     gm, rewrite = rewrite_attention(gm, decisions)
-    return PipelineResult(gm, matches, annotations, decisions, costs, rewrite)
+    return PipelineResult(gm, matches, annotations, decisions, cost_report, rewrite)

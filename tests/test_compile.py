@@ -301,3 +301,13 @@ def test_values_flow_from_one_layer_to_later_ones():
     finally:
         METHODS.unregister("relay")
     assert SEEN_PREVIOUS == [False, True, True]
+
+
+def test_cost_model_fallback_does_not_build_a_graph_per_length():
+    compiled = sparsify.compile(tiny_model("llama"), "sink_window", dynamic=True)
+    with torch.no_grad():
+        for length in (30, 41, 52, 63):
+            compiled(torch.randint(0, 256, (1, length)))
+    frame = compiled.sparsify.frames[0]
+    assert compiled.sparsify.backend.compilations == 1 and frame.calls == 4
+    assert len(frame.variants) == 1  # the same decisions (dense below the threshold) for every length
