@@ -110,7 +110,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_he
 
 @triton.jit
 def _block_sparse_fwd(
-    Q, K, V, K_DESC, V_DESC, Out, Lse,
+    Q, K, V, K_DESC, V_DESC, Out, Lse, Q_POS,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -122,6 +122,7 @@ def _block_sparse_fwd(
     q_heads, group, q_len, kv_len, qk_scale, sink, window,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_Q_POS: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -132,7 +133,10 @@ def _block_sparse_fwd(
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n_base = tl.arange(0, BLOCK_N)
-    offs_m_pos = offs_m + (kv_len - q_len)
+    if HAS_Q_POS:  # rows at given positions (Delta's strided rows), else the last q_len positions
+        offs_m_pos = tl.load(Q_POS + offs_m, mask=offs_m < q_len, other=0)
+    else:
+        offs_m_pos = offs_m + (kv_len - q_len)
 
     q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
@@ -211,6 +215,7 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float 
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     full, partial = layout.block_masks()
+    positions = layout.positions(q.device)
     keys = torch.arange(layout.kv_len, device=q.device)
     key_block = keys // layout.block_n
     kf, vf = k.float()[:, :, None], v.float()[:, :, None]                      # (B, Hkv, 1, Lk, D)
@@ -220,7 +225,7 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float 
         row_block = rows // layout.block_m
         visible = full[..., row_block, :][..., key_block] | (
             partial[..., row_block, :][..., key_block]
-            & layout.mask.visible((rows + layout.offset)[:, None], keys[None, :], layout.kv_len))
+            & layout.mask.visible(positions[rows][:, None], keys[None, :], layout.kv_len))
         visible = visible.expand(batch, q_heads, -1, -1).reshape(batch, kv_heads, group, len(rows), -1)
         qc = q[:, :, start:start + len(rows)].float().reshape(batch, kv_heads, group, len(rows), dim)
         scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale
@@ -273,8 +278,9 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
         v_desc = TensorDescriptor(v, list(v.shape), list(v.stride()), block)
     else:
         k_desc = v_desc = k  # placeholders: the kernel reads K/V through pointers then
+    q_positions = layout.q_positions.to(device=q.device, dtype=torch.int32) if layout.q_positions is not None else q
     _block_sparse_fwd[grid](
-        q, k, v, k_desc, v_desc, out, lse, n, idx, fn, fidx,
+        q, k, v, k_desc, v_desc, out, lse, q_positions, n, idx, fn, fidx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         broadcast_stride(n, 0), broadcast_stride(n, 1), n.stride(2),
         broadcast_stride(idx, 0), broadcast_stride(idx, 1), idx.stride(2),
@@ -282,6 +288,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
         layout.mask.sink, layout.mask.window,
         HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
+        HAS_Q_POS=layout.q_positions is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -20,7 +20,7 @@ a KV cache): query row i sits at position ``i + kv_len - q_len``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +66,9 @@ class BlockLayout:
     q_len: int
     kv_len: int
     mask: TokenMask
+    # Position of each query row (int64, (q_len,)) when the rows are not the last q_len positions (Delta's
+    # strided rows); None for the usual bottom-right alignment.
+    q_positions: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def n_q_blocks(self) -> int:
@@ -78,6 +81,12 @@ class BlockLayout:
     @property
     def offset(self) -> int:
         return self.kv_len - self.q_len
+
+    def positions(self, device=None) -> torch.Tensor:
+        """The position of every query row, ``(q_len,)``."""
+        if self.q_positions is not None:
+            return self.q_positions.to(device or self.q_positions.device)
+        return torch.arange(self.q_len, device=device) + self.offset
 
     def density(self) -> float:
         """Visited key blocks over all key blocks of a dense (non-causal) pass."""
@@ -98,7 +107,7 @@ class BlockLayout:
         row_block, key_block = rows // self.block_m, keys // self.block_n
         full_tokens = full[..., row_block, :][..., key_block]
         partial_tokens = partial[..., row_block, :][..., key_block]
-        rule = self.mask.visible((rows + self.offset)[:, None], keys[None, :], self.kv_len)
+        rule = self.mask.visible(self.positions(device)[:, None], keys[None, :], self.kv_len)
         return full_tokens | (partial_tokens & rule)
 
     def __repr__(self) -> str:
@@ -111,6 +120,8 @@ class BlockLayout:
         """A FlexAttention ``BlockMask`` with the same blocks and token rule (for comparisons)."""
         from torch.nn.attention.flex_attention import BlockMask
 
+        if self.q_positions is not None:
+            raise ShapeError("to_block_mask: FlexAttention has no per-row query positions")
         mask, offset, kv_len = self.mask, self.offset, self.kv_len
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -188,21 +199,24 @@ class Geometry:
 
     def rule_blocks(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(any visible, all visible) per (query block, key block) under the token mask, shape (n_q, n_kv)."""
-        p0, p1, k0, k1 = self.block_bounds(device)
-        mask = self.mask
-        tail = ((k0 + self.block_n) > self.kv_len)  # a partial last key block always needs masking
-        if mask.causal:
-            any_visible, all_visible = k0 <= p1, k1 <= p0
-        else:
-            any_visible = torch.ones_like(k0 <= p1)
-            all_visible = any_visible.clone()
-        if mask.window:
-            # Some pair within the window: the nearest pair is (p0, k1), or distance 0 where the blocks overlap.
-            near = (k0 < mask.sink) | (torch.clamp(p0 - k1, min=0) < mask.window)
-            # Every pair within the window or in the sink: the farthest pair is (p1, k0).
-            far = (k1 < mask.sink) | (p1 - k0 < mask.window)
-            any_visible, all_visible = any_visible & near, all_visible & far
-        return any_visible, all_visible & ~tail
+        return _rule_blocks(*self.block_bounds(device), self.mask, self.kv_len, self.block_n)
+
+
+def _rule_blocks(p0, p1, k0, k1, mask: TokenMask, kv_len: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any visible, all visible) for query blocks spanning positions [p0, p1] and key blocks [k0, k1]."""
+    tail = ((k0 + block_n) > kv_len)  # a partial last key block always needs masking
+    if mask.causal:
+        any_visible, all_visible = k0 <= p1, k1 <= p0
+    else:
+        any_visible = torch.ones_like(k0 <= p1)
+        all_visible = any_visible.clone()
+    if mask.window:
+        # Some pair within the window: the nearest pair is (p0, k1), or distance 0 where the blocks overlap.
+        near = (k0 < mask.sink) | (torch.clamp(p0 - k1, min=0) < mask.window)
+        # Every pair within the window or in the sink: the farthest pair is (p1, k0).
+        far = (k1 < mask.sink) | (p1 - k0 < mask.window)
+        any_visible, all_visible = any_visible & near, all_visible & far
+    return any_visible, all_visible & ~tail
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -273,6 +287,27 @@ def sink_window_layout(q_len: int, kv_len: int, sink: int, window: int, block_m:
     if window <= 0:
         raise ShapeError(f"window must be > 0, got {window}")
     return _from_rule(Geometry(q_len, kv_len, block_m, block_n, TokenMask(True, sink, window)), None, device)
+
+
+def rows_layout(positions: torch.Tensor, kv_len: int, block_m: int, block_n: int) -> BlockLayout:
+    """Causal layout for query rows at the given key positions (any order), e.g. Delta's every gamma-th row
+    plus its exact tail: row r sees keys j <= positions[r]. ``positions``: int64 ``(R,)``, each < kv_len."""
+    rows = positions.numel()
+    if rows == 0 or int(positions.max()) >= kv_len or int(positions.min()) < 0:
+        raise ShapeError(f"rows_layout: positions must be non-empty and within [0, {kv_len})")
+    n_q, n_kv = _cdiv(rows, block_m), _cdiv(kv_len, block_n)
+    padded = torch.nn.functional.pad(positions, (0, n_q * block_m - rows), value=-1).view(n_q, block_m)
+    p1 = padded.amax(1)[:, None]
+    p0 = torch.where(padded < 0, kv_len, padded).amin(1)[:, None]
+    k0 = (torch.arange(n_kv, device=positions.device) * block_n)[None, :]
+    k1 = torch.clamp(k0 + block_n - 1, max=kv_len - 1)
+    mask = TokenMask(causal=True)
+    any_visible, all_visible = _rule_blocks(p0, p1, k0, k1, mask, kv_len, block_n)
+    full, partial = all_visible[None, None], (any_visible & ~all_visible)[None, None]
+    full_num, full_idx = compress(full)
+    part_num, part_idx = compress(partial)
+    return BlockLayout(part_num, part_idx, full_num, full_idx, block_m, block_n, rows, kv_len, mask,
+                       q_positions=positions)
 
 
 def strided_layout(q_len: int, kv_len: int, stride: int, block_m: int, block_n: int, *, local_blocks: int = 1,

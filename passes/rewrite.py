@@ -16,6 +16,7 @@ import torch.fx
 
 from .annotate import AttentionInfo
 from .apply_policy import PolicyReport
+from .fx_utils import tensor_shape
 
 aten = torch.ops.aten
 
@@ -32,7 +33,9 @@ class RewriteContext:
     """What a method sees while it emits the nodes of one attention (one run of query heads of it).
 
     ``q``, ``k``, ``v`` are nodes of shapes ``(B, Hq', q_len, D)``, ``(B, Hkv', kv_len, D)``,
-    ``(B, Hkv', kv_len, Dv)`` for the heads being served; ``attn_mask`` likewise (or None).
+    ``(B, Hkv', kv_len, Dv)`` for the heads being served; ``attn_mask`` likewise (or None). ``heads`` is the
+    served run ``[start, stop)`` of query heads (for methods keeping per-head state), ``config`` the kernel
+    launch config the cost model chose.
     """
 
     def __init__(self, gm: torch.fx.GraphModule):
@@ -125,7 +128,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
 def _mask_for_heads(ctx, mask, attention: AttentionInfo, start: int, stop: int, whole: bool):
     if mask is None or whole:
         return mask
-    shape = mask.meta.get("example_value", mask.meta.get("val")).shape if isinstance(mask, torch.fx.Node) else ()
+    shape = tensor_shape(mask) or ()
     if len(shape) == 4 and shape[1] == attention.q_heads:
         return ctx.call(aten.slice.Tensor, mask, 1, start, stop)
     return mask

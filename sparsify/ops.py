@@ -118,3 +118,67 @@ def block_topk_layout(q: Tensor, k: Tensor, density: float, block_m: int, block_
 @block_topk_layout.register_fake
 def _(q, k, density, block_m, block_n, sink_blocks):
     return _fake_layout((q.shape[0], q.shape[1]), q, k, block_m, block_n)
+
+
+# -- Delta Attention: strided dense rows and the correction -------------------------------------------------------
+
+
+def delta_tail(length: int, gamma: int, tail: int) -> int:
+    """Rows at the end made exact: ``tail`` if given (>= 0), else ``length % gamma + max(128, gamma)``; at most
+    ``length``."""
+    rows = tail if tail >= 0 else length % gamma + max(128, gamma)
+    return min(length, rows) if isinstance(rows, int) and isinstance(length, int) else torch.sym_min(length, rows)
+
+
+@torch.library.custom_op("sparsify::delta_rows", mutates_args=())
+def delta_rows(q: Tensor, gamma: int, tail: int) -> Tensor:
+    """Query rows Delta computes densely, int64: every ``gamma``-th row (``i % gamma == 0``), then the tail rows."""
+    length = q.shape[2]
+    strided = torch.arange(0, length, gamma, device=q.device)
+    exact = torch.arange(length - delta_tail(length, gamma, tail), length, device=q.device)
+    return torch.cat([strided, exact])
+
+
+@delta_rows.register_fake
+def _(q, gamma, tail):
+    length = q.shape[2]
+    return q.new_empty(((length + gamma - 1) // gamma + delta_tail(length, gamma, tail),), dtype=torch.int64)
+
+
+@torch.library.custom_op("sparsify::row_attention", mutates_args=())
+def row_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, scale: float, block_m: int, block_n: int,
+                  num_warps: int, num_stages: int, use_tma: bool) -> Tensor:
+    """Query-sparse, key-dense causal attention: the query rows ``rows`` (positions ``rows + kv_len - q_len``),
+    each over every key up to its own position. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) -> (B, Hq, R, D)."""
+    check_attention_inputs(q, k, v, "sparsify.row_attention")
+    positions = rows + (k.shape[2] - q.shape[2])
+    layout = layouts.rows_layout(positions, k.shape[2], block_m, block_n)
+    selected = q[:, :, rows].contiguous()
+    if q.is_cuda:
+        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
+        return kernel.block_sparse_attention(selected, k, v, layout, scale, config=config)[0]
+    return kernel.block_sparse_attention_reference(selected, k, v, layout, scale)[0]
+
+
+@row_attention.register_fake
+def _(q, k, v, rows, scale, block_m, block_n, num_warps, num_stages, use_tma):
+    return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], v.shape[-1]))
+
+
+@torch.library.custom_op("sparsify::delta_correction", mutates_args=())
+def delta_correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int) -> Tensor:
+    """Delta's correction: ``O[j] = O_sparse[j] + (O_dense[i] - O_sparse[i])`` with ``i = j - j % gamma``, then
+    the tail rows replaced by their exact values. ``row_out`` holds the rows of :func:`delta_rows` in order.
+    Computed in float32, returned in ``sparse_out``'s dtype."""
+    length = sparse_out.shape[2]
+    strided = (length + gamma - 1) // gamma
+    delta = row_out[:, :, :strided].float() - sparse_out[:, :, ::gamma].float()
+    out = sparse_out.float() + delta.repeat_interleave(gamma, dim=2)[:, :, :length]
+    exact = delta_tail(length, gamma, tail)
+    out[:, :, length - exact:] = row_out[:, :, strided:].float()
+    return out.to(sparse_out.dtype)
+
+
+@delta_correction.register_fake
+def _(sparse_out, row_out, gamma, tail):
+    return torch.empty_like(sparse_out)

@@ -202,3 +202,15 @@ def test_block_topk_narrow_index_lists_convert_to_a_block_mask():
     assert layout.kv_indices.shape[-1] < layout.n_kv_blocks  # candidate-wide lists, not n_kv-wide
     back = BlockLayout.from_block_mask(layout.to_block_mask(), layout.mask)
     assert torch.equal(back.to_dense_mask(), layout.to_dense_mask())
+
+
+def test_kernel_rows_at_given_positions_equal_those_rows_of_causal_attention():
+    from sparsify.kernels.layout import rows_layout
+
+    q_all, k, v = random_qkv(2, 4, 2, 90, 90, 16)
+    positions = torch.cat([torch.arange(0, 90, 7), torch.arange(70, 90)])  # strided rows, then a tail
+    layout = rows_layout(positions, 90, 16, 16)
+    q = q_all[:, :, positions]
+    out, lse = check_against_references(q, k, v, layout, KernelConfig(16, 16, 4, 1))
+    expected = F.scaled_dot_product_attention(q_all, k, v, is_causal=True, enable_gqa=True)[:, :, positions]
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)

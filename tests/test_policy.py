@@ -72,7 +72,7 @@ def test_layer_ranges(text, contains):
 
 
 MALFORMED = [
-    ({"rules": [{"use": "sparse_magic"}]}, "rules[0].use: unknown method 'sparse_magic'; allowed: block_topk, dense"),
+    ({"rules": [{"use": "sparse_magic"}]}, "rules[0].use: unknown method 'sparse_magic'; allowed: block_topk, delta, dense"),
     ({"rules": [{"use": "sink_windw"}]}, "did you mean 'sink_window'?"),
     ({"rules": [{"when": {"layer": "0-2"}, "use": "dense"}]}, "unknown key 'layer'"),
     ({"rules": [{"when": {"layer": "0-2"}, "use": "dense"}]}, "did you mean 'layers'?"),

@@ -60,3 +60,46 @@ def test_sink_window_wider_than_the_prompt_is_exact_and_narrow_is_sparse(smollm2
     compiled = sparsify.compile(model, narrow, cost_model_fallback=False)
     numbers = assert_close_to_dense(model, compiled, prompt_ids, min_top1_agreement=0.5)
     assert numbers["max_abs_diff"] > 1e-2
+
+
+def test_delta_equals_its_plain_definition_on_smollm2(smollm2):
+    """Logits of `delta` (sink 64 + window 256, gamma 64, layers 0-2 dense) against a plain masked-SDPA
+    implementation of the definition: sparse rows, exact strided rows, their differences, exact tail."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    model, tokenizer = smollm2
+    gamma = 64
+
+    def definition(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        length = query.shape[2]
+        dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        if module.layer_idx <= 2:
+            return dense.transpose(1, 2).contiguous(), None
+        positions, keys = torch.arange(length)[:, None], torch.arange(length)[None, :]
+        window = (keys <= positions) & ((positions - keys < 256) | (keys < 64))
+        sparse = F.scaled_dot_product_attention(query, key, value, attn_mask=window, scale=scaling, enable_gqa=True)
+        start = (torch.arange(length) // gamma) * gamma
+        out = sparse + dense[:, :, start] - sparse[:, :, start]
+        tail = min(length, length % gamma + max(128, gamma))
+        out[:, :, length - tail:] = dense[:, :, length - tail:]
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("delta_definition_smollm2", definition)
+    ids = tokenizer(PROMPT * 3, return_tensors="pt").input_ids[:, :1000]
+    implementation = model.config._attn_implementation
+    model.config._attn_implementation = "delta_definition_smollm2"
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+    finally:
+        model.config._attn_implementation = implementation
+    policy = {"rules": [{"when": {"layers": "0-2"}, "use": "dense"},
+                        {"when": {"phase": "prefill"}, "use": "delta",
+                         "with": {"gamma": gamma, "base": {"use": "sink_window", "with": {"sink": 64, "window": 256}}}}]}
+    compiled = sparsify.compile(model, policy, cost_model_fallback=False)
+    with torch.no_grad():
+        actual = compiled(ids).logits
+        dense = model(ids).logits
+    assert (actual - expected).abs().max() < 1e-3
+    assert (actual - dense).abs().max() > 1e-2  # the definition is not dense here

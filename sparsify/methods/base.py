@@ -165,6 +165,8 @@ def format_validation_error(error: pydantic.ValidationError, prefix: str, params
         if problem["type"] == "extra_forbidden" and params_type is not None:
             allowed = [f.name for f in dataclasses.fields(params_type)]
             lines.append(unknown_name_message(location.rsplit(".", 1)[0], problem["loc"][-1], allowed, "key"))
+        elif problem["type"] == "value_error":  # raised by a nested validator, which names its own field
+            lines.append(f"{location}: {str(problem['ctx']['error'])}")
         else:
             lines.append(f"{location}: {problem['msg']} (got {problem.get('input')!r})")
     return "; ".join(lines)

@@ -1,0 +1,141 @@
+"""Delta Attention: the correction against its definition, exactness limits (gamma = 1, a base that is already
+dense), and the whole model against a plain masked-SDPA implementation of the method's definition."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+import sparsify
+from sparsify.errors import PolicyError
+from sparsify.explain import explain_rows
+from sparsify.policy import Policy
+from sparsify.testing import assert_close_to_dense
+
+
+def default_tail(length, gamma):
+    return min(length, length % gamma + max(128, gamma))
+
+
+def test_rows_are_strided_then_tail():
+    q = torch.zeros(1, 1, 300, 8)
+    rows = torch.ops.sparsify.delta_rows(q, 16, -1)
+    tail = default_tail(300, 16)
+    assert torch.equal(rows, torch.cat([torch.arange(0, 300, 16), torch.arange(300 - tail, 300)]))
+    assert torch.equal(torch.ops.sparsify.delta_rows(q, 64, 10)[-10:], torch.arange(290, 300))
+
+
+@pytest.mark.parametrize("length,gamma,tail", [(100, 8, -1), (37, 5, 3), (64, 64, 0), (20, 1, -1)])
+def test_correction_equals_its_definition(length, gamma, tail):
+    sparse = torch.randn(2, 3, length, 8)
+    strided = -(-length // gamma)
+    exact = default_tail(length, gamma) if tail < 0 else min(length, tail)
+    rows = torch.randn(2, 3, strided + exact, 8)
+    out = torch.ops.sparsify.delta_correction(sparse, rows, gamma, tail)
+    expected = sparse.clone()
+    for j in range(length):
+        i = j - j % gamma
+        expected[:, :, j] = sparse[:, :, j] + rows[:, :, i // gamma] - sparse[:, :, i]
+    if exact:
+        expected[:, :, length - exact:] = rows[:, :, strided:]
+    torch.testing.assert_close(out, expected)
+
+
+def test_strided_and_tail_rows_are_exact_for_any_base():
+    """Whatever the base (here dynamic block top-k), rows i % gamma == 0 and the tail end up exactly dense."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 400, 16), torch.randn(1, 1, 400, 16), torch.randn(1, 1, 400, 16)
+    layout = torch.ops.sparsify.block_topk_layout(q, k, 0.2, 16, 16, 1)
+    sparse, _ = torch.ops.sparsify.block_sparse_attention(q, k, v, *layout, 16, 16, True, 0, 0, 0.25, 4, 1, False)
+    rows = torch.ops.sparsify.delta_rows(q, 8, 20)
+    out = torch.ops.sparsify.delta_correction(
+        sparse, torch.ops.sparsify.row_attention(q, k, v, rows, 0.25, 16, 16, 4, 1, False), 8, 20)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out[:, :, ::8], dense[:, :, ::8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, :, -20:], dense[:, :, -20:], atol=1e-5, rtol=1e-5)
+    assert (out - dense).abs().max() > 1e-3 and (out - sparse).abs().max() > 1e-3
+
+
+def test_row_attention_op_passes_opcheck():
+    q, k, v = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    rows = torch.ops.sparsify.delta_rows(q, 8, 6)
+    torch.library.opcheck(torch.ops.sparsify.row_attention.default, (q, k, v, rows, 0.25, 16, 16, 4, 1, False))
+    torch.library.opcheck(torch.ops.sparsify.delta_rows.default, (q, 8, 6))
+
+
+def delta_policy(gamma=16, window=16, sink=2, tail=None, first_dense="0"):
+    with_ = {"gamma": gamma, "base": {"use": "sink_window", "with": {"sink": sink, "window": window}}}
+    if tail is not None:
+        with_["tail"] = tail
+    return {"rules": [{"when": {"layers": first_dense}, "use": "dense"},
+                      {"when": {"phase": "prefill"}, "use": "delta", "with": with_}]}
+
+
+def test_gamma_one_is_dense():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, delta_policy(gamma=1), cost_model_fallback=False)
+    assert_close_to_dense(model, compiled, torch.randint(0, 256, (1, 150)), atol=1e-4, rtol=1e-4)
+
+
+def test_a_base_that_sees_everything_is_dense():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, delta_policy(window=4096), cost_model_fallback=False)
+    assert_close_to_dense(model, compiled, torch.randint(0, 256, (1, 150)), atol=1e-4, rtol=1e-4)
+
+
+def delta_definition(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The method by its definition with plain masked SDPA (layer 0 dense), for transformers' AttentionInterface:
+    sink 2 + window 16 sparse rows, exact rows i % 16 == 0, their differences spread over their groups, exact tail."""
+    gamma, length = 16, query.shape[2]
+    positions, keys = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    if module.layer_idx == 0:
+        return dense.transpose(1, 2).contiguous(), None
+    window = (keys <= positions) & ((positions - keys < 16) | (keys < 2))
+    sparse = F.scaled_dot_product_attention(query, key, value, attn_mask=window, scale=scaling, enable_gqa=True)
+    group_start = (torch.arange(length) // gamma) * gamma
+    out = sparse + dense[:, :, group_start] - sparse[:, :, group_start]
+    tail = default_tail(length, gamma)
+    out[:, :, length - tail:] = dense[:, :, length - tail:]
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 2)])
+def test_model_equals_the_plain_definition(heads, kv_heads):
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("delta_definition", delta_definition)
+    model = tiny_model("llama", heads=heads, kv_heads=kv_heads)
+    reference = tiny_model("llama", "delta_definition", heads=heads, kv_heads=kv_heads)
+    compiled = sparsify.compile(model, delta_policy(), cost_model_fallback=False)
+    ids = torch.randint(0, 256, (1, 301))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        assert (compiled(ids).logits - model(ids).logits).abs().max() > 1e-3
+    result = compiled.sparsify.frames[0].last
+    assert result.rewrite.ops == {"sparsify.dense_attention": 1, "sparsify.sink_window_layout": 1,
+                                  "sparsify.block_sparse_attention": 2, "sparsify.delta_rows": 1,
+                                  "sparsify.row_attention": 2, "sparsify.delta_correction": 2}
+    methods = [r["method"] for r in explain_rows(result)]
+    assert methods[1].startswith("delta(base=sink_window") and "gamma=16" in methods[1]
+
+
+def test_delta_over_block_topk_runs_in_the_model():
+    model = tiny_model("llama")
+    policy = {"rules": [{"when": {"phase": "prefill"}, "use": "delta",
+                         "with": {"gamma": 8, "base": {"use": "block_topk", "with": {"density": 0.2}}}}]}
+    compiled = sparsify.compile(model, policy, cost_model_fallback=False)
+    numbers = assert_close_to_dense(model, compiled, torch.randint(0, 256, (1, 200)), min_top1_agreement=0.5)
+    assert numbers["max_abs_diff"] > 0
+    assert compiled.sparsify.frames[0].last.rewrite.ops["sparsify.block_topk_layout"] == 3
+
+
+def test_delta_parameter_errors():
+    with pytest.raises(PolicyError, match=r"rules\[0\].with.base.*did you mean 'sink_window'"):
+        Policy.load({"rules": [{"use": "delta", "with": {"base": {"use": "sink_windw"}}}]})
+    with pytest.raises(PolicyError, match=r"rules\[0\].with.gamma: Input should be greater than or equal to 1"):
+        Policy.load({"rules": [{"use": "delta", "with": {"gamma": 0}}]})
+    with pytest.raises(PolicyError, match=r"rules\[0\].with: unknown key 'gama'"):
+        Policy.load({"rules": [{"use": "delta", "with": {"gama": 8}}]})
+    default = Policy.load({"rules": [{"use": "delta"}]}).rules[0].spec.params
+    assert (default.gamma, default.tail, default.base.params.window, default.base.params.sink) == (64, None, 2048, 64)
