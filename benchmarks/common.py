@@ -70,9 +70,12 @@ def markdown_table(result: dict) -> str:
     lines = [f"# {result['name']}", "", f"{result['date']} · {result['device']} · "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "", f"`{result['command']}`", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    if result.get("interrupted"):
+        lines[6:6] = ["**Interrupted**: the rows cover the samples that finished.", ""]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
-    lines += ["", "| ratio (other / ours; > 1: ours faster) | value |", "|---|---|"]
+    meaning = result.get("ratio_meaning", "other's time / ours; > 1: ours faster")
+    lines += ["", f"| ratio ({meaning}) | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
     return "\n".join(lines) + "\n"
 

@@ -191,7 +191,8 @@ def write(config: EvalConfig, result: EvalResult, model_name: str, folder: Path 
     from ..benchmarks.common import results_dir, write_result
 
     name = f"eval-{config.suite}"
-    extra = {"model": model_name, "config": asdict(config), "fidelity": result.fidelity,
+    extra = {"model": model_name, "ratio_meaning": "policy score / dense score", "config": asdict(config),
+             "fidelity": result.fidelity,
              "generation": result.generation, "samples": result.samples, "interrupted": result.interrupted,
              "duration_s": round(result.seconds, 1)}
     path = write_result(name, result.rows, result.ratios(), extra, folder=folder)
