@@ -4,7 +4,7 @@
 ``torch.ops.sparsify.*`` ops chosen by a declarative policy; ``sparsify.explain(fast)`` says what it did.
 """
 
-from . import methods, ops  # noqa: F401  (registers the methods and the custom ops)
+from . import methods, ops, testing  # noqa: F401  (registers the methods and the custom ops)
 from .compiler import CompileOptions, compile
 from .errors import PolicyError, PolicyWarning, ShapeError, SparsifyError
 from .explain import explain

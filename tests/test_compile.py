@@ -240,6 +240,11 @@ def test_compile_rejects_out_of_range_policies_before_tracing():
         sparsify.compile(tiny_model("llama"), "dense", phase="train")
 
 
+def test_public_api_is_reachable_from_the_package():
+    assert sparsify.testing.assert_close_to_dense is assert_close_to_dense
+    assert callable(sparsify.compile) and callable(sparsify.explain) and callable(sparsify.export)
+
+
 def test_explain_needs_a_compiled_model():
     with pytest.raises(TypeError, match="takes a model returned by sparsify.compile"):
         sparsify.explain(tiny_model("llama"))
