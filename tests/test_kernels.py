@@ -214,3 +214,13 @@ def test_kernel_rows_at_given_positions_equal_those_rows_of_causal_attention():
     out, lse = check_against_references(q, k, v, layout, KernelConfig(16, 16, 4, 1))
     expected = F.scaled_dot_product_attention(q_all, k, v, is_causal=True, enable_gqa=True)[:, :, positions]
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_rows_layout_rejects_positions_outside_the_keys():
+    from sparsify.kernels.layout import rows_layout
+
+    for positions in (torch.tensor([0, 5, 90]), torch.tensor([-1, 3]), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ShapeError, match=r"positions must be non-empty and within \[0, 90\)"):
+            rows_layout(positions, 90, 16, 16)
+    with pytest.raises(ShapeError, match="no per-row query positions"):
+        rows_layout(torch.tensor([0, 8]), 90, 16, 16).to_block_mask()
