@@ -29,6 +29,34 @@ LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
+class DeltaCorrection:
+    """Delta Attention's correction, applied to a sparse output O_sparse (B, Hq, N, D):
+    ``O[j] = O_sparse[j] + row_out[i // gamma] - O_sparse[i]`` with ``i = j - j % gamma``, and the last ``tail``
+    rows replaced by ``row_out[n_strided:]``. ``row_out``: (B, Hq, n_strided + tail, D), the exact rows
+    ``0, gamma, 2 gamma, ...`` (``n_strided = ceil(N / gamma)`` of them) then the tail rows."""
+
+    row_out: torch.Tensor
+    gamma: int
+    tail: int
+
+    @property
+    def n_strided(self) -> int:
+        return self.row_out.shape[2] - self.tail
+
+    def check(self, sparse_out: torch.Tensor, block_m: int | None = None) -> None:
+        """``sparse_out`` is O_sparse or the q it comes from; ``block_m``: the tile rows of a fused epilogue."""
+        batch, heads, length, dim = sparse_out.shape
+        expected = (batch, heads, -(-length // self.gamma) + self.tail, dim)
+        if self.gamma < 1 or not 0 <= self.tail <= length or tuple(self.row_out.shape) != expected:
+            raise ShapeError(f"delta correction: gamma must be >= 1 and tail in [0, {length}]; row_out must be "
+                             f"{expected}; got gamma={self.gamma}, tail={self.tail}, row_out "
+                             f"{tuple(self.row_out.shape)}")
+        if block_m is not None and (block_m % self.gamma or self.gamma & (self.gamma - 1)):
+            raise ShapeError(f"delta correction in the epilogue: gamma ({self.gamma}) must be a power of 2 that "
+                             f"divides block_m ({block_m}); use the separate correction otherwise")
+
+
+@dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters; ``block_m``/``block_n`` must equal the layout's block sizes. ``use_tma`` loads K/V
     through Hopper's tensor-memory accelerator where hardware and strides allow (else through pointers)."""
@@ -109,6 +137,31 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_he
 
 
 @triton.jit
+def _delta_epilogue(out, ROW_OUT, batch, head, block_m, offs_m, offs_d, stride_rb, stride_rh, stride_rm, stride_rd,
+                    n_strided, tail_start, q_len, GAMMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
+    """Delta's correction on a finished tile: each run of GAMMA rows starts at a strided row i (BLOCK_M is a
+    multiple of GAMMA), and gets ``O_dense[i] - O_sparse[i]`` added, O_sparse[i] being the tile's own row;
+    rows from ``tail_start`` on take their exact values. ROW_OUT: (B, Hq, n_strided + tail, D), strided rows
+    first."""
+    GROUPS: tl.constexpr = BLOCK_M // GAMMA
+    grouped = tl.reshape(out, (GROUPS, GAMMA, BLOCK_D))
+    first_of_group = (tl.arange(0, GAMMA) == 0)[None, :, None]
+    sparse_first = tl.sum(tl.where(first_of_group, grouped, 0.0), axis=1)
+    strided = block_m * GROUPS + tl.arange(0, GROUPS)
+    row_base = ROW_OUT + batch.to(tl.int64) * stride_rb + head.to(tl.int64) * stride_rh
+    d_ok = offs_d[None, :] < HEAD_DIM
+    dense_first = tl.load(row_base + strided[:, None].to(tl.int64) * stride_rm + offs_d[None, :] * stride_rd,
+                          mask=(strided[:, None] < n_strided) & d_ok, other=0.0).to(tl.float32)
+    out = tl.reshape(grouped + (dense_first - sparse_first)[:, None, :], (BLOCK_M, BLOCK_D))
+    in_tail = (offs_m >= tail_start) & (offs_m < q_len)
+    exact_row = n_strided + offs_m - tail_start
+    exact = tl.load(row_base + exact_row[:, None].to(tl.int64) * stride_rm + offs_d[None, :] * stride_rd,
+                    mask=in_tail[:, None] & d_ok, other=0.0)
+    return tl.where(in_tail[:, None], exact.to(tl.float32), out)
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, K_DESC, V_DESC, Out, Lse, Q_POS,
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
@@ -120,9 +173,10 @@ def _block_sparse_fwd(
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im,
     q_heads, group, q_len, kv_len, qk_scale, sink, window,
+    ROW_OUT, stride_rb, stride_rh, stride_rm, stride_rd, n_strided, tail_start,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
-    HAS_Q_POS: tl.constexpr,
+    HAS_Q_POS: tl.constexpr, GAMMA: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -150,23 +204,26 @@ def _block_sparse_fwd(
 
     row = batch * stride_nb + head * stride_nh + block_m * stride_nm
     index_row = batch.to(tl.int64) * stride_ib + head.to(tl.int64) * stride_ih + block_m.to(tl.int64) * stride_im
-    # Full blocks: when they form one contiguous run (causal, sliding window) the first loop walks it by
-    # arithmetic, since reading every index from memory puts a dependent load before each K/V load (it cost ~18%
-    # on an H100). Otherwise the run is empty and the second loop reads the indices. Both loops sit at top
-    # level: loops nested in a data-dependent `if` pipelined worse (measured).
+    # Full blocks, sorted: a head of sink blocks (none without a sink), then one contiguous run in causal and
+    # sliding-window layouts. The head is walked by index and the run by arithmetic: reading every index from
+    # memory puts a dependent load before each K/V load (it cost ~18% on an H100). When the rest is not one run
+    # (block top-k), the head takes every block. Both loops sit at top level: loops nested in a data-dependent
+    # `if` pipelined worse (measured).
     n_full = tl.load(FULL_NUM + row)
-    first = tl.load(FULL_IDX + index_row, mask=n_full > 0, other=0)
+    n_head = tl.minimum((sink + BLOCK_N - 1) // BLOCK_N, n_full)
+    run_first = tl.load(FULL_IDX + index_row + n_head, mask=n_head < n_full, other=0)
     last = tl.load(FULL_IDX + index_row + n_full - 1, mask=n_full > 0, other=-1)
-    n_run = tl.where(last - first + 1 == n_full, n_full, 0)
-    for i in range(0, n_run):
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, first + i,
-                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
-                                      stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
-    for i in range(n_run, n_full):
+    n_head = tl.where(last - run_first + 1 == n_full - n_head, n_head, n_full)
+    for i in range(0, n_head):
         kv_block = tl.load(FULL_IDX + index_row + i)
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, kv_block,
                                       offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
                                       stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
+    for i in range(n_head, n_full):
+        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head,
+                                      run_first + (i - n_head), offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale,
+                                      sink, window, stride_kn, stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N,
+                                      HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
     n_partial = tl.load(KV_NUM + row)
     for i in range(0, n_partial):
         kv_block = tl.load(KV_IDX + index_row + i)
@@ -176,6 +233,9 @@ def _block_sparse_fwd(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if GAMMA > 0:
+        out = _delta_epilogue(out, ROW_OUT, batch, head, block_m, offs_m, offs_d, stride_rb, stride_rh, stride_rm,
+                              stride_rd, n_strided, tail_start, q_len, GAMMA, BLOCK_M, BLOCK_D, HEAD_DIM)
     # lse in natural log: m and l are in base 2 (scores were scaled by log2(e)).
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_ok = offs_m < q_len
@@ -247,10 +307,12 @@ def _tma_usable(k: torch.Tensor, v: torch.Tensor, dim: int) -> bool:
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = None, *,
-                           config: KernelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           config: KernelConfig | None = None, correction: DeltaCorrection | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernel. Same contract as :func:`block_sparse_attention_reference`.
 
     Takes float16/bfloat16 (and float32, computed in IEEE float32) on CUDA, or anything under TRITON_INTERPRET=1.
+    With ``correction``, the output rows get Delta's correction in the epilogue (the lse stays the sparse one).
     """
     check_layout(q, k, v, layout)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
@@ -279,6 +341,11 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
     else:
         k_desc = v_desc = k  # placeholders: the kernel reads K/V through pointers then
     q_positions = layout.q_positions.to(device=q.device, dtype=torch.int32) if layout.q_positions is not None else q
+    if correction is not None:
+        correction.check(q, config.block_m)
+        row_out, row_strides = correction.row_out, correction.row_out.stride()
+    else:
+        row_out, row_strides = q, (0, 0, 0, 0)  # placeholders: GAMMA=0 compiles the epilogue out
     _block_sparse_fwd[grid](
         q, k, v, k_desc, v_desc, out, lse, q_positions, n, idx, fn, fidx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -286,6 +353,9 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
         broadcast_stride(idx, 0), broadcast_stride(idx, 1), idx.stride(2),
         q_heads, q_heads // k.shape[1], q_len, k.shape[2], scale * LOG2E,
         layout.mask.sink, layout.mask.window,
+        row_out, *row_strides, correction.n_strided if correction else 0,
+        q_len - correction.tail if correction else q_len,
+        GAMMA=correction.gamma if correction else 0,
         HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
         CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         HAS_Q_POS=layout.q_positions is not None,

@@ -293,8 +293,14 @@ def rows_layout(positions: torch.Tensor, kv_len: int, block_m: int, block_n: int
     """Causal layout for query rows at the given key positions (any order), e.g. Delta's every gamma-th row
     plus its exact tail: row r sees keys j <= positions[r]. ``positions``: int64 ``(R,)``, each < kv_len."""
     rows = positions.numel()
-    if rows == 0 or int(positions.max()) >= kv_len or int(positions.min()) < 0:
-        raise ShapeError(f"rows_layout: positions must be non-empty and within [0, {kv_len})")
+    message = f"rows_layout: positions must be non-empty and within [0, {kv_len})"
+    if rows == 0:
+        raise ShapeError(message)
+    in_range = ((positions >= 0) & (positions < kv_len)).all()
+    if positions.is_cuda:
+        torch._assert_async(in_range, message)  # checked on the device: a host check would sync every call
+    elif not in_range:
+        raise ShapeError(message)
     n_q, n_kv = _cdiv(rows, block_m), _cdiv(kv_len, block_n)
     padded = torch.nn.functional.pad(positions, (0, n_q * block_m - rows), value=-1).view(n_q, block_m)
     p1 = padded.amax(1)[:, None]

@@ -43,6 +43,9 @@ class AttentionInfo:
     phase: str
     dtype: torch.dtype
     mask_kind: str
+    # A mask tensor on a square prefill call (transformers materialises its causal mask while traced): taken as
+    # causal, so sparse methods apply, and checked on every call, falling back to dense when it is not causal.
+    mask_guard: bool = False
 
     @property
     def group_size(self) -> int:
@@ -87,6 +90,15 @@ def _mask_kind(mask) -> str:
     return "additive"
 
 
+def _square_mask(mask, q_len, kv_len) -> bool:
+    """A 4-D mask tensor over (q_len, kv_len) with q_len == kv_len > 1: the shape of a causal prefill mask."""
+    value = value_of(mask) if mask is not None else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return False
+    rows, cols = as_length(value.shape[-2]), as_length(value.shape[-1])
+    return q_len == kv_len and rows == q_len and cols == kv_len
+
+
 def annotate_attention(
     gm: torch.fx.GraphModule, matches: MatchReport, *, diffusion: bool = False
 ) -> tuple[torch.fx.GraphModule, AnnotateReport]:
@@ -95,18 +107,20 @@ def annotate_attention(
     for index, match in enumerate(matches.matches):
         q, k, v = (value_of(n) for n in (match.q, match.k, match.v))
         path = module_path(match.output)
-        q_len = as_length(q.shape[-2])
+        q_len, kv_len = as_length(q.shape[-2]), as_length(k.shape[-2])
         causal = match.is_causal
         if diffusion and not causal:
             phase = "diffusion"
         else:
             phase = "decode" if q_len == 1 else "prefill"
+        mask_guard = phase == "prefill" and not causal and _square_mask(match.attn_mask, q_len, kv_len)
         attentions.append(AttentionInfo(
             # Without a numbered module on the path (attention in a top-level forward), graph order is the layer.
             index=index, match=match, layer=_or(layer_index(path), index), module_path=path,
             batch=as_length(q.shape[0]), q_heads=int(q.shape[1]), kv_heads=int(k.shape[1]),
-            head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), q_len=q_len, kv_len=as_length(k.shape[-2]),
-            causal=causal, phase=phase, dtype=q.dtype, mask_kind=_mask_kind(match.attn_mask),
+            head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), q_len=q_len, kv_len=kv_len,
+            causal=causal or mask_guard, phase=phase, dtype=q.dtype, mask_kind=_mask_kind(match.attn_mask),
+            mask_guard=mask_guard,
         ))
     return gm, AnnotateReport(attentions, _layer_graph(gm, attentions))
 

@@ -114,7 +114,10 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
                     for node in (match.k, match.v)
                 )
                 ctx.attn_mask = _mask_for_heads(ctx, match.attn_mask, attention, segment.start, segment.stop, whole)
-                outputs.append(segment.spec.method.emit(segment.spec.params, attention, ctx))
+                output = segment.spec.method.emit(segment.spec.params, attention, ctx)
+                if attention.mask_guard and segment.spec.name != "dense":
+                    output = _guard_mask(ctx, attention, output)
+                outputs.append(output)
             output = outputs[0] if whole else ctx.call(aten.cat.default, outputs, 1)
         match.output.replace_all_uses_with(output)
         rewritten += 1
@@ -123,6 +126,17 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
     gm.graph.lint()
     gm.recompile()
     return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers)
+
+
+def _guard_mask(ctx: RewriteContext, attention: AttentionInfo, output: torch.fx.Node) -> torch.fx.Node:
+    """The method assumed the attention's mask causal: check it (once per forward, for all layers sharing it)
+    and fall back to dense attention with the mask on calls where it is not."""
+    mask = attention.match.attn_mask
+    is_causal = ctx.shared(("mask_is_causal", mask.name),
+                           lambda: ctx.call(torch.ops.sparsify.mask_is_causal.default, mask))
+    ctx.call(torch.ops.sparsify.causal_mask_guard.default, output, is_causal, ctx.q, ctx.k, ctx.v, ctx.attn_mask,
+             attention.match.scale)
+    return output
 
 
 def _mask_for_heads(ctx, mask, attention: AttentionInfo, start: int, stop: int, whole: bool):

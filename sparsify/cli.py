@@ -18,8 +18,9 @@ from rich.console import Console
 
 from .errors import PolicyError, ShapeError, SparsifyError
 
-BENCHMARKS = ("prefill", "gpu_correctness")
-EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "aggregation")
+BENCHMARKS = ("prefill", "delta", "gpu_correctness")
+EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_question_first", "variable_tracking",
+              "aggregation")
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -114,13 +115,16 @@ def cmd_bench(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import EvalConfig, evaluate
-    from .evaluation.runner import write
+    from .evaluation.runner import merge_shards, write
 
+    if args.merge:
+        print(f"wrote {merge_shards(args.suite)}")
+        return 0
     config = EvalConfig(
         model=args.model, policies=tuple(args.policy), tasks=tuple(args.tasks), lengths=tuple(args.lengths),
         samples=args.samples, seed=args.seed, fidelity_lengths=tuple(args.fidelity_lengths),
         continuation=args.continuation, generation_tokens=args.generation_tokens, suite=args.suite,
-        device=args.device, dtype=args.dtype, plots=not args.no_plots,
+        device=args.device, dtype=args.dtype, plots=not args.no_plots, shard=args.shard,
     )
     result = evaluate(config, console=console)
     path = write(config, result, args.model)
@@ -133,6 +137,13 @@ def cmd_schema(args) -> int:
 
     print(json.dumps(policy_json_schema(), indent=2))
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}")
+    return int(index), int(count)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     evaluation.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     evaluation.add_argument("--no-plots", action="store_true")
+    evaluation.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                            help="run every N-th sample from the K-th (parallel processes); then --merge")
+    evaluation.add_argument("--merge", action="store_true",
+                            help="join the shard files of --suite into eval-SUITE.json with its plots")
     evaluation.set_defaults(handler=cmd_eval)
 
     schema = commands.add_parser("schema", help="print the JSON schema of policy files (for editors)")

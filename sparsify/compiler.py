@@ -157,6 +157,21 @@ class SparsifyHandle:
         """Calls that went through sparsify's rewritten graphs (a call Dynamo ran eagerly does not count)."""
         return sum(frame.calls for frame in self.frames)
 
+    def applied(self) -> tuple[set[str], set[str]]:
+        """(methods other than dense that some attention runs, fallback reasons seen), over every variant built."""
+        methods, reasons = set(), set()
+        for frame in self.frames:
+            for result in frame.variants.values():
+                for decision in result.decisions.decisions:
+                    if decision.untouched is not None:
+                        reasons.add(decision.untouched)
+                    for segment in decision.segments:
+                        if segment.fallback:
+                            reasons.add(segment.fallback)
+                        elif segment.spec.name != "dense":
+                            methods.add(segment.spec.name)
+        return methods, reasons
+
 
 def _own_forward(module: torch.nn.Module) -> Callable:
     """``module.forward`` behind a code object of its own.

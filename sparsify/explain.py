@@ -31,8 +31,12 @@ def explain_rows(result: PipelineResult) -> list[dict]:
             continue
         for segment in decision.segments:
             heads = "all" if (segment.start, segment.stop) == (0, attention.q_heads) else f"{segment.start}-{segment.stop - 1}"
+            note = (f"fallback: {segment.fallback}" if segment.fallback
+                    else segment.spec.method.structure(segment.spec.params, segment.config))
+            if attention.mask_guard and segment.spec.name != "dense":
+                note = "; ".join(filter(None, [note, "mask tensor checked each call: causal, or dense with it"]))
             rows.append({**base, "q_heads": heads, "rule": segment.rule, "method": segment.spec.describe(),
-                         "note": f"fallback: {segment.fallback}" if segment.fallback else ""})
+                         "note": note})
     return rows
 
 

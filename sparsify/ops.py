@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .errors import ShapeError
 from .kernels import block_sparse_attention as kernel
+from .kernels import delta as delta_kernels
 from .kernels import layout as layouts
 
 
@@ -52,9 +53,42 @@ def _(q, k, v, attn_mask, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("sparsify::mask_is_causal", mutates_args=())
+def mask_is_causal(mask: Tensor) -> Tensor:
+    """Whether a mask (..., Lq, Lk), boolean (True: attend) or additive (0: attend, -inf or the dtype's minimum:
+    not), is exactly the causal mask aligned to the last key (every batch and head alike). A 0-d bool tensor."""
+    rows, cols = mask.shape[-2], mask.shape[-1]
+    causal = torch.ones(rows, cols, dtype=torch.bool, device=mask.device).tril(cols - rows)
+    if mask.dtype == torch.bool:
+        return (mask == causal).all()
+    blocked = mask <= torch.finfo(mask.dtype).min / 2
+    return ((mask == 0) == causal).all() & ((mask == 0) | blocked).all()
+
+
+@mask_is_causal.register_fake
+def _(mask):
+    return mask.new_empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op("sparsify::causal_mask_guard", mutates_args=("out",))
+def causal_mask_guard(out: Tensor, is_causal: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor,
+                      scale: float) -> None:
+    """Keep ``out`` (a method's output computed as if the mask were causal) when ``is_causal``; else overwrite it
+    with dense attention under the mask itself, so a padded or custom mask never gets a causal method's answer.
+    Reads ``is_causal`` on the host (one sync per call)."""
+    if not bool(is_causal):
+        out.copy_(dense_attention(q, k, v, attn_mask, False, scale))
+
+
 # -- block-sparse attention and the layouts it reads --------------------------------------------------------------
 # A layout travels between ops as its four index tensors (counts and indices, partial then full); block sizes and
 # the token mask travel as plain arguments.
+
+
+def _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal,
+                  sink, window) -> layouts.BlockLayout:
+    return layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                               q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window))
 
 
 @torch.library.custom_op("sparsify::block_sparse_attention", mutates_args=())
@@ -69,8 +103,8 @@ def block_sparse_attention(
     Returns out (B, Hq, Lq, D) and lse (B, Hq, Lq) float32. Triton on CUDA, the PyTorch reference elsewhere.
     """
     check_attention_inputs(q, k, v, "sparsify.block_sparse_attention")
-    layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                                 q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window))
+    layout = _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                           causal, sink, window)
     if q.is_cuda:
         config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
         return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)
@@ -131,38 +165,66 @@ def delta_tail(length: int, gamma: int, tail: int) -> int:
 
 
 @torch.library.custom_op("sparsify::delta_rows", mutates_args=())
-def delta_rows(q: Tensor, gamma: int, tail: int) -> Tensor:
-    """Query rows Delta computes densely, int64: every ``gamma``-th row (``i % gamma == 0``), then the tail rows."""
+def delta_rows(q: Tensor, gamma: int, tail: int, strided: bool) -> Tensor:
+    """Query rows Delta computes densely, int64: every ``gamma``-th row (``i % gamma == 0``; left out when not
+    ``strided``, the ablation without correction), then the tail rows (``tail`` -1: the default for ``gamma``)."""
     length = q.shape[2]
-    strided = torch.arange(0, length, gamma, device=q.device)
     exact = torch.arange(length - delta_tail(length, gamma, tail), length, device=q.device)
-    return torch.cat([strided, exact])
+    if not strided:
+        return exact
+    return torch.cat([torch.arange(0, length, gamma, device=q.device), exact])
 
 
 @delta_rows.register_fake
-def _(q, gamma, tail):
+def _(q, gamma, tail, strided):
     length = q.shape[2]
-    return q.new_empty(((length + gamma - 1) // gamma + delta_tail(length, gamma, tail),), dtype=torch.int64)
+    rows = (length + gamma - 1) // gamma if strided else 0
+    return q.new_empty((rows + delta_tail(length, gamma, tail),), dtype=torch.int64)
+
+
+@torch.library.custom_op("sparsify::row_layout", mutates_args=())
+def row_layout(q: Tensor, k: Tensor, rows: Tensor, block_m: int, block_n: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The layout :func:`row_attention` reads for query ``rows`` of q: its four index tensors, then the packed
+    rows' key positions (``rows + kv_len - q_len``, repeated for each query head of a GQA group). Shared by
+    every layer with the same shapes."""
+    positions = rows + (k.shape[2] - q.shape[2])
+    layout = delta_kernels.packed_rows_layout(positions, q.shape[1] // k.shape[1], k.shape[2], block_m, block_n)
+    return (*_layout_tensors(layout), layout.q_positions)
+
+
+@row_layout.register_fake
+def _(q, k, rows, block_m, block_n):
+    packed_rows = rows.shape[0] * (q.shape[1] // k.shape[1])
+    n_q, n_kv = -(-packed_rows // block_m), -(-k.shape[2] // block_n)
+    counts = q.new_empty((1, 1, n_q), dtype=torch.int32)
+    indices = q.new_empty((1, 1, n_q, n_kv), dtype=torch.int32)
+    return counts, indices, counts.clone(), indices.clone(), rows.new_empty((packed_rows,))
 
 
 @torch.library.custom_op("sparsify::row_attention", mutates_args=())
-def row_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, scale: float, block_m: int, block_n: int,
-                  num_warps: int, num_stages: int, use_tma: bool) -> Tensor:
-    """Query-sparse, key-dense causal attention: the query rows ``rows`` (positions ``rows + kv_len - q_len``),
-    each over every key up to its own position. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) -> (B, Hq, R, D)."""
+def row_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor,
+                  kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+                  positions: Tensor, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                  use_tma: bool) -> Tensor:
+    """Query-sparse, key-dense causal attention: the query ``rows`` of q, each over every key up to its own
+    position, a GQA group's heads sharing each K/V load; the layout and ``positions`` come from
+    :func:`row_layout`. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) -> (B, Hq, R, D)."""
     check_attention_inputs(q, k, v, "sparsify.row_attention")
-    positions = rows + (k.shape[2] - q.shape[2])
-    layout = layouts.rows_layout(positions, k.shape[2], block_m, block_n)
-    selected = q[:, :, rows].contiguous()
-    if q.is_cuda:
-        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
-        return kernel.block_sparse_attention(selected, k, v, layout, scale, config=config)[0]
-    return kernel.block_sparse_attention_reference(selected, k, v, layout, scale)[0]
+    layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                                 positions.shape[0], k.shape[2], layouts.TokenMask(causal=True), q_positions=positions)
+    config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma) if q.is_cuda else None
+    return delta_kernels.row_attention(q[:, :, rows], k, v, layout, scale, config=config)
 
 
 @row_attention.register_fake
-def _(q, k, v, rows, scale, block_m, block_n, num_warps, num_stages, use_tma):
+def _(q, k, v, rows, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, positions, scale, block_m,
+      block_n, num_warps, num_stages, use_tma):
     return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], v.shape[-1]))
+
+
+def _correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int) -> kernel.DeltaCorrection:
+    return kernel.DeltaCorrection(row_out, gamma, delta_tail(sparse_out.shape[2], gamma, tail))
 
 
 @torch.library.custom_op("sparsify::delta_correction", mutates_args=())
@@ -170,15 +232,38 @@ def delta_correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int)
     """Delta's correction: ``O[j] = O_sparse[j] + (O_dense[i] - O_sparse[i])`` with ``i = j - j % gamma``, then
     the tail rows replaced by their exact values. ``row_out`` holds the rows of :func:`delta_rows` in order.
     Computed in float32, returned in ``sparse_out``'s dtype."""
-    length = sparse_out.shape[2]
-    strided = (length + gamma - 1) // gamma
-    delta = row_out[:, :, :strided].float() - sparse_out[:, :, ::gamma].float()
-    out = sparse_out.float() + delta.repeat_interleave(gamma, dim=2)[:, :, :length]
-    exact = delta_tail(length, gamma, tail)
-    out[:, :, length - exact:] = row_out[:, :, strided:].float()
-    return out.to(sparse_out.dtype)
+    correction = _correction(sparse_out, row_out, gamma, tail)
+    if sparse_out.is_cuda:
+        return delta_kernels.delta_correction(sparse_out, correction)
+    return delta_kernels.delta_correction_reference(sparse_out, correction)
 
 
 @delta_correction.register_fake
 def _(sparse_out, row_out, gamma, tail):
     return torch.empty_like(sparse_out)
+
+
+@torch.library.custom_op("sparsify::block_sparse_attention_delta", mutates_args=())
+def block_sparse_attention_delta(
+    q: Tensor, k: Tensor, v: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+    block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
+    use_tma: bool, row_out: Tensor, gamma: int, tail: int,
+) -> Tensor:
+    """:func:`block_sparse_attention` followed by :func:`delta_correction`, fused into the kernel's epilogue on
+    CUDA (``gamma`` a power of 2 dividing ``block_m``). Returns the corrected output (B, Hq, Lq, D)."""
+    check_attention_inputs(q, k, v, "sparsify.block_sparse_attention_delta")
+    layout = _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                           causal, sink, window)
+    correction = _correction(q, row_out, gamma, tail)
+    if q.is_cuda:
+        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
+        return kernel.block_sparse_attention(q, k, v, layout, scale, config=config, correction=correction)[0]
+    out = kernel.block_sparse_attention_reference(q, k, v, layout, scale)[0]
+    return delta_kernels.delta_correction_reference(out, correction)
+
+
+@block_sparse_attention_delta.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
+      window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail):
+    return torch.empty_like(q)

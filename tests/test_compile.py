@@ -233,6 +233,46 @@ def test_unsupported_forms_stay_dense_with_reasons():
     assert rows[1]["method"].startswith("untouched") and "dropout_p=0.5" in rows[1]["note"]
 
 
+class SquareMasked(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_a_materialised_causal_mask_gets_the_method_and_any_other_mask_dense_per_call():
+    """transformers materialises its causal mask when traced (5.17 does in generate()): a 4-D mask on a square
+    prefill is taken as causal and checked on every call."""
+    module = SquareMasked()
+    compiled = sparsify.compile(module, {"default": {"use": "sink_window", "with": {"sink": 1, "window": 4}}},
+                                cost_model_fallback=False)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    positions, keys = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    causal = (keys <= positions)[None, None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & ((positions - keys < 4) | (keys < 1)))
+    additive = torch.zeros(1, 1, 16, 16).masked_fill(~causal, torch.finfo(torch.float32).min)
+    padded = causal & (keys >= 3) | (keys == positions)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, causal), expected)
+        torch.testing.assert_close(compiled(q, k, v, additive), expected)
+        torch.testing.assert_close(compiled(q, k, v, padded), module(q, k, v, padded))
+    result = last_result(compiled)
+    assert result.rewrite.ops["sparsify.mask_is_causal"] == 1 and result.rewrite.ops["sparsify.causal_mask_guard"] == 1
+    assert explain_rows(result)[0]["note"] == "mask tensor checked each call: causal, or dense with it"
+
+
+def test_the_eager_form_with_its_mask_gets_the_same_sparse_answer_as_sdpa():
+    policy = {"rules": [{"when": {"phase": "prefill"}, "use": "sink_window", "with": {"sink": 2, "window": 8}}]}
+    sdpa = tiny_model("llama")
+    eager = tiny_model("llama", "eager")
+    eager.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(0, 256, (1, 60))
+    with torch.no_grad():
+        from_sdpa = sparsify.compile(sdpa, policy, cost_model_fallback=False)(ids).logits
+        compiled_eager = sparsify.compile(eager, policy, cost_model_fallback=False)
+        torch.testing.assert_close(compiled_eager(ids).logits, from_sdpa, atol=1e-5, rtol=1e-5)
+        assert (from_sdpa - sdpa(ids).logits).abs().max() > 1e-3
+    assert all(row["method"].startswith("sink_window") for row in explain_rows(last_result(compiled_eager)))
+
+
 def test_compile_rejects_out_of_range_policies_before_tracing():
     with pytest.raises(PolicyError, match="out of range for a model with 3 layers"):
         sparsify.compile(tiny_model("llama"), {"rules": [{"when": {"layers": "5"}, "use": "dense"}]})

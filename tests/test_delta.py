@@ -19,10 +19,11 @@ def default_tail(length, gamma):
 
 def test_rows_are_strided_then_tail():
     q = torch.zeros(1, 1, 300, 8)
-    rows = torch.ops.sparsify.delta_rows(q, 16, -1)
+    rows = torch.ops.sparsify.delta_rows(q, 16, -1, True)
     tail = default_tail(300, 16)
     assert torch.equal(rows, torch.cat([torch.arange(0, 300, 16), torch.arange(300 - tail, 300)]))
-    assert torch.equal(torch.ops.sparsify.delta_rows(q, 64, 10)[-10:], torch.arange(290, 300))
+    assert torch.equal(torch.ops.sparsify.delta_rows(q, 64, 10, True)[-10:], torch.arange(290, 300))
+    assert torch.equal(torch.ops.sparsify.delta_rows(q, 16, -1, False), torch.arange(300 - tail, 300))
 
 
 @pytest.mark.parametrize("length,gamma,tail", [(100, 8, -1), (37, 5, 3), (64, 64, 0), (20, 1, -1)])
@@ -47,9 +48,10 @@ def test_strided_and_tail_rows_are_exact_for_any_base():
     q, k, v = torch.randn(1, 4, 400, 16), torch.randn(1, 1, 400, 16), torch.randn(1, 1, 400, 16)
     layout = torch.ops.sparsify.block_topk_layout(q, k, 0.2, 16, 16, 1)
     sparse, _ = torch.ops.sparsify.block_sparse_attention(q, k, v, *layout, 16, 16, True, 0, 0, 0.25, 4, 1, False)
-    rows = torch.ops.sparsify.delta_rows(q, 8, 20)
+    rows = torch.ops.sparsify.delta_rows(q, 8, 20, True)
+    layout = torch.ops.sparsify.row_layout(q, k, rows, 16, 16)
     out = torch.ops.sparsify.delta_correction(
-        sparse, torch.ops.sparsify.row_attention(q, k, v, rows, 0.25, 16, 16, 4, 1, False), 8, 20)
+        sparse, torch.ops.sparsify.row_attention(q, k, v, rows, *layout, 0.25, 16, 16, 4, 1, False), 8, 20)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
     torch.testing.assert_close(out[:, :, ::8], dense[:, :, ::8], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:, :, -20:], dense[:, :, -20:], atol=1e-5, rtol=1e-5)
@@ -58,13 +60,16 @@ def test_strided_and_tail_rows_are_exact_for_any_base():
 
 def test_row_attention_op_passes_opcheck():
     q, k, v = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
-    rows = torch.ops.sparsify.delta_rows(q, 8, 6)
-    torch.library.opcheck(torch.ops.sparsify.row_attention.default, (q, k, v, rows, 0.25, 16, 16, 4, 1, False))
-    torch.library.opcheck(torch.ops.sparsify.delta_rows.default, (q, 8, 6))
+    rows = torch.ops.sparsify.delta_rows(q, 8, 6, True)
+    layout = torch.ops.sparsify.row_layout(q, k, rows, 16, 16)
+    torch.library.opcheck(torch.ops.sparsify.row_layout.default, (q, k, rows, 16, 16))
+    torch.library.opcheck(torch.ops.sparsify.row_attention.default,
+                          (q, k, v, rows, *layout, 0.25, 16, 16, 4, 1, False))
+    torch.library.opcheck(torch.ops.sparsify.delta_rows.default, (q, 8, 6, True))
 
 
-def delta_policy(gamma=16, window=16, sink=2, tail=None, first_dense="0"):
-    with_ = {"gamma": gamma, "base": {"use": "sink_window", "with": {"sink": sink, "window": window}}}
+def delta_policy(gamma=16, window=16, sink=2, tail=None, first_dense="0", **options):
+    with_ = {"gamma": gamma, "base": {"use": "sink_window", "with": {"sink": sink, "window": window}}, **options}
     if tail is not None:
         with_["tail"] = tail
     return {"rules": [{"when": {"layers": first_dense}, "use": "dense"},
@@ -83,9 +88,10 @@ def test_a_base_that_sees_everything_is_dense():
     assert_close_to_dense(model, compiled, torch.randint(0, 256, (1, 150)), atol=1e-4, rtol=1e-4)
 
 
-def delta_definition(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def delta_definition(module, query, key, value, attention_mask, scaling, dropout=0.0, correct=True, **kwargs):
     """The method by its definition with plain masked SDPA (layer 0 dense), for transformers' AttentionInterface:
-    sink 2 + window 16 sparse rows, exact rows i % 16 == 0, their differences spread over their groups, exact tail."""
+    sink 2 + window 16 sparse rows, exact rows i % 16 == 0, their differences spread over their groups, exact tail.
+    ``correct=False``: the ablation, sparse rows and the exact tail only."""
     gamma, length = 16, query.shape[2]
     positions, keys = torch.arange(length)[:, None], torch.arange(length)[None, :]
     dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
@@ -94,30 +100,54 @@ def delta_definition(module, query, key, value, attention_mask, scaling, dropout
     window = (keys <= positions) & ((positions - keys < 16) | (keys < 2))
     sparse = F.scaled_dot_product_attention(query, key, value, attn_mask=window, scale=scaling, enable_gqa=True)
     group_start = (torch.arange(length) // gamma) * gamma
-    out = sparse + dense[:, :, group_start] - sparse[:, :, group_start]
+    out = sparse + dense[:, :, group_start] - sparse[:, :, group_start] if correct else sparse.clone()
     tail = default_tail(length, gamma)
     out[:, :, length - tail:] = dense[:, :, length - tail:]
     return out.transpose(1, 2).contiguous(), None
 
 
+def tail_only_definition(*args, **kwargs):
+    return delta_definition(*args, correct=False, **kwargs)
+
+
+DELTA_OPS = {"sparsify.dense_attention": 1, "sparsify.sink_window_layout": 1, "sparsify.delta_rows": 1,
+             "sparsify.row_layout": 1, "sparsify.row_attention": 2}
+
+
+@pytest.mark.parametrize("options,ops,note", [
+    ({}, {"sparsify.block_sparse_attention_delta": 2}, "correction fused into the base kernel's epilogue"),
+    ({"fuse": False}, {"sparsify.block_sparse_attention": 2, "sparsify.delta_correction": 2},
+     "correction in a separate pass: fuse is false"),
+    ({"correct": False}, {"sparsify.block_sparse_attention": 2}, "ablation: the base with the exact tail only"),
+])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 2)])
-def test_model_equals_the_plain_definition(heads, kv_heads):
+def test_model_equals_the_plain_definition(heads, kv_heads, options, ops, note):
     from transformers import AttentionInterface
 
-    AttentionInterface.register("delta_definition", delta_definition)
+    definition = delta_definition if options.get("correct", True) else tail_only_definition
+    AttentionInterface.register(definition.__name__, definition)
     model = tiny_model("llama", heads=heads, kv_heads=kv_heads)
-    reference = tiny_model("llama", "delta_definition", heads=heads, kv_heads=kv_heads)
-    compiled = sparsify.compile(model, delta_policy(), cost_model_fallback=False)
+    reference = tiny_model("llama", definition.__name__, heads=heads, kv_heads=kv_heads)
+    compiled = sparsify.compile(model, delta_policy(**options), cost_model_fallback=False)
     ids = torch.randint(0, 256, (1, 301))
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
         assert (compiled(ids).logits - model(ids).logits).abs().max() > 1e-3
     result = compiled.sparsify.frames[0].last
-    assert result.rewrite.ops == {"sparsify.dense_attention": 1, "sparsify.sink_window_layout": 1,
-                                  "sparsify.block_sparse_attention": 2, "sparsify.delta_rows": 1,
-                                  "sparsify.row_attention": 2, "sparsify.delta_correction": 2}
-    methods = [r["method"] for r in explain_rows(result)]
-    assert methods[1].startswith("delta(base=sink_window") and "gamma=16" in methods[1]
+    assert result.rewrite.ops == {**DELTA_OPS, **ops}
+    rows = explain_rows(result)
+    assert rows[1]["method"].startswith("delta(base=sink_window") and "gamma=16" in rows[1]["method"]
+    assert rows[1]["note"].startswith(note)
+
+
+def test_explain_says_why_the_correction_is_not_fused():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, delta_policy(gamma=24), cost_model_fallback=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 100)))
+    result = compiled.sparsify.frames[0].last
+    assert "sparsify.delta_correction" in result.rewrite.ops
+    assert explain_rows(result)[1]["note"].startswith("correction in a separate pass: gamma 24 is not a power of 2")
 
 
 def test_delta_over_block_topk_runs_in_the_model():

@@ -11,7 +11,7 @@ import sparsify
 from sparsify.cli import main
 from sparsify.evaluation import TASKS, EvalConfig, evaluate
 from sparsify.evaluation import fidelity
-from sparsify.evaluation.runner import sample_rng, write
+from sparsify.evaluation.runner import merge_shards, prompt_ids, sample_rng, write
 from sparsify.errors import PolicyError, SparsifyError
 
 
@@ -53,6 +53,14 @@ def test_needles_sit_at_the_requested_depth():
         sample = task.generate(tokenizer, 4000, random.Random(0), depth)
         position = sample.context.index(sample.answers[0]) / len(sample.context)
         assert abs(position - depth) < 0.08
+
+
+def test_question_first_keeps_the_key_out_of_the_prompts_tail():
+    tokenizer = ByteTokenizer()
+    sample = TASKS.get("niah_question_first").generate(tokenizer, 3000, sample_rng(0, "q", 3000, 0), 0.5)
+    ids = prompt_ids(tokenizer, sample, "cpu")[0]
+    key = sample.context.split("special magic number for ")[1].split("?")[0]
+    assert key in tokenizer.decode(ids[:200].tolist()) and key not in tokenizer.decode(ids[-600:].tolist())
 
 
 def test_dense_policy_has_exactly_zero_fidelity_error():
@@ -97,6 +105,37 @@ def test_runner_writes_the_shared_results_format(tmp_path):
         assert (tmp_path / f"eval-test{suffix}").stat().st_size > 0
 
 
+def test_shards_merge_into_the_unsharded_result(tmp_path):
+    model = tiny_model("llama", layers=2)
+    common = dict(tasks=("passkey", "niah_single"), lengths=(300,), samples=3, fidelity_lengths=(300, 400),
+                  continuation=1, suite="sharded", device="cpu")
+    whole = evaluate(EvalConfig(**common), model=model, tokenizer=ByteTokenizer())
+    for index in range(2):
+        config = EvalConfig(**common, shard=(index, 2))
+        shard = evaluate(config, model=model, tokenizer=ByteTokenizer())
+        assert 0 < len(shard.samples) < len(whole.samples)
+        assert write(config, shard, "tiny", folder=tmp_path).name == f"eval-sharded.shard-{index}of2.json"
+    merged = json.loads(merge_shards("sharded", folder=tmp_path).read_text())
+    key = lambda s: (s["task"], s["index"], s["method"])  # noqa: E731
+    assert sorted(map(key, merged["samples"])) == sorted(map(key, whole.samples))
+    assert sorted(r["score"] for r in merged["rows"]) == sorted(r["score"] for r in whole.rows)
+    assert len(merged["fidelity"]) == 2 and len(merged["merged_from"]) == 2
+    assert (tmp_path / "eval-sharded-scores.png").stat().st_size > 0
+    (tmp_path / "eval-sharded.shard-1of2.json").unlink()
+    with pytest.raises(SparsifyError, match=r"has 2 shards; found shards \[0\]"):
+        merge_shards("sharded", folder=tmp_path)
+
+
+def test_runner_refuses_a_policy_whose_methods_never_apply(tmp_path):
+    """A policy whose sparse rules match no attention would measure dense under a sparse name: refused."""
+    policy = tmp_path / "never.yaml"
+    policy.write_text("rules:\n  - when: {phase: diffusion}\n    use: block_topk\n")
+    config = EvalConfig(policies=(str(policy),), tasks=("passkey",), lengths=(300,), samples=1,
+                        fidelity_lengths=(), device="cpu")
+    with pytest.raises(SparsifyError, match="policy never: no attention got a sparse method"):
+        evaluate(config, model=tiny_model("llama", layers=2), tokenizer=ByteTokenizer())
+
+
 def test_runner_keeps_finished_samples_on_ctrl_c(monkeypatch):
     model = tiny_model("llama", layers=2)
     calls = {"n": 0}
@@ -127,6 +166,8 @@ def test_config_errors_name_the_field():
     (["eval", "--model", "/no/model.gguf"], "no such GGUF file"),
     (["eval", "--policy", "nope"], "is neither a preset"),
     (["eval", "--tasks", "passkey", "magic"], "unknown task 'magic'"),
+    (["eval", "--shard", "2/2"], "shard: must be K/N with 0 <= K < N"),
+    (["eval", "--merge", "--suite", "none-such"], "no shard files eval-none-such.shard-KofN.json"),
 ])
 def test_eval_cli_one_line_errors(argv, message, capsys):
     assert main(argv) == 2

@@ -80,14 +80,20 @@ def test_export_with_a_sparse_method_shows_the_plan_and_kernel_nodes():
         assert (program.module()(x) - model(x)).abs().max() > 1e-3
 
 
-def test_export_of_hf_models_falls_back_on_their_materialised_mask():
-    """Under export, transformers passes its causal mask as a tensor; sparse methods then stay dense, saying so."""
+def test_export_of_hf_models_checks_their_materialised_mask():
+    """Under export, transformers passes its causal mask as a tensor: the sparse method applies, behind a check of
+    the mask on every call."""
     model = tiny_model("llama")
     policy = {"rules": [{"use": "sink_window", "with": {"sink": 2, "window": 8}}]}
-    program = sparsify.export(model, (torch.randint(0, 256, (1, 40)),), policy, kwargs={"use_cache": False},
-                              cost_model_fallback=False)
-    notes = [d.segments[0].fallback for d in program.sparsify_report.decisions.decisions]
-    assert all("attention mask tensor is given" in note for note in notes)
+    ids = torch.randint(0, 256, (1, 40))
+    program = sparsify.export(model, (ids,), policy, kwargs={"use_cache": False}, cost_model_fallback=False)
+    targets = op_targets(program)
+    assert targets.count("sparsify.block_sparse_attention.default") == 3
+    assert targets.count("sparsify.mask_is_causal.default") == 1
+    compiled = sparsify.compile(model, policy, cost_model_fallback=False)
+    with torch.no_grad():
+        exported = program.module()(ids, use_cache=False)
+        torch.testing.assert_close(exported.logits, compiled(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_export_refuses_length_rules_on_dynamic_lengths():

@@ -58,11 +58,13 @@ def test_kernel_odd_lengths_and_head_dims(q_len, kv_len, dim):
     check_against_references(q, k, v, causal_layout(q_len, kv_len, 16, 16), KernelConfig(16, 16, 4, 1))
 
 
-@pytest.mark.parametrize("sink,window", [(0, 8), (5, 20), (16, 16), (40, 3)])
-def test_kernel_sink_window(sink, window):
-    q, k, v = random_qkv(1, 4, 2, 70, 70, 16)
-    layout = sink_window_layout(70, 70, sink, window, 16, 32)
-    check_against_references(q, k, v, layout, KernelConfig(16, 32, 4, 1))
+@pytest.mark.parametrize("length,sink,window,block_n", [(70, 0, 8, 32), (70, 5, 20, 32), (70, 16, 16, 32),
+                                                         (70, 40, 3, 32), (300, 20, 64, 16), (300, 64, 96, 16)])
+def test_kernel_sink_window(length, sink, window, block_n):
+    """Long enough rows exercise the kernel's walk: sink blocks by index, the window's run by arithmetic."""
+    q, k, v = random_qkv(1, 4, 2, length, length, 16)
+    layout = sink_window_layout(length, length, sink, window, 16, block_n)
+    check_against_references(q, k, v, layout, KernelConfig(16, block_n, 4, 1))
 
 
 def test_kernel_random_layouts_with_empty_rows():

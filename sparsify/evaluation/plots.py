@@ -37,20 +37,26 @@ def scores_vs_length(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def layer_errors(fidelity: list[dict], path: Path, title: str) -> Path:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.6))
+    """Per layer attention error; KL over the prompt by position (16 buckets); KL per teacher-forced decode step."""
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8))
     for entry in fidelity:
         label = f"{entry['method']} @{entry['seq_len']}"
         left.plot(range(len(entry["layer_rel_error"])), entry["layer_rel_error"], marker=".", label=label)
+        buckets = entry["prompt_kl_by_position"]
+        middle.plot([(i + 0.5) / len(buckets) for i in range(len(buckets))], buckets, marker=".", label=label)
         if entry.get("continuation_kl"):
             right.plot(range(1, len(entry["continuation_kl"]) + 1), entry["continuation_kl"], label=label)
     left.set_xlabel("layer")
     left.set_ylabel("relative error of attention output")
     left.set_yscale("symlog", linthresh=1e-4)
-    left.grid(alpha=0.3)
     left.legend(fontsize=7)
+    middle.set_xlabel("position in the prompt (share of its length)")
+    middle.set_ylabel("KL(dense || policy), next token")
+    middle.set_yscale("symlog", linthresh=1e-4)
     right.set_xlabel("decode step (teacher-forced)")
     right.set_ylabel("KL(dense || policy)")
-    right.grid(alpha=0.3)
+    for axis in (left, middle, right):
+        axis.grid(alpha=0.3)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ class EvalConfig:
 
     model: str = "default"
     policies: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "variable_tracking", "aggregation")
+    tasks: tuple[str, ...] = ("passkey", "niah_single", "niah_multikey", "niah_question_first", "variable_tracking",
+                              "aggregation")
     lengths: tuple[int, ...] = (2000, 4000, 7500)
     samples: int = 4
     seed: int = 0
@@ -43,8 +45,12 @@ class EvalConfig:
     dtype: str | None = None
     cost_model_fallback: bool = False
     plots: bool = True
+    shard: tuple[int, int] = (0, 1)
 
     def __post_init__(self):
+        index, count = self.shard
+        if not 0 <= index < count:
+            raise SparsifyError(f"shard: must be K/N with 0 <= K < N, got {index}/{count}")
         for name in self.tasks:
             TASKS.get(name, field="tasks")
         for name in ("samples", "continuation", "generation_tokens"):
@@ -63,6 +69,11 @@ class EvalResult:
     interrupted: bool = False
     seconds: float = 0.0
 
+    @classmethod
+    def from_json(cls, data: dict) -> "EvalResult":
+        return cls(samples=data["samples"], fidelity=data["fidelity"], generation=data["generation"],
+                   interrupted=data["interrupted"], seconds=data["duration_s"], rows=_aggregate(data["samples"]))
+
     def ratios(self) -> dict[str, float]:
         dense = {(r["task"], r["seq_len"]): r["score"] for r in self.rows if r["method"] == DENSE}
         return {f"{r['task']}@{r['seq_len']} {r['method']}/dense": r["score"] / dense[(r["task"], r["seq_len"])]
@@ -80,13 +91,16 @@ def sample_rng(seed: int, *parts) -> random.Random:
 
 
 def prompt_ids(tokenizer, sample: Sample, device) -> torch.Tensor:
+    """The chat-formatted prompt, ending where the assistant's answer begins. No answer prefix is put in the
+    model's mouth: SmolLM2 then repeats the prefix instead of answering (passkey at 4K: 1/6 with a prefix, 6/6
+    without, float32)."""
     user = sample.context + "\n\n" + sample.question
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = user + "\n"
-    return tokenizer(text + sample.answer_prefix, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
 
 
 def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None) -> EvalResult:
@@ -108,8 +122,7 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None) ->
                 for name, policy in policies.items()}
     result = EvalResult()
     start = time.perf_counter()
-    work = (len(config.tasks) * len(config.lengths) * config.samples + len(config.fidelity_lengths)
-            + (1 if config.generation_tokens else 0)) * len(policies)
+    work = len(_mine(config, _task_items(config)) + _mine(config, _fidelity_items(config))) * len(policies)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
     try:
@@ -127,54 +140,72 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None) ->
 @contextmanager
 def through_sparsify(runner, method: str):
     """Fail if a compiled policy's model ran without sparsify's graphs (Dynamo falling back to eager would
-    silently measure dense)."""
+    silently measure dense), or if its sparse methods applied to no attention at all (every one fell back)."""
     handle = getattr(runner, "sparsify", None)
     before = handle.calls if handle else 0
     yield
-    if handle is not None and handle.calls == before:
+    if handle is None:
+        return
+    if handle.calls == before:
         raise SparsifyError(f"policy {method}: the model ran without sparsify's rewritten graphs "
                             "(torch.compile fell back to eager, e.g. at its recompile limit); results would be dense")
+    applied, reasons = handle.applied()
+    if handle.policy.uses_sparse_methods and not applied:
+        raise SparsifyError(f"policy {method}: no attention got a sparse method, every one fell back to dense "
+                            f"({'; '.join(sorted(reasons)) or 'no reason recorded'}); results would be dense")
+
+
+def _task_items(config) -> list[tuple[str, int, int]]:
+    return [(task, length, index) for task in config.tasks for length in config.lengths
+            for index in range(config.samples)]
+
+
+def _fidelity_items(config) -> list[tuple[str, int]]:
+    items = [("fidelity", length) for length in config.fidelity_lengths]
+    return items + ([("generation", max(config.fidelity_lengths))] if config.generation_tokens else [])
+
+
+def _mine(config, items: list) -> list:
+    """This shard's share of ``items``: every N-th, from the K-th (shards run in parallel processes)."""
+    index, count = config.shard
+    return items[index::count]
 
 
 def _run_tasks(config, model, tokenizer, compiled, result, progress, bar):
-    for task_name in config.tasks:
+    for task_name, length, index in _mine(config, _task_items(config)):
         task = TASKS.get(task_name)
-        for length in config.lengths:
-            for index in range(config.samples):
-                depth = (index + 0.5) / config.samples  # needles spread evenly over 0-100% depth
-                sample = task.generate(tokenizer, length, sample_rng(config.seed, task_name, length, index), depth)
-                ids = prompt_ids(tokenizer, sample, model.device)
-                for method, runner in compiled.items():
-                    progress.update(bar, description=f"{task_name} @{length} #{index} {method}")
-                    with torch.no_grad(), through_sparsify(runner, method):
-                        out = runner.generate(ids, max_new_tokens=task.max_new_tokens, do_sample=False)
-                    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-                    result.samples.append({"task": task_name, "seq_len": length, "index": index, "depth": depth,
-                                           "method": method, "prompt_tokens": ids.shape[1],
-                                           "score": sample.score(text), "answers": list(sample.answers),
-                                           "generated": text})
-                    progress.advance(bar)
+        depth = (index + 0.5) / config.samples  # needles spread evenly over 0-100% depth
+        sample = task.generate(tokenizer, length, sample_rng(config.seed, task_name, length, index), depth)
+        ids = prompt_ids(tokenizer, sample, model.device)
+        for method, runner in compiled.items():
+            progress.update(bar, description=f"{task_name} @{length} #{index} {method}")
+            with torch.no_grad(), through_sparsify(runner, method):
+                out = runner.generate(ids, max_new_tokens=task.max_new_tokens, do_sample=False)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            result.samples.append({"task": task_name, "seq_len": length, "index": index, "depth": depth,
+                                   "method": method, "prompt_tokens": ids.shape[1],
+                                   "score": sample.score(text), "answers": list(sample.answers),
+                                   "generated": text})
+            progress.advance(bar)
 
 
 def _run_fidelity(config, model, tokenizer, compiled, result, progress, bar):
-    for length in config.fidelity_lengths:
-        sample = TASKS.get("niah_single").generate(tokenizer, length, sample_rng(config.seed, "fidelity", length), 0.5)
+    for kind, length in _mine(config, _fidelity_items(config)):
+        if kind == "fidelity":
+            sample = TASKS.get("niah_single").generate(tokenizer, length, sample_rng(config.seed, "fidelity", length),
+                                                       0.5)
+        else:
+            sample = TASKS.get("passkey").generate(tokenizer, length, sample_rng(config.seed, "generation"), 0.5)
         ids = prompt_ids(tokenizer, sample, model.device)
         for method, runner in compiled.items():
-            progress.update(bar, description=f"fidelity @{length} {method}")
+            progress.update(bar, description=f"{kind} @{length} {method}")
             with through_sparsify(runner, method):
-                entry = fidelity_metrics.measure(model, runner, ids, config.continuation)
-            result.fidelity.append({"method": method, **entry})
-            progress.advance(bar)
-    if config.generation_tokens:
-        length = max(config.fidelity_lengths)
-        sample = TASKS.get("passkey").generate(tokenizer, length, sample_rng(config.seed, "generation"), 0.5)
-        ids = prompt_ids(tokenizer, sample, model.device)
-        for method, runner in compiled.items():
-            progress.update(bar, description=f"generation {config.generation_tokens} tokens {method}")
-            with through_sparsify(runner, method):
-                entry = fidelity_metrics.generation_agreement(model, runner, ids, config.generation_tokens)
-            result.generation.append({"method": method, "seq_len": ids.shape[1], **entry})
+                if kind == "fidelity":
+                    result.fidelity.append({"method": method, **fidelity_metrics.measure(
+                        model, runner, ids, config.continuation)})
+                else:
+                    entry = fidelity_metrics.generation_agreement(model, runner, ids, config.generation_tokens)
+                    result.generation.append({"method": method, "seq_len": ids.shape[1], **entry})
             progress.advance(bar)
 
 
@@ -186,20 +217,55 @@ def _aggregate(samples: list[dict]) -> list[dict]:
             for (task, length, method), scores in groups.items()]
 
 
-def write(config: EvalConfig, result: EvalResult, model_name: str, folder: Path | None = None) -> Path:
-    """``benchmarks/results/eval-<suite>.json`` (+ .md and PNG plots), in the shared results format."""
+def write(config: EvalConfig, result: EvalResult, model_name: str, folder: Path | None = None,
+          merged_from: list[str] | None = None) -> Path:
+    """``benchmarks/results/eval-<suite>.json`` (+ .md and PNG plots), in the shared results format; a shard K of
+    N writes ``eval-<suite>.shard-KofN.json`` alone, for :func:`merge_shards`."""
     from ..benchmarks.common import results_dir, write_result
 
-    name = f"eval-{config.suite}"
+    index, count = config.shard
+    name = f"eval-{config.suite}" + (f".shard-{index}of{count}" if count > 1 else "")
     extra = {"model": model_name, "ratio_meaning": "policy score / dense score", "config": asdict(config),
              "fidelity": result.fidelity,
              "generation": result.generation, "samples": result.samples, "interrupted": result.interrupted,
              "duration_s": round(result.seconds, 1)}
-    path = write_result(name, result.rows, result.ratios(), extra, folder=folder)
-    if config.plots:
+    if merged_from:
+        extra["merged_from"] = merged_from
+    path = write_result(name, result.rows, result.ratios(), extra, folder=folder or results_dir())
+    if config.plots and count == 1:
         folder = path.parent
         if result.rows:
             plots.scores_vs_length(result.rows, folder / f"{name}-scores.png", f"{model_name}: score vs length")
         if result.fidelity:
             plots.layer_errors(result.fidelity, folder / f"{name}-fidelity.png", f"{model_name}: fidelity vs dense")
     return path
+
+
+def merge_shards(suite: str, folder: Path | None = None) -> Path:
+    """Join the shards of one sharded run (``eval --shard K/N``, same configuration) into ``eval-<suite>.json``
+    with its table and plots. Fails naming what is missing or inconsistent."""
+    from ..benchmarks.common import results_dir
+
+    folder = folder or results_dir()
+    paths = sorted(folder.glob(f"eval-{suite}.shard-*of*.json"))
+    if not paths:
+        raise SparsifyError(f"merge: no shard files eval-{suite}.shard-KofN.json in {folder}")
+    shards = [json.loads(path.read_text()) for path in paths]
+    count = shards[0]["config"]["shard"][1]
+    found = sorted(shard["config"]["shard"][0] for shard in shards)
+    if found != list(range(count)):
+        raise SparsifyError(f"merge: suite {suite!r} has {count} shards; found shards {found} in {folder}")
+    settings = [{k: v for k, v in shard["config"].items() if k != "shard"} for shard in shards]
+    if any(setting != settings[0] for setting in settings):
+        raise SparsifyError(f"merge: the shards of suite {suite!r} were run with different configurations")
+    merged = EvalResult.from_json({
+        "samples": [s for shard in shards for s in shard["samples"]],
+        "fidelity": [f for shard in shards for f in shard["fidelity"]],
+        "generation": [g for shard in shards for g in shard["generation"]],
+        "interrupted": any(shard["interrupted"] for shard in shards),
+        "duration_s": max(shard["duration_s"] for shard in shards),
+    })
+    known = {f.name for f in fields(EvalConfig)}
+    config = EvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings[0].items() if k in known})
+    return write(config, merged, shards[0]["model"], folder,
+                 merged_from=[f"{path.name}: {shard['command']}" for path, shard in zip(paths, shards)])

@@ -2,7 +2,7 @@
 needles at chosen depths and scores a generated answer by exact match.
 
 A task is registered in :data:`TASKS`. ``generate(tokenizer, length, rng, depth)`` returns a :class:`Sample`
-(context, question, answer prefix, expected answers); ``score`` is the share of expected answers that appear in
+(context, question, expected answers); ``score`` is the share of expected answers that appear in
 the generated text (1 or 0 for single answers).
 """
 
@@ -22,7 +22,6 @@ class Sample:
     task: str
     context: str
     question: str
-    answer_prefix: str
     answers: tuple[str, ...]
     depth: float
     meta: dict = field(default_factory=dict, compare=False)
@@ -35,14 +34,14 @@ class Sample:
 class Task:
     name: str
     summary: str
-    build: Callable[[random.Random], tuple[list[str], str, str, tuple[str, ...], str]]
+    build: Callable[[random.Random], tuple[list[str], str, tuple[str, ...], str]]
     haystack: str = "essay"
     max_new_tokens: int = 16
 
     def generate(self, tokenizer, length: int, rng: random.Random, depth: float) -> Sample:
         """``length``: target prompt length in tokens; ``depth``: where the needles go (0 start, 1 end)."""
-        needles, question, answer_prefix, answers, instruction = self.build(rng)
-        fixed = " ".join([instruction, *needles, question, answer_prefix])
+        needles, question, answers, instruction = self.build(rng)
+        fixed = " ".join([instruction, *needles, question])
         budget = length - len(tokenizer(fixed, add_special_tokens=False).input_ids) - 32  # chat template
         filler = fill(tokenizer, max(budget, 0), self.haystack, rng)
         # Needles spread around the requested depth, each at a sentence boundary.
@@ -52,7 +51,7 @@ class Task:
         for offset, (position, needle) in enumerate(zip(positions, needles)):
             text.insert(position + offset, needle)
         context = instruction + "\n\n" + " ".join(text)
-        return Sample(self.name, context, question, answer_prefix, answers, depth)
+        return Sample(self.name, context, question, answers, depth)
 
 
 TASKS: Registry[Task] = Registry("task")
@@ -69,7 +68,7 @@ def _word(rng: random.Random) -> str:
 def _passkey(rng):
     key = _number(rng, 5)
     return ([f"The pass key is {key}. Remember it. {key} is the pass key."],
-            "What is the pass key?", "The pass key is", (key,),
+            "What is the pass key? Answer with the number only.", (key,),
             "There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
             "memorize it. I will quiz you about it.")
 
@@ -77,9 +76,19 @@ def _passkey(rng):
 def _niah_single(rng):
     key, value = _word(rng), _number(rng)
     return ([f"One of the special magic numbers for {key} is: {value}."],
-            f"What is the special magic number for {key} mentioned in the provided text?",
-            f"The special magic number for {key} mentioned in the provided text is", (value,),
+            f"What is the special magic number for {key} mentioned in the provided text? Answer with the number only.",
+            (value,),
             "Some special magic numbers are hidden within the following text. Make sure to memorize them.")
+
+
+def _niah_question_first(rng):
+    """The question comes before the text and the prompt ends generically, so the last rows of the prompt (the
+    rows Delta makes exact) hold neither the key nor the question."""
+    key, value = _word(rng), _number(rng)
+    return ([f"One of the special magic numbers for {key} is: {value}."],
+            "What is the special magic number asked about at the beginning? Answer with the number only.", (value,),
+            f"Question: what is the special magic number for {key}? It is hidden in the following text. Read the "
+            "text, then answer.")
 
 
 def _niah_multikey(rng):
@@ -87,8 +96,8 @@ def _niah_multikey(rng):
     values = [_number(rng) for _ in keys]
     target = rng.randrange(len(keys))
     return ([f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)],
-            f"What is the special magic number for {keys[target]} mentioned in the provided text?",
-            f"The special magic number for {keys[target]} mentioned in the provided text is", (values[target],),
+            f"What is the special magic number for {keys[target]} mentioned in the provided text? Answer with the "
+            "number only.", (values[target],),
             "Some special magic numbers are hidden within the following text. Make sure to memorize them.")
 
 
@@ -96,18 +105,19 @@ def _niah_multivalue(rng):
     key = _word(rng)
     values = [_number(rng) for _ in range(3)]
     return ([f"One of the special magic numbers for {key} is: {v}." for v in values],
-            f"What are all the special magic numbers for {key} mentioned in the provided text?",
-            f"The special magic numbers for {key} mentioned in the provided text are", tuple(values),
+            f"What are all the special magic numbers for {key} mentioned in the provided text? Answer with the "
+            "numbers only.", tuple(values),
             "Some special magic numbers are hidden within the following text. Make sure to memorize them.")
 
 
 def _variable_tracking(rng):
+    # Two assignments, one of them indirect: SmolLM2-135M follows one hop (3/4 at 2K) but answers "1" to a
+    # three-link chain at any length, which measured nothing.
     value = _number(rng, 5)
     names = [rng.choice(string.ascii_uppercase) + rng.choice(string.ascii_uppercase) + str(rng.randint(1, 9))
-             for _ in range(3)]
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = {names[i - 1]}." for i in range(1, len(names))]
-    return (chain, f"What is the value of {names[-1]}? Follow the chain of assignments.",
-            f"The value of {names[-1]} is", (value,),
+             for _ in range(2)]
+    return ([f"VAR {names[0]} = {value}.", f"VAR {names[1]} = {names[0]}."],
+            f"What is the value of {names[1]}? Answer with the number only.", (value,),
             "Memorize and track the chain of variable assignments hidden in the following text.")
 
 
@@ -118,17 +128,20 @@ def _aggregation(rng):
     needles = [f"Remember the word {frequent}." for _ in range(12)]
     needles += [f"Remember the word {w}." for w in words[1:] for _ in range(rng.randint(1, 2))]
     rng.shuffle(needles)
-    return (needles, "Which word was asked to be remembered most often in the text above?",
-            "The word asked to be remembered most often is", (frequent,),
+    return (needles, "Which word was asked to be remembered most often in the text above? Answer with the word "
+            "only.", (frequent,),
             "Below is a long text in which some words are to be remembered. Count how often each one is.")
 
 
 for task in (
     Task("passkey", "find a 5-digit pass key", _passkey, haystack="noise"),
-    Task("niah_single", "one key -> number needle", _niah_single),
-    Task("niah_multikey", "four key -> number needles, one asked", _niah_multikey),
-    Task("niah_multivalue", "one key with three numbers, all asked", _niah_multivalue, max_new_tokens=40),
-    Task("variable_tracking", "follow a chain of three assignments", _variable_tracking),
-    Task("aggregation", "the most frequently remembered word", _aggregation, max_new_tokens=12),
+    # The model restates the question before the number: the niah answers need up to ~25 tokens.
+    Task("niah_single", "one key -> number needle", _niah_single, max_new_tokens=32),
+    Task("niah_multikey", "four key -> number needles, one asked", _niah_multikey, max_new_tokens=32),
+    Task("niah_question_first", "one needle, asked before the text (not in the prompt's tail)",
+         _niah_question_first, max_new_tokens=32),
+    Task("niah_multivalue", "one key with three numbers, all asked", _niah_multivalue, max_new_tokens=56),
+    Task("variable_tracking", "a value through one indirect assignment", _variable_tracking),
+    Task("aggregation", "the most frequently remembered word", _aggregation, max_new_tokens=16),
 ):
     TASKS.register(task.name, task)

@@ -70,7 +70,7 @@ class AttentionMethod:
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:
         """Why this method cannot serve ``attn`` (then it stays dense), or None when it can."""
-        if attn.mask_kind != "none":
+        if attn.mask_kind != "none" and not attn.mask_guard:
             return (f"an attention mask tensor is given ({attn.mask_kind}: padding or a custom mask), "
                     f"which {self.name} cannot honour")
         if attn.phase not in self.phases:
@@ -83,6 +83,11 @@ class AttentionMethod:
         """The ``BlockLayout`` this method would visit for q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), or None for
         methods without one (used to draw patterns; the rewritten graph builds its layouts with ops)."""
         return None
+
+    def structure(self, params: Any, config) -> str:
+        """How the emitted nodes are organised under launch ``config``, for ``explain`` (e.g. what is fused);
+        empty when there is nothing to say."""
+        return ""
 
     def emit(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> "torch.fx.Node":
         """Insert the nodes computing this attention; return the node whose value replaces its output.

@@ -1,4 +1,8 @@
-"""Emitting a ``sparsify.block_sparse_attention`` call over a layout node (shared by block-sparse methods)."""
+"""Methods whose output is one ``sparsify.block_sparse_attention`` call over a layout node.
+
+:class:`BlockSparseMethod` emits that call; it also emits the variant with Delta's correction fused into the
+kernel's epilogue (``sparsify.block_sparse_attention_delta``), which is how ``delta`` fuses over such a base.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,32 @@ import operator
 import torch
 import torch.fx
 
+from .base import AttentionMethod
 
-def emit_block_sparse(ctx, attn, layout: torch.fx.Node, *, causal: bool, sink: int = 0, window: int = 0):
-    """``layout`` is a node returning (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)."""
-    config = ctx.config
-    parts = [ctx.call(operator.getitem, layout, i) for i in range(4)]
-    result = ctx.call(torch.ops.sparsify.block_sparse_attention.default, ctx.q, ctx.k, ctx.v, *parts,
-                      config.block_m, config.block_n, causal, sink, window, attn.match.scale,
-                      config.num_warps, config.num_stages, config.use_tma)
-    return ctx.call(operator.getitem, result, 0)
+
+class BlockSparseMethod(AttentionMethod):
+    """Subclasses give the layout node and the token mask; ``emit`` and ``emit_corrected`` follow."""
+
+    def layout_node(self, params, attn, ctx) -> torch.fx.Node:
+        """A node returning (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)."""
+        raise NotImplementedError
+
+    def token_mask(self, params, attn) -> tuple[bool, int, int]:
+        """(causal, sink, window) applied inside partial blocks."""
+        raise NotImplementedError
+
+    def emit(self, params, attn, ctx):
+        result = ctx.call(torch.ops.sparsify.block_sparse_attention.default, *self._arguments(params, attn, ctx))
+        return ctx.call(operator.getitem, result, 0)
+
+    def emit_corrected(self, params, attn, ctx, row_out: torch.fx.Node, gamma: int, tail: int) -> torch.fx.Node:
+        """The same attention with Delta's correction in the epilogue (``row_out``: the strided then tail rows)."""
+        return ctx.call(torch.ops.sparsify.block_sparse_attention_delta.default,
+                        *self._arguments(params, attn, ctx), row_out, gamma, tail)
+
+    def _arguments(self, params, attn, ctx) -> tuple:
+        config = ctx.config
+        layout = self.layout_node(params, attn, ctx)
+        parts = [ctx.call(operator.getitem, layout, i) for i in range(4)]
+        return (ctx.q, ctx.k, ctx.v, *parts, config.block_m, config.block_n, *self.token_mask(params, attn),
+                attn.match.scale, config.num_warps, config.num_stages, config.use_tma)

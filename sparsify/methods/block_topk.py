@@ -15,8 +15,8 @@ import torch
 from pydantic import Field
 
 from ..kernels.layout import block_topk_layout
-from .base import AttentionMethod, register_method
-from .block_sparse import emit_block_sparse
+from .base import register_method
+from .block_sparse import BlockSparseMethod
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BlockTopkParams:
 
 
 @register_method
-class BlockTopk(AttentionMethod):
+class BlockTopk(BlockSparseMethod):
     name = "block_topk"
     Params = BlockTopkParams
     phases = ("prefill", "diffusion")
@@ -40,8 +40,10 @@ class BlockTopk(AttentionMethod):
         return block_topk_layout(q, k, density=params.density, block_m=config.block_m, block_n=config.block_n,
                                  sink_blocks=params.sink_blocks)
 
-    def emit(self, params, attn, ctx):
+    def layout_node(self, params, attn, ctx):
         config = ctx.config
-        layout = ctx.call(torch.ops.sparsify.block_topk_layout.default, ctx.q, ctx.k, params.density,
-                          config.block_m, config.block_n, params.sink_blocks)
-        return emit_block_sparse(ctx, attn, layout, causal=attn.causal)
+        return ctx.call(torch.ops.sparsify.block_topk_layout.default, ctx.q, ctx.k, params.density,
+                        config.block_m, config.block_n, params.sink_blocks)
+
+    def token_mask(self, params, attn):
+        return attn.causal, 0, 0

@@ -29,4 +29,4 @@ class Dense(AttentionMethod):
 
     def emit(self, params, attn, ctx):
         return ctx.call(torch.ops.sparsify.dense_attention.default, ctx.q, ctx.k, ctx.v, ctx.attn_mask,
-                        attn.causal, attn.match.scale)
+                        attn.match.is_causal, attn.match.scale)

@@ -14,8 +14,8 @@ import torch
 from pydantic import Field
 
 from ..kernels.layout import sink_window_layout
-from .base import AttentionMethod, register_method
-from .block_sparse import emit_block_sparse
+from .base import register_method
+from .block_sparse import BlockSparseMethod
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class SinkWindowParams:
 
 
 @register_method
-class SinkWindow(AttentionMethod):
+class SinkWindow(BlockSparseMethod):
     name = "sink_window"
     Params = SinkWindowParams
     phases = ("prefill",)
@@ -45,11 +45,13 @@ class SinkWindow(AttentionMethod):
         return sink_window_layout(q.shape[2], k.shape[2], params.sink, params.window, config.block_m,
                                   config.block_n, device=q.device)
 
-    def emit(self, params, attn, ctx):
+    def layout_node(self, params, attn, ctx):
         config = ctx.config
-        layout = ctx.shared(
+        return ctx.shared(
             ("sink_window_layout", params, str(attn.q_len), str(attn.kv_len), config.block_m, config.block_n),
             lambda: ctx.call(torch.ops.sparsify.sink_window_layout.default, ctx.q, ctx.k, params.sink,
                              params.window, config.block_m, config.block_n),
         )
-        return emit_block_sparse(ctx, attn, layout, causal=True, sink=params.sink, window=params.window)
+
+    def token_mask(self, params, attn):
+        return True, params.sink, params.window
