@@ -155,6 +155,16 @@ def through_sparsify(runner, method: str):
                             f"({'; '.join(sorted(reasons)) or 'no reason recorded'}); results would be dense")
 
 
+def _advance(progress: Progress, bar, done: str) -> None:
+    """Advance the bar; where output is not a terminal (a log file, a remote job) the bar only shows at the end,
+    so each finished step is also written as a line."""
+    progress.advance(bar)
+    if not progress.console.is_terminal:
+        task = progress.tasks[bar]
+        progress.console.print(f"[{int(task.completed)}/{int(task.total)} {task.elapsed:.0f}s] {done}",
+                               highlight=False)
+
+
 def _task_items(config) -> list[tuple[str, int, int]]:
     return [(task, length, index) for task in config.tasks for length in config.lengths
             for index in range(config.samples)]
@@ -186,7 +196,7 @@ def _run_tasks(config, model, tokenizer, compiled, result, progress, bar):
                                    "method": method, "prompt_tokens": ids.shape[1],
                                    "score": sample.score(text), "answers": list(sample.answers),
                                    "generated": text})
-            progress.advance(bar)
+            _advance(progress, bar, f"{task_name} @{length} #{index} {method}: score {sample.score(text):.2f}")
 
 
 def _run_fidelity(config, model, tokenizer, compiled, result, progress, bar):
@@ -206,7 +216,7 @@ def _run_fidelity(config, model, tokenizer, compiled, result, progress, bar):
                 else:
                     entry = fidelity_metrics.generation_agreement(model, runner, ids, config.generation_tokens)
                     result.generation.append({"method": method, "seq_len": ids.shape[1], **entry})
-            progress.advance(bar)
+            _advance(progress, bar, f"{kind} @{length} {method}")
 
 
 def _aggregate(samples: list[dict]) -> list[dict]:
