@@ -28,6 +28,12 @@ from .layout import BlockLayout
 LOG2E = 1.4426950408889634
 
 
+def fits_epilogue(gamma: int, block_m: int) -> bool:
+    """Whether Delta's correction can run in a tile's epilogue: every group of ``gamma`` rows must start inside
+    one tile of ``block_m`` rows (``gamma`` a power of 2 dividing ``block_m``)."""
+    return gamma & (gamma - 1) == 0 and block_m % gamma == 0
+
+
 @dataclass(frozen=True)
 class DeltaCorrection:
     """Delta Attention's correction, applied to a sparse output O_sparse (B, Hq, N, D):
@@ -51,7 +57,7 @@ class DeltaCorrection:
             raise ShapeError(f"delta correction: gamma must be >= 1 and tail in [0, {length}]; row_out must be "
                              f"{expected}; got gamma={self.gamma}, tail={self.tail}, row_out "
                              f"{tuple(self.row_out.shape)}")
-        if block_m is not None and (block_m % self.gamma or self.gamma & (self.gamma - 1)):
+        if block_m is not None and not fits_epilogue(self.gamma, block_m):
             raise ShapeError(f"delta correction in the epilogue: gamma ({self.gamma}) must be a power of 2 that "
                              f"divides block_m ({block_m}); use the separate correction otherwise")
 
