@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -59,9 +60,17 @@ def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: d
     folder = folder or results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    (folder / f"{name}.md").write_text(markdown_table(result))
+    _write_atomically(path, json.dumps(result, indent=2) + "\n")
+    _write_atomically(folder / f"{name}.md", markdown_table(result))
     return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a process killed mid-write (evaluations checkpoint after
+    every item) leaves the previous file whole, never a truncated one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def markdown_table(result: dict) -> str:

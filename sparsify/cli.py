@@ -115,7 +115,7 @@ def cmd_bench(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import EvalConfig, evaluate
-    from .evaluation.runner import merge_shards, write
+    from .evaluation.runner import load_previous, merge_shards, write
 
     if args.merge:
         print(f"wrote {merge_shards(args.suite)}")
@@ -126,7 +126,11 @@ def cmd_eval(args) -> int:
         continuation=args.continuation, generation_tokens=args.generation_tokens, suite=args.suite,
         device=args.device, dtype=args.dtype, plots=not args.no_plots, shard=args.shard,
     )
-    result = evaluate(config, console=console)
+    previous = load_previous(config) if args.resume else None
+    if previous:
+        print(f"resuming: {len(previous.samples)} samples, {len(previous.fidelity)} fidelity runs already done")
+    result = evaluate(config, console=console, previous=previous,
+                      checkpoint=lambda partial: write(config, partial, args.model, plots_too=False))
     path = write(config, result, args.model)
     print(f"wrote {path}" + (" (interrupted: finished samples only)" if result.interrupted else ""))
     return 0
@@ -196,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--no-plots", action="store_true")
     evaluation.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                             help="run every N-th sample from the K-th (parallel processes); then --merge")
+    evaluation.add_argument("--resume", action="store_true",
+                            help="continue the unfinished run of the same settings in eval-SUITE[.shard-KofN].json "
+                                 "(results are written after every item)")
     evaluation.add_argument("--merge", action="store_true",
                             help="join the shard files of --suite into eval-SUITE.json with its plots")
     evaluation.set_defaults(handler=cmd_eval)

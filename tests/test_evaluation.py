@@ -11,7 +11,7 @@ import sparsify
 from sparsify.cli import main
 from sparsify.evaluation import TASKS, EvalConfig, evaluate
 from sparsify.evaluation import fidelity
-from sparsify.evaluation.runner import merge_shards, prompt_ids, sample_rng, write
+from sparsify.evaluation.runner import load_previous, merge_shards, prompt_ids, sample_rng, write
 from sparsify.errors import PolicyError, SparsifyError
 
 
@@ -151,6 +151,47 @@ def test_runner_keeps_finished_samples_on_ctrl_c(monkeypatch):
     config = EvalConfig(tasks=("passkey",), lengths=(300,), samples=4, fidelity_lengths=(), device="cpu")
     result = evaluate(config, model=model, tokenizer=ByteTokenizer())
     assert result.interrupted and len(result.samples) == 2 and result.rows[0]["n"] == 2
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_without_rerunning_what_finished(tmp_path, monkeypatch):
+    """The file written after each item lets a run stopped mid-way (a time limit, a lost machine) continue."""
+    model = tiny_model("llama", layers=2)
+    config = EvalConfig(tasks=("passkey",), lengths=(300,), samples=3, fidelity_lengths=(300,), continuation=1,
+                        suite="resumed", device="cpu", plots=False)
+    whole = evaluate(config, model=model, tokenizer=ByteTokenizer())
+    calls = []
+    original = model.generate
+
+    def generate_then_die(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        if len(calls) == 3:
+            raise RuntimeError("machine lost")  # not Ctrl-C: nothing gets written at the end
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_then_die)
+    checkpoint = lambda partial: write(config, partial, "tiny", folder=tmp_path, plots_too=False)  # noqa: E731
+    with pytest.raises(RuntimeError, match="machine lost"):
+        evaluate(config, model=model, tokenizer=ByteTokenizer(), checkpoint=checkpoint)
+    previous = load_previous(config, folder=tmp_path)
+    assert previous.interrupted and len(previous.samples) == 2 and previous.fidelity == []
+    assert json.loads((tmp_path / "eval-resumed.json").read_text())["rows"][0]["n"] == 2
+
+    calls.clear()
+    resumed = evaluate(config, model=model, tokenizer=ByteTokenizer(), previous=previous, checkpoint=checkpoint)
+    assert len(calls) == 1  # only the third sample ran again
+    assert not resumed.interrupted and resumed.seconds >= previous.seconds
+    key = lambda s: (s["index"], s["method"], s["score"], s["generated"])  # noqa: E731
+    assert sorted(map(key, resumed.samples)) == sorted(map(key, whole.samples))
+    assert [f["method"] for f in resumed.fidelity] == ["dense"]
+    assert load_previous(config, folder=tmp_path).interrupted  # the last checkpoint precedes the final write
+    write(config, resumed, "tiny", folder=tmp_path)
+    assert load_previous(config, folder=tmp_path).interrupted is False
+
+    other = EvalConfig(tasks=("passkey",), lengths=(300,), samples=4, fidelity_lengths=(300,), continuation=1,
+                       suite="resumed", device="cpu", plots=False)
+    with pytest.raises(SparsifyError, match=r"resume: eval-resumed.json was run with other settings \(samples\)"):
+        load_previous(other, folder=tmp_path)
+    assert load_previous(EvalConfig(suite="never-run", device="cpu"), folder=tmp_path) is None
 
 
 def test_config_errors_name_the_field():

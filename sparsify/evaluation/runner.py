@@ -9,6 +9,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -62,6 +63,9 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
+    """What a run measured. ``interrupted`` is true until every item of the run has finished (so a checkpoint
+    written mid-run, or a run stopped by Ctrl-C, says its rows cover only the samples that finished)."""
+
     rows: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     fidelity: list[dict] = field(default_factory=list)
@@ -103,8 +107,14 @@ def prompt_ids(tokenizer, sample: Sample, device) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
 
 
-def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None) -> EvalResult:
-    """Run ``config``; ``model``/``tokenizer`` may be passed in (already loaded), else ``config.model`` is loaded."""
+def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None, previous: EvalResult | None = None,
+             checkpoint: Callable[[EvalResult], None] | None = None) -> EvalResult:
+    """Run ``config``; ``model``/``tokenizer`` may be passed in (already loaded), else ``config.model`` is loaded.
+
+    ``previous``: an unfinished run of the same configuration (see :func:`load_previous`); the items it holds are
+    kept and not run again. ``checkpoint`` is called with the result so far after every finished item, so a run
+    that is killed (a time limit, a lost machine) loses at most the item in flight.
+    """
     import sparsify
 
     from ..models import load_model
@@ -120,21 +130,41 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None) ->
     compiled = {name: model if policy is None else
                 sparsify.compile(model, policy, cost_model_fallback=config.cost_model_fallback)
                 for name, policy in policies.items()}
-    result = EvalResult()
+    result = EvalResult(samples=list(previous.samples), fidelity=list(previous.fidelity),
+                        generation=list(previous.generation)) if previous else EvalResult()
+    earlier = previous.seconds if previous else 0.0
+    result.interrupted = True
+    done = _finished(result)
     start = time.perf_counter()
-    work = len(_mine(config, _task_items(config)) + _mine(config, _fidelity_items(config))) * len(policies)
+    items = [(*item, method) for item in _mine(config, _task_items(config)) + _mine(config, _fidelity_items(config))
+             for method in policies]
+    work = sum(item not in done for item in items)
+
+    def finished_item():
+        if checkpoint:
+            result.seconds = earlier + time.perf_counter() - start
+            result.rows = _aggregate(result.samples)
+            checkpoint(result)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console, transient=False) as progress:
             bar = progress.add_task("eval", total=work)
-            _run_tasks(config, model, tokenizer, compiled, result, progress, bar)
-            _run_fidelity(config, model, tokenizer, compiled, result, progress, bar)
+            _run_tasks(config, model, tokenizer, compiled, result, done, progress, bar, finished_item)
+            _run_fidelity(config, model, tokenizer, compiled, result, done, progress, bar, finished_item)
+        result.interrupted = False
     except KeyboardInterrupt:
-        result.interrupted = True  # keep what finished; the caller writes it
-    result.seconds = time.perf_counter() - start
+        pass  # keep what finished (interrupted stays true); the caller writes it
+    result.seconds = earlier + time.perf_counter() - start
     result.rows = _aggregate(result.samples)
     return result
+
+
+def _finished(result: EvalResult) -> set[tuple]:
+    """The items ``result`` holds, as ``(task, length, index, method)`` / ``(kind, length, method)``."""
+    return ({(s["task"], s["seq_len"], s["index"], s["method"]) for s in result.samples}
+            | {("fidelity", f["length"], f["method"]) for f in result.fidelity}
+            | {("generation", g["length"], g["method"]) for g in result.generation})
 
 
 @contextmanager
@@ -181,13 +211,17 @@ def _mine(config, items: list) -> list:
     return items[index::count]
 
 
-def _run_tasks(config, model, tokenizer, compiled, result, progress, bar):
+def _run_tasks(config, model, tokenizer, compiled, result, done, progress, bar, finished_item):
     for task_name, length, index in _mine(config, _task_items(config)):
+        if all((task_name, length, index, method) in done for method in compiled):
+            continue
         task = TASKS.get(task_name)
         depth = (index + 0.5) / config.samples  # needles spread evenly over 0-100% depth
         sample = task.generate(tokenizer, length, sample_rng(config.seed, task_name, length, index), depth)
         ids = prompt_ids(tokenizer, sample, model.device)
         for method, runner in compiled.items():
+            if (task_name, length, index, method) in done:
+                continue
             progress.update(bar, description=f"{task_name} @{length} #{index} {method}")
             with torch.no_grad(), through_sparsify(runner, method):
                 out = runner.generate(ids, max_new_tokens=task.max_new_tokens, do_sample=False)
@@ -197,10 +231,13 @@ def _run_tasks(config, model, tokenizer, compiled, result, progress, bar):
                                    "score": sample.score(text), "answers": list(sample.answers),
                                    "generated": text})
             _advance(progress, bar, f"{task_name} @{length} #{index} {method}: score {sample.score(text):.2f}")
+            finished_item()
 
 
-def _run_fidelity(config, model, tokenizer, compiled, result, progress, bar):
+def _run_fidelity(config, model, tokenizer, compiled, result, done, progress, bar, finished_item):
     for kind, length in _mine(config, _fidelity_items(config)):
+        if all((kind, length, method) in done for method in compiled):
+            continue
         if kind == "fidelity":
             sample = TASKS.get("niah_single").generate(tokenizer, length, sample_rng(config.seed, "fidelity", length),
                                                        0.5)
@@ -208,15 +245,19 @@ def _run_fidelity(config, model, tokenizer, compiled, result, progress, bar):
             sample = TASKS.get("passkey").generate(tokenizer, length, sample_rng(config.seed, "generation"), 0.5)
         ids = prompt_ids(tokenizer, sample, model.device)
         for method, runner in compiled.items():
+            if (kind, length, method) in done:
+                continue
             progress.update(bar, description=f"{kind} @{length} {method}")
             with through_sparsify(runner, method):
                 if kind == "fidelity":
-                    result.fidelity.append({"method": method, **fidelity_metrics.measure(
+                    result.fidelity.append({"method": method, "length": length, **fidelity_metrics.measure(
                         model, runner, ids, config.continuation)})
                 else:
                     entry = fidelity_metrics.generation_agreement(model, runner, ids, config.generation_tokens)
-                    result.generation.append({"method": method, "seq_len": ids.shape[1], **entry})
+                    result.generation.append({"method": method, "length": length, "seq_len": ids.shape[1],
+                                              **entry})
             _advance(progress, bar, f"{kind} @{length} {method}")
+            finished_item()
 
 
 def _aggregate(samples: list[dict]) -> list[dict]:
@@ -227,14 +268,42 @@ def _aggregate(samples: list[dict]) -> list[dict]:
             for (task, length, method), scores in groups.items()]
 
 
+def result_name(config: EvalConfig) -> str:
+    """``eval-<suite>``, or ``eval-<suite>.shard-KofN`` for shard K of N."""
+    index, count = config.shard
+    return f"eval-{config.suite}" + (f".shard-{index}of{count}" if count > 1 else "")
+
+
+def load_previous(config: EvalConfig, folder: Path | None = None) -> EvalResult | None:
+    """The unfinished run of ``config`` written in ``folder`` (None when there is none), to continue with
+    ``evaluate(previous=...)``. Fails naming the settings that differ, when the file holds another configuration."""
+    from ..benchmarks.common import results_dir
+
+    path = (folder or results_dir()) / f"{result_name(config)}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    differ = sorted(k for k, v in _comparable(asdict(config)).items() if _comparable(data["config"]).get(k) != v)
+    if differ:
+        raise SparsifyError(f"resume: {path.name} was run with other settings ({', '.join(differ)}); "
+                            "use another --suite or delete the file")
+    return EvalResult.from_json(data)
+
+
+def _comparable(settings: dict) -> dict:
+    """A configuration as JSON gives it back (tuples as lists), less what does not change the measurements."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k != "plots"}
+
+
 def write(config: EvalConfig, result: EvalResult, model_name: str, folder: Path | None = None,
-          merged_from: list[str] | None = None) -> Path:
+          merged_from: list[str] | None = None, plots_too: bool = True) -> Path:
     """``benchmarks/results/eval-<suite>.json`` (+ .md and PNG plots), in the shared results format; a shard K of
-    N writes ``eval-<suite>.shard-KofN.json`` alone, for :func:`merge_shards`."""
+    N writes ``eval-<suite>.shard-KofN.json`` alone, for :func:`merge_shards`. ``plots_too=False`` for
+    checkpoints."""
     from ..benchmarks.common import results_dir, write_result
 
-    index, count = config.shard
-    name = f"eval-{config.suite}" + (f".shard-{index}of{count}" if count > 1 else "")
+    count = config.shard[1]
+    name = result_name(config)
     extra = {"model": model_name, "ratio_meaning": "policy score / dense score", "config": asdict(config),
              "fidelity": result.fidelity,
              "generation": result.generation, "samples": result.samples, "interrupted": result.interrupted,
@@ -242,12 +311,13 @@ def write(config: EvalConfig, result: EvalResult, model_name: str, folder: Path 
     if merged_from:
         extra["merged_from"] = merged_from
     path = write_result(name, result.rows, result.ratios(), extra, folder=folder or results_dir())
-    if config.plots and count == 1:
+    if config.plots and plots_too and count == 1:
         folder = path.parent
+        shown = Path(model_name).name  # a GGUF path's file name, or the built-in model's name
         if result.rows:
-            plots.scores_vs_length(result.rows, folder / f"{name}-scores.png", f"{model_name}: score vs length")
+            plots.scores_vs_length(result.rows, folder / f"{name}-scores.png", f"{shown}: score vs length")
         if result.fidelity:
-            plots.layer_errors(result.fidelity, folder / f"{name}-fidelity.png", f"{model_name}: fidelity vs dense")
+            plots.layer_errors(result.fidelity, folder / f"{name}-fidelity.png", f"{shown}: fidelity vs dense")
     return path
 
 
