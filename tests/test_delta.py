@@ -169,3 +169,14 @@ def test_delta_parameter_errors():
         Policy.load({"rules": [{"use": "delta", "with": {"gama": 8}}]})
     default = Policy.load({"rules": [{"use": "delta"}]}).rules[0].spec.params
     assert (default.gamma, default.tail, default.base.params.window, default.base.params.sink) == (64, None, 2048, 64)
+
+
+def test_shift_diagnostic_sees_no_shift_when_the_window_covers_every_key():
+    from sparsify.benchmarks.delta_shift import layer_numbers
+
+    q, k, v = torch.randn(1, 6, 300, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    covered = layer_numbers(q, k, v, 0.25, window=300)
+    assert covered["base_error"] < 1e-6 and covered["delta_error"] < 1e-6 and covered["base_bias"] < 1e-6
+    narrow = layer_numbers(q, k, v, 0.25, window=16)
+    assert narrow["base_error"] > 0.05 and narrow["delta_error"] > 0.05
+    assert all(-1 <= narrow[f"cos_shift_d{d}"] <= 1 for d in (1, 8, 63))

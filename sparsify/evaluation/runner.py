@@ -56,7 +56,8 @@ class EvalConfig:
             TASKS.get(name, field="tasks")
         for name in ("samples", "continuation", "generation_tokens"):
             if getattr(self, name) < 0 or (name == "samples" and self.samples == 0):
-                raise SparsifyError(f"{name}: must be {'> 0' if name == 'samples' else '>= 0'}, got {getattr(self, name)}")
+                bound = "> 0" if name == "samples" else ">= 0"
+                raise SparsifyError(f"{name}: must be {bound}, got {getattr(self, name)}")
         if any(length < 256 for length in (*self.lengths, *self.fidelity_lengths)):
             raise SparsifyError("lengths: each must be at least 256 tokens")
 
