@@ -57,7 +57,7 @@ class DeltaCall:
         self.launch = (config.block_m, config.block_n)
         self.mask = (True, SINK, window, q.shape[-1] ** -0.5)
         self.tuning = (config.num_warps, config.num_stages, config.use_tma)
-        tile = row_launch(config)
+        tile = row_launch(config, q.dtype)
         self.row_tiles = (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, tile.use_tma)
         self.plans = {"sink_window_layout": lambda: self.ops.sink_window_layout(q, k, SINK, window, *self.launch),
                       "delta_rows": lambda: self.ops.delta_rows(q, GAMMA, -1, True),
@@ -121,7 +121,8 @@ def main(argv=None) -> None:
     errors = bf16_error(device, config)
     print("bf16 relative error:", errors, flush=True)
     rows, ratios = [], {}
-    extra = {"kernel_config": dataclasses.asdict(config), "row_kernel_config": dataclasses.asdict(row_launch(config)),
+    extra = {"kernel_config": dataclasses.asdict(config),
+             "row_kernel_config": dataclasses.asdict(row_launch(config, torch.bfloat16)),
              "bf16_rel_error_4096_window_512": errors, "plan_build_ms": {}, "parts_ms": {}, "profile": {},
              "strided_share_of_dense_pairs": {}}
     for seq in args.seq:

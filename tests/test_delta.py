@@ -180,3 +180,14 @@ def test_shift_diagnostic_sees_no_shift_when_the_window_covers_every_key():
     narrow = layer_numbers(q, k, v, 0.25, window=16)
     assert narrow["base_error"] > 0.05 and narrow["delta_error"] > 0.05
     assert all(-1 <= narrow[f"cos_shift_d{d}"] <= 1 for d in (1, 8, 63))
+
+
+def test_float32_rows_launch_with_the_base_tiles():
+    """128x128 float32 tiles with D=128 do not fit an H100's shared memory, and with D=64 run 8x slower."""
+    from sparsify.kernels.block_sparse_attention import KernelConfig
+    from sparsify.methods.delta import row_launch
+
+    base = KernelConfig(64, 64, 4, 3, use_tma=True)
+    assert row_launch(base, torch.float32) == base
+    wide = row_launch(base, torch.bfloat16)
+    assert (wide.block_m, wide.block_n, wide.num_warps, wide.num_stages, wide.use_tma) == (128, 128, 8, 3, True)

@@ -85,7 +85,7 @@ class Delta(AttentionMethod):
         rows = ctx.shared(("delta_rows", params.gamma, tail, params.correct, str(attn.q_len)),
                           lambda: ctx.call(torch.ops.sparsify.delta_rows.default, ctx.q, params.gamma, tail,
                                            params.correct))
-        tile = row_launch(config)
+        tile = row_launch(config, attn.dtype)
         layout = ctx.shared(("delta_row_layout", params.gamma, tail, params.correct, str(attn.q_len),
                              str(attn.kv_len), attn.group_size),
                             lambda: ctx.call(torch.ops.sparsify.row_layout.default, ctx.q, ctx.k, rows, tile.block_m,
@@ -104,7 +104,12 @@ class Delta(AttentionMethod):
         return ctx.call(torch.ops.sparsify.delta_correction.default, sparse_out, row_out, params.gamma, tail)
 
 
-def row_launch(config):
-    """The launch config of the strided rows: long key-dense rows, where 128x128 tiles ran fastest in an
-    exploratory H100 sweep (128K tokens; not kept as a results file); stages and TMA as the cost model chose."""
+def row_launch(config, dtype: torch.dtype):
+    """The launch config of the strided rows. 16-bit inputs: 128x128 tiles, 8 warps (long key-dense rows; fastest
+    in an exploratory H100 sweep at 128K tokens, not kept as a results file), stages and TMA as the cost model
+    chose. float32 (computed in IEEE float32): the base's own config, since 128x128 float32 tiles run 8x slower
+    (7.5K tokens, 9/3 heads, D=64: 18 ms against 2.1 ms with 64x64, H100) and with D=128 do not fit in shared
+    memory at all."""
+    if dtype == torch.float32:
+        return config
     return dataclasses.replace(config, block_m=128, block_n=128, num_warps=8)
