@@ -312,6 +312,28 @@ def _tma_usable(k: torch.Tensor, v: torch.Tensor, dim: int) -> bool:
             and k.element_size() == 2)
 
 
+def stages_that_fit(config: KernelConfig, block_d: int, element_size: int, shared_memory: int | None) -> int:
+    """``config.num_stages``, lowered until the pipelined K and V tiles (``stages * 2 * block_n * block_d`` elements)
+    fit ``shared_memory`` bytes (None: no limit, the interpreter). A config calibrated in 16-bit can be too large
+    in float32; the block sizes are the layout's, so only the stages can give. Fails, naming the sizes, when even
+    one stage does not fit."""
+    per_stage = 2 * config.block_n * block_d * element_size
+    if shared_memory is None or config.num_stages * per_stage <= shared_memory:
+        return config.num_stages
+    if per_stage > shared_memory:
+        raise ShapeError(f"config: {config.block_m}x{config.block_n} tiles with head_dim {block_d} in "
+                         f"{element_size}-byte elements need {per_stage} bytes of shared memory per stage; the "
+                         f"device has {shared_memory}. Use smaller blocks (block_n) or a 16-bit dtype")
+    return shared_memory // per_stage
+
+
+def _shared_memory(device: torch.device) -> int | None:
+    """Bytes of shared memory a block may use on ``device``; None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+
 def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = None, *,
                            config: KernelConfig | None = None, correction: DeltaCorrection | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,6 +351,8 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
         raise ShapeError(f"config blocks {config.block_m}x{config.block_n} differ from the layout's "
                          f"{layout.block_m}x{layout.block_n}")
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    block_d = max(16, triton.next_power_of_2(dim))
+    num_stages = stages_that_fit(config, block_d, q.element_size(), _shared_memory(q.device))
     out = torch.empty_like(q)
     lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
     grid = (layout.n_q_blocks, batch * q_heads)
@@ -362,9 +386,9 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
         row_out, *row_strides, correction.n_strided if correction else 0,
         q_len - correction.tail if correction else q_len,
         GAMMA=correction.gamma if correction else 0,
-        HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         HAS_Q_POS=layout.q_positions is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sparsify.errors import ShapeError
 from sparsify.kernels.block_sparse_attention import (KernelConfig, block_sparse_attention,
-                                                      block_sparse_attention_reference)
+                                                      block_sparse_attention_reference, stages_that_fit)
 from sparsify.kernels.layout import (BlockLayout, TokenMask, block_topk_layout, causal_layout, dense_layout,
                                      from_block_masks, Geometry, sink_window_layout, strided_layout)
 
@@ -226,3 +226,13 @@ def test_rows_layout_rejects_positions_outside_the_keys():
             rows_layout(positions, 90, 16, 16)
     with pytest.raises(ShapeError, match="no per-row query positions"):
         rows_layout(torch.tensor([0, 8]), 90, 16, 16).to_block_mask()
+
+
+def test_pipeline_stages_shrink_to_fit_shared_memory():
+    """What Triton asked for on an H100 (232448 bytes): 128x128 float32 tiles, D=128, need 131072 bytes a stage."""
+    config = KernelConfig(128, 128, 8, 3)
+    assert stages_that_fit(config, 128, 2, 232448) == 3  # bfloat16: 3 x 65536 fits
+    assert stages_that_fit(config, 128, 4, 232448) == 1
+    assert stages_that_fit(config, 128, 4, None) == 3  # the interpreter has no limit
+    with pytest.raises(ShapeError, match="need 131072 bytes of shared memory per stage; the device has 100000"):
+        stages_that_fit(config, 128, 4, 100000)
