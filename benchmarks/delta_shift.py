@@ -55,7 +55,7 @@ def relative_bias(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def layer_numbers(query, key, value, scaling: float, window: int) -> dict[str, float]:
-    """The row's numbers for one layer; ``query`` (B, H, N, D), ``key``/``value`` (B, H_kv, N, D)."""
+    """One layer's numbers (see the module's docstring); ``query`` (B, H, N, D), ``key``/``value`` (B, H_kv, N, D)."""
     length = query.shape[2]
     dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     positions, keys = torch.arange(length, device=query.device)[:, None], torch.arange(length, device=query.device)
