@@ -37,6 +37,12 @@ def time_ms(fn, *, warmup: int = 3, runs: int = 20) -> float:
     return statistics.median(samples)
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||``, computed in float32."""
+    expected = expected.float()
+    return ((actual.float() - expected).norm() / expected.norm()).item()
+
+
 def versions() -> dict[str, str]:
     import triton
 

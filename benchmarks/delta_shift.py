@@ -5,8 +5,8 @@ shifts of neighbouring rows are — the assumption the correction rests on.
 For each attention layer that the Delta policies make sparse (layers 3 and up, as in
 ``benchmarks/policies/delta-w*.yaml``) and each window, on one prompt per task as the eval harness generates them
 (needle at half depth, seed 0: ``niah_single`` is the fidelity prompt, essays around the needle; ``passkey``
-hides its key in a repeated filler sentence), with sink 64 and gamma 64, the spec's definitions written as plain
-masked SDPA:
+hides its key in a repeated filler sentence), with sink 64 and gamma 64: the base as masked SDPA under sparsify's
+token rule, the correction by sparsify's reference implementation:
 
 * ``shift[j] = O_dense[j] - O_sparse[j]`` (what the window misses at row ``j``);
 * ``base_error`` / ``delta_error``: relative error ``||O - O_dense|| / ||O_dense||`` of the base and of the
@@ -35,16 +35,15 @@ import torch.nn.functional as F
 
 from sparsify.evaluation.runner import prompt_ids, sample_rng
 from sparsify.evaluation.tasks import TASKS
+from sparsify.kernels.block_sparse_attention import DeltaCorrection
+from sparsify.kernels.delta import delta_correction_reference
+from sparsify.kernels.layout import TokenMask
 from sparsify.models import DEFAULT_MODEL, load_model
 from sparsify.ops import delta_tail
 
-from .common import write_result
+from .common import relative_error, write_result
 
 SINK, GAMMA, FIRST_SPARSE_LAYER, COSINE_DISTANCES = 64, 64, 3, (1, 8, 63)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
 
 
 def relative_bias(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -58,19 +57,21 @@ def layer_numbers(query, key, value, scaling: float, window: int) -> dict[str, f
     """One layer's numbers (see the module's docstring); ``query`` (B, H, N, D), ``key``/``value`` (B, H_kv, N, D)."""
     length = query.shape[2]
     dense = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-    positions, keys = torch.arange(length, device=query.device)[:, None], torch.arange(length, device=query.device)
-    mask = (keys <= positions) & ((positions - keys < window) | (keys < SINK))
+    positions = torch.arange(length, device=query.device)
+    mask = TokenMask(causal=True, sink=SINK, window=window).visible(positions[:, None], positions, length)
     sparse = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-    rows = torch.arange(length - delta_tail(length, GAMMA, -1), device=query.device)
+    tail = delta_tail(length, GAMMA, -1)
+    exact_rows = torch.cat([dense[:, :, ::GAMMA], dense[:, :, length - tail:]], dim=2)
+    corrected = delta_correction_reference(sparse, DeltaCorrection(exact_rows, GAMMA, tail))
+    rows = positions[:length - tail]
     offset = rows % GAMMA
     rows, offset = rows[offset != 0], offset[offset != 0]
-    shift = dense - sparse
-    corrected = sparse[:, :, rows] + shift[:, :, rows - offset]
     expected = dense[:, :, rows]
     numbers = {"base_error": relative_error(sparse[:, :, rows], expected),
-               "delta_error": relative_error(corrected, expected),
+               "delta_error": relative_error(corrected[:, :, rows], expected),
                "base_bias": relative_bias(sparse[:, :, rows], expected),
-               "delta_bias": relative_bias(corrected, expected)}
+               "delta_bias": relative_bias(corrected[:, :, rows], expected)}
+    shift = dense - sparse
     for distance in COSINE_DISTANCES:
         picked = rows[offset == distance]
         cosine = F.cosine_similarity(shift[:, :, picked], shift[:, :, picked - distance], dim=-1)

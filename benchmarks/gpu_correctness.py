@@ -12,11 +12,7 @@ from sparsify.kernels.block_sparse_attention import (KernelConfig, block_sparse_
                                                       block_sparse_attention_reference)
 from sparsify.kernels.layout import block_topk_layout, causal_layout, dense_layout, sink_window_layout
 
-from .common import write_result
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected).norm() / expected.norm()).item()
+from .common import relative_error, write_result
 
 
 def main(argv=None) -> None:

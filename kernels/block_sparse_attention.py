@@ -13,6 +13,7 @@ function in plain PyTorch (any device) and is what the tests and the CPU path us
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -329,9 +330,13 @@ def stages_that_fit(config: KernelConfig, block_d: int, element_size: int, share
 
 def _shared_memory(device: torch.device) -> int | None:
     """Bytes of shared memory a block may use on ``device``; None off CUDA (the interpreter)."""
-    if device.type != "cuda":
-        return None
-    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    return None if device.type != "cuda" else _cuda_shared_memory(device.index or 0)
+
+
+@functools.cache
+def _cuda_shared_memory(index: int) -> int:
+    # Asked once per device: this runs on every kernel launch.
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = None, *,

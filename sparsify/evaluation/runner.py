@@ -141,10 +141,13 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None, pr
              for method in policies]
     work = sum(item not in done for item in items)
 
+    def settle():
+        result.seconds = earlier + time.perf_counter() - start
+        result.rows = _aggregate(result.samples)
+
     def finished_item():
         if checkpoint:
-            result.seconds = earlier + time.perf_counter() - start
-            result.rows = _aggregate(result.samples)
+            settle()
             checkpoint(result)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
@@ -156,8 +159,7 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, console=None, pr
         result.interrupted = False
     except KeyboardInterrupt:
         pass  # keep what finished (interrupted stays true); the caller writes it
-    result.seconds = earlier + time.perf_counter() - start
-    result.rows = _aggregate(result.samples)
+    settle()
     return result
 
 
