@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .errors import PolicyError, ShapeError, SparsifyError
 
-BENCHMARKS = ("prefill", "delta", "delta_shift", "gpu_correctness")
+BENCHMARKS = ("prefill", "delta", "delta_rows", "delta_shift", "gpu_correctness")
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_question_first", "variable_tracking",
               "aggregation")
 

@@ -106,10 +106,10 @@ class Delta(AttentionMethod):
 
 def row_launch(config, dtype: torch.dtype):
     """The launch config of the strided rows. 16-bit inputs: 128x128 tiles, 8 warps (long key-dense rows; fastest
-    in an exploratory H100 sweep at 128K tokens, not kept as a results file), stages and TMA as the cost model
-    chose. float32 (computed in IEEE float32): the base's own config, since 128x128 float32 tiles run 8x slower
-    (7.5K tokens, 9/3 heads, D=64: 18 ms against 2.1 ms with 64x64, H100) and with D=128 fit shared memory only
-    with a single pipeline stage."""
+    in an exploratory H100 sweep at 128K tokens, not kept as a results file; at 32K the base's 64x64 tiles take 9%
+    less time, at 7.5K 22% more: benchmarks/results/delta_rows.md), stages and TMA as the cost model chose. float32
+    (computed in IEEE float32): the base's own config, since 128x128 float32 tiles ran 7.3x slower on SmolLM2's
+    shape (9/3 heads, D=64, 7.5K tokens; 6% faster with D=128 at 32K, where they fit only one pipeline stage)."""
     if dtype == torch.float32:
         return config
     return dataclasses.replace(config, block_m=128, block_n=128, num_warps=8)
