@@ -358,7 +358,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(dim))
     num_stages = stages_that_fit(config, block_d, q.element_size(), _shared_memory(q.device))
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous whatever q's strides: the ops' fake kernels promise it
     lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
     grid = (layout.n_q_blocks, batch * q_heads)
     n, idx, fn, fidx = layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices

@@ -92,7 +92,7 @@ def delta_correction(sparse_out: torch.Tensor, correction: DeltaCorrection, *, b
     :func:`delta_correction_reference`."""
     correction.check(sparse_out)
     batch, heads, length, dim = sparse_out.shape
-    out = torch.empty_like(sparse_out)
+    out = sparse_out.new_empty(sparse_out.shape)
     grid = (triton.cdiv(length, block_rows), batch * heads)
     _delta_correction[grid](
         sparse_out, correction.row_out, out, *sparse_out.stride(), *correction.row_out.stride(), *out.stride(),

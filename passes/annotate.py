@@ -46,6 +46,13 @@ class AttentionInfo:
     # A mask tensor on a square prefill call (transformers materialises its causal mask while traced): taken as
     # causal, so sparse methods apply, and checked on every call, falling back to dense when it is not causal.
     mask_guard: bool = False
+    # A described mask (``sparsify.attention``) on a prefill call with key padding or a static cache's offset: sparse
+    # methods run over the first q_len keys, and a check once per forward (``sparsify.prefill_is_plain``) replaces
+    # their output with exact attention on calls that are not a plain causal prefill (a padded batch, a non-empty cache).
+    prefill_guard: bool = False
+    # A static cache in prefill: k/v are the cache's whole capacity; ``kv_len`` above is q_len, the keys a method
+    # reads (guarded as above).
+    static_cache: bool = False
 
     @property
     def group_size(self) -> int:
@@ -81,7 +88,9 @@ def as_length(size) -> Length:
     return int(size)
 
 
-def _mask_kind(mask) -> str:
+def _mask_kind(mask, key_padding=None) -> str:
+    if key_padding is not None:
+        return "key_padding"
     if mask is None:
         return "none"
     value = value_of(mask)
@@ -114,13 +123,18 @@ def annotate_attention(
         else:
             phase = "decode" if q_len == 1 else "prefill"
         mask_guard = phase == "prefill" and not causal and _square_mask(match.attn_mask, q_len, kv_len)
+        static_cache = phase == "prefill" and match.query_offset is not None
+        prefill_guard = phase == "prefill" and causal and (match.key_padding is not None or static_cache)
+        if static_cache:
+            kv_len = q_len
         attentions.append(AttentionInfo(
             # Without a numbered module on the path (attention in a top-level forward), graph order is the layer.
             index=index, match=match, layer=_or(layer_index(path), index), module_path=path,
             batch=as_length(q.shape[0]), q_heads=int(q.shape[1]), kv_heads=int(k.shape[1]),
             head_dim=int(q.shape[-1]), v_head_dim=int(v.shape[-1]), q_len=q_len, kv_len=kv_len,
-            causal=causal or mask_guard, phase=phase, dtype=q.dtype, mask_kind=_mask_kind(match.attn_mask),
-            mask_guard=mask_guard,
+            causal=causal or mask_guard, phase=phase, dtype=q.dtype,
+            mask_kind=_mask_kind(match.attn_mask, match.key_padding), mask_guard=mask_guard,
+            prefill_guard=prefill_guard, static_cache=static_cache,
         ))
     return gm, AnnotateReport(attentions, _layer_graph(gm, attentions))
 

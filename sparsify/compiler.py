@@ -2,15 +2,22 @@
 
 The backend receives one FX graph per frame Dynamo captures (in HF ``generate()``: a prefill frame, then decode
 frames, whose cache length becomes symbolic after the first recompile). Each frame is rewritten by the pass
-pipeline. When a decision depends on a length that is symbolic in the graph (a policy rule with
-``min_seq_len``/``max_seq_len``), the frame keeps one rewritten variant per distinct set of decisions and picks
-one per call from the concrete lengths — a guard of our own, so no recompilation per token.
+pipeline, then compiled by Inductor (the sparsify ops stay opaque calls) so the rest of the model is fused as
+``torch.compile`` would fuse it. When a decision depends on a length that is symbolic in the graph (a policy rule
+with ``min_seq_len``/``max_seq_len``, a cost-model threshold), the frame builds, at capture time, one rewritten
+variant per distinct set of decisions the lengths can lead to, and picks one per call from the concrete lengths —
+a guard of our own, so no recompilation per token.
+
+transformers models are compiled through a private copy that uses the ``"sparsify"`` attention implementation
+(``sparsify.hf``): masks are described, never materialised, so no graph holds an N x N tensor.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -18,8 +25,12 @@ import sympy
 import torch
 import torch.fx
 
+from torch._inductor.compile_fx import compile_fx
+
+from .passes.apply_policy import apply_policy
 from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
 from .passes.fx_utils import value_of
+from .passes.rewrite import fallback_counter_name
 from .pipeline import PipelineResult, analyse, copy_graph_module, decide, run_pipeline
 from .policy import Policy
 
@@ -29,15 +40,29 @@ class CompileOptions:
     """``phase``: "auto" infers prefill/decode from q_len; "diffusion" marks bidirectional calls as diffusion
     steps (the diffusion runtime sets it). ``dynamic`` is passed to ``torch.compile``. ``cost_model_fallback``:
     let the cost model keep attentions dense where it predicts dense is cheaper (off: the policy is followed
-    to the letter, e.g. to study a method's accuracy at short lengths)."""
+    to the letter, e.g. to study a method's accuracy at short lengths). ``inductor``: compile each rewritten graph
+    with Inductor (None: on CUDA, where it fuses the rest of the model; off on the CPU, where the rewritten graph
+    runs as it is and compiles in seconds). ``cuda_graphs``: replay frames whose shapes are all static (decode with a
+    ``StaticCache``) as CUDA graphs, like ``torch.compile(mode="reduce-overhead")`` (None: wherever Inductor runs on
+    CUDA). ``hf_attention``: give transformers models the ``"sparsify"`` attention implementation (masks
+    described, not materialised); off, the model's own attention is matched in the graph as traced."""
 
     phase: Literal["auto", "diffusion"] = "auto"
     dynamic: bool | None = None
     cost_model_fallback: bool = True
+    inductor: bool | None = None
+    cuda_graphs: bool | None = None
+    hf_attention: bool = True
 
     def __post_init__(self):
         if self.phase not in ("auto", "diffusion"):
             raise ValueError(f"phase: {self.phase!r} is not allowed; allowed: auto, diffusion")
+        for name in ("inductor", "cuda_graphs"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: None, True, False")
+        if self.cuda_graphs and self.inductor is False:
+            raise ValueError("cuda_graphs: True needs inductor (CUDA graphs are Inductor's); allowed with "
+                             "inductor: None or True")
 
 
 class _LengthReader:
@@ -72,40 +97,123 @@ def _find_symbol(placeholders: list[torch.fx.Node], symbol: sympy.Symbol) -> Cal
     raise RuntimeError(f"sparsify: size symbol {symbol} is not readable from the graph's inputs")
 
 
-class CompiledFrame:
-    """One captured frame: its graph, its attentions, and the rewritten variants built so far."""
+@dataclass
+class Variant:
+    """One rewritten graph of a frame and what runs it: Inductor's compiled callable, or the graph itself."""
 
-    def __init__(self, gm: torch.fx.GraphModule, policy: Policy, options: CompileOptions, ceilings: DeviceCeilings):
+    result: PipelineResult
+    run: Callable
+    compiled_by: str  # "inductor", "inductor + CUDA graphs", or why the graph runs as it is
+    calls: int = 0
+
+
+class CompiledFrame:
+    """One captured frame: its graph, its attentions, and its rewritten variants.
+
+    Variants are built while Dynamo waits for the backend (Inductor needs Dynamo's shape environment for symbolic
+    lengths): one for each distinct set of decisions the frame's lengths can lead to, found by probing the lengths
+    at which a decision can change (rule bounds, cost-model thresholds).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, policy: Policy, options: CompileOptions,
+                 ceilings: DeviceCeilings, device: torch.device):
         self.original = gm
         self.policy = policy
         self.costs = CostModel(ceilings, options.cost_model_fallback)
         self.diffusion = options.phase == "diffusion"
+        self._example_inputs = example_inputs
+        self._backend = _inductor_setting(gm, options, device)
         _, self.annotations = analyse(gm, diffusion=self.diffusion)
-        self.variants: dict[tuple, PipelineResult] = {}
-        self.last: PipelineResult | None = None
+        self.variants: dict[tuple, Variant] = {}
+        self.current: Variant | None = None  # the variant the last call ran (at capture: the last one built)
         self.calls = 0
         symbolic = {a.index: a.kv_len for a in self.annotations.attentions if not isinstance(a.kv_len, int)}
         self._reader = None
-        # Lengths matter when a rule tests them, or when a sparse method may meet the cost model's threshold.
-        if symbolic and (policy.depends_on_length or policy.uses_sparse_methods):
-            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            self._reader = _LengthReader(placeholders, symbolic)
-        if self._reader is None:
-            self.last = self._variant(None)
+        if symbolic:
+            keys = {self._decide(lengths).key: lengths for lengths in self._probe_lengths(symbolic)}
+            if len(keys) > 1:
+                placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+                self._reader = _LengthReader(placeholders, symbolic)
+            for lengths in keys.values():
+                self._variant(lengths, at_capture=True)
+        else:
+            self._variant(None, at_capture=True)
+        self._example_inputs = None  # only needed while Dynamo waits
 
-    def _variant(self, seq_lens: dict[int, int] | None) -> PipelineResult:
-        decisions, _ = decide(self.original, self.annotations, self.policy, self.costs, seq_lens)
-        if decisions.key not in self.variants:
-            self.variants[decisions.key] = run_pipeline(
-                copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion, seq_lens=seq_lens
-            )
-        return self.variants[decisions.key]
+    def _decide(self, seq_lens: dict[int, int] | None):
+        return decide(self.original, self.annotations, self.policy, self.costs, seq_lens)[0]
+
+    def _probe_lengths(self, symbolic: dict[int, Any]) -> list[dict[int, int]]:
+        """Lengths on each side of every point where a decision can change, the same for every symbolic attention
+        (a frame's attentions share their key length)."""
+        points = {1, 1 << 40}
+        for rule in self.policy.rules:
+            if rule.when.min_seq_len is not None:
+                points |= {rule.when.min_seq_len - 1, rule.when.min_seq_len}
+            if rule.when.max_seq_len is not None:
+                points |= {rule.when.max_seq_len, rule.when.max_seq_len + 1}
+        for length in sorted(points):
+            report = apply_policy(self.original, self.annotations, self.policy,
+                                  {index: length for index in symbolic})[1]
+            for decision in report.decisions:
+                for segment in decision.segments:
+                    threshold = self.costs.threshold(segment, decision.attention)
+                    if threshold:
+                        points |= {threshold - 1, threshold}
+        return [{index: max(length, 1) for index in symbolic} for length in sorted(points)]
+
+    def _variant(self, seq_lens: dict[int, int] | None, *, at_capture: bool = False) -> Variant:
+        key = self._decide(seq_lens).key
+        if key not in self.variants:
+            result = run_pipeline(copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion,
+                                  seq_lens=seq_lens)
+            self.variants[key] = self._compile(result, at_capture)
+        self.current = self.variants[key]
+        return self.current
+
+    def _compile(self, result: PipelineResult, at_capture: bool) -> Variant:
+        if self._backend is None or not at_capture:
+            reason = ("runs as rewritten (Inductor is off here)" if self._backend is None
+                      else "runs as rewritten: built after capture, for lengths the probes missed")
+            return Variant(result, result.gm, reason)
+        patches, label = self._backend
+        return Variant(result, compile_fx(result.gm, self._example_inputs, config_patches=patches), label)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
-        if self._reader is not None:
-            self.last = self._variant(self._reader(args))
-        return self.last.gm(*args)
+        variant = self._variant(self._reader(args)) if self._reader is not None else self.current
+        variant.calls += 1
+        return variant.run(*args)
+
+    @property
+    def last(self) -> PipelineResult | None:
+        """The pipeline's reports for the variant the last call ran."""
+        return self.current.result if self.current is not None else None
+
+
+def _inductor_setting(gm: torch.fx.GraphModule, options: CompileOptions, device: torch.device
+                      ) -> tuple[dict, str] | None:
+    """(Inductor config patches, label) for a frame, or None where its rewritten graph runs as it is."""
+    inductor = options.inductor if options.inductor is not None else device.type == "cuda"
+    if not inductor:
+        return None
+    if torch.is_grad_enabled():
+        # Inductor would build a training graph, and the sparsify ops are for inference (they have no backward).
+        return None
+    static = not any(isinstance(value_of(n), (torch.SymInt, torch.SymFloat, torch.SymBool))
+                     or (isinstance(value_of(n), torch.Tensor) and any(isinstance(d, torch.SymInt)
+                                                                        for d in value_of(n).shape))
+                     for n in gm.graph.nodes if n.op == "placeholder")
+    graphs = options.cuda_graphs if options.cuda_graphs is not None else device.type == "cuda"
+    if graphs and static and device.type == "cuda" and _is_decode(gm):
+        return {"triton.cudagraphs": True}, "inductor + CUDA graphs"
+    return {}, "inductor"
+
+
+def _is_decode(gm: torch.fx.GraphModule) -> bool:
+    """Every attention of the frame has one query row (prefill frames vary in length and sync once per forward)."""
+    _, annotations = analyse(gm)
+    return bool(annotations.attentions) and all(a.phase == "decode" for a in annotations.attentions)
 
 
 def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
@@ -129,7 +237,7 @@ class SparsifyBackend:
         device = _graph_device(gm)
         if device not in self.ceilings:
             self.ceilings[device] = load_ceilings(device)
-        frame = CompiledFrame(gm, self.policy, self.options, self.ceilings[device])
+        frame = CompiledFrame(gm, example_inputs, self.policy, self.options, self.ceilings[device], device)
         self.frames.append(frame)
         return frame
 
@@ -147,6 +255,26 @@ class SparsifyHandle:
     backend: SparsifyBackend
     model_name: str = ""
     notes: dict = field(default_factory=dict)
+    uncompiled: Any = None  # sparsify.hf.UncompiledCalls of a transformers model, else None
+
+    @property
+    def uncompiled_calls(self) -> int:
+        """Attention calls that ran outside sparsify's graphs (exact dense attention, not the policy's method)."""
+        return self.uncompiled.count if self.uncompiled is not None else 0
+
+    def fallback_calls(self) -> dict[str, int]:
+        """Calls on which an attention ran densely instead of its method, by reason, over every variant run."""
+        counts: dict[str, int] = {}
+        for frame in self.frames:
+            for variant in frame.variants.values():
+                for decision in variant.result.decisions.decisions:
+                    for segment in decision.segments:
+                        runtime = runtime_fallbacks(variant, decision.attention, segment)
+                        if runtime:
+                            counts[RUNTIME_FALLBACK] = counts.get(RUNTIME_FALLBACK, 0) + runtime
+        if self.uncompiled_calls:
+            counts[UNCOMPILED] = self.uncompiled_calls
+        return counts
 
     @property
     def frames(self) -> list[CompiledFrame]:
@@ -161,16 +289,27 @@ class SparsifyHandle:
         """(methods other than dense that some attention runs, fallback reasons seen), over every variant built."""
         methods, reasons = set(), set()
         for frame in self.frames:
-            for result in frame.variants.values():
-                for decision in result.decisions.decisions:
+            for variant in frame.variants.values():
+                for decision in variant.result.decisions.decisions:
                     if decision.untouched is not None:
                         reasons.add(decision.untouched)
                     for segment in decision.segments:
                         if segment.fallback:
                             reasons.add(segment.fallback)
-                        elif segment.spec.name != "dense":
+                        elif segment.spec.name != "dense" and variant.calls > runtime_fallbacks(
+                                variant, decision.attention, segment):
                             methods.add(segment.spec.name)
-        return methods, reasons
+        return methods, reasons | set(self.fallback_calls())
+
+
+RUNTIME_FALLBACK = "dense at run time: a padded batch, a non-empty cache, or a mask that was not causal"
+UNCOMPILED = "ran outside sparsify's graphs (Dynamo ran the model's own forward): exact dense attention"
+
+
+def runtime_fallbacks(variant: Variant, attention, segment) -> int:
+    """Calls on which a guard replaced this segment's sparse output by dense attention (0 for unguarded ones)."""
+    counter = getattr(variant.result.gm, f"sparsify_state_{fallback_counter_name(attention, segment.start)}", None)
+    return int(counter) if counter is not None else 0
 
 
 def _own_forward(module: torch.nn.Module) -> Callable:
@@ -194,23 +333,71 @@ def check_policy_against(model: torch.nn.Module, policy: Policy) -> None:
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None)
     if layers is not None and heads is not None:
-        policy.check_against_model(int(layers), int(heads))
+        policy.check_against_model(int(layers), int(heads), kv_heads=int(kv_heads) if kv_heads else None)
+
+
+# Dynamo compiles a new frame for each distinct set of keyword arguments and for prefill and decode (static, then
+# symbolic lengths): 8, its default per code object, is too few for one model used in several ways, and past it
+# Dynamo runs the plain forward silently. Our forward has a code object of its own, so this budget is its alone.
+RECOMPILE_LIMIT = 64
+
+
+def _private_copy(model: torch.nn.Module, hf_attention: bool) -> torch.nn.Module:
+    """A copy of ``model`` sharing its parameters and buffers. For transformers models with ``hf_attention`` the
+    copy's modules and config are its own (deep-copied, tensors shared) and use the ``"sparsify"`` attention
+    implementation; otherwise a shallow copy."""
+    # A transformers model means transformers is imported already; other models never import it.
+    transformers = sys.modules.get("transformers")
+    if not (hf_attention and transformers is not None and isinstance(model, transformers.PreTrainedModel)):
+        return copy.copy(model)
+    from . import hf
+
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    copied = copy.deepcopy(model, shared)
+    copied.sparsify_uncompiled_calls = hf.install(copied)
+    return copied
+
+
+def mark_static_cache(cache: Any) -> None:
+    """Tell Dynamo that a preallocated (static) cache's tensors keep their addresses, as its own
+    ``mark_static_address`` would when the cache is filled outside a compiled region. Ours is filled inside the
+    compiled prefill, so without this the decode frame sees the cache as ordinary inputs that it mutates, and
+    Inductor refuses to replay it as a CUDA graph."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return
+    for layer in getattr(cache, "layers", ()):
+        if not getattr(layer, "is_initialized", False):
+            continue
+        for name in ("keys", "values", "cumulative_length"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and not hasattr(tensor, "_dynamo_static_input_type"):
+                torch._dynamo.mark_static_address(tensor, guard=False)  # a new cache: no recompile
 
 
 def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **options: Any) -> torch.nn.Module:
     """Return ``model`` with every attention of its forward rewritten by ``policy``.
 
-    The result is a shallow copy of ``model`` (sharing its weights) whose ``forward`` is compiled, so it calls
-    and ``generate()``s like the model; ``result.sparsify`` holds the policy and the captured frames
+    The result is a copy of ``model`` (sharing its weights) whose ``forward`` is compiled, so it calls and
+    ``generate()``s like the model; ``result.sparsify`` holds the policy and the captured frames
     (``sparsify.explain(result)`` prints them). The model itself is not changed.
     """
     resolved = Policy.load(policy)
     compile_options = CompileOptions(**options)
     check_policy_against(model, resolved)
     backend = SparsifyBackend(resolved, compile_options)
-    compiled = copy.copy(model)
-    compiled.forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
+    compiled = _private_copy(model, compile_options.hf_attention)
+    dynamo_forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
+
+    @functools.wraps(dynamo_forward)
+    def forward(*args, **kwargs):
+        mark_static_cache(kwargs.get("past_key_values", kwargs.get("cache")))
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return dynamo_forward(*args, **kwargs)
+
+    compiled.forward = forward
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
-    compiled.sparsify = SparsifyHandle(resolved, compile_options, backend, model_name=name)
+    compiled.sparsify = SparsifyHandle(resolved, compile_options, backend, model_name=name,
+                                       uncompiled=getattr(compiled, "sparsify_uncompiled_calls", None))
     return compiled

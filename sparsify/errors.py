@@ -15,3 +15,8 @@ class PolicyWarning(UserWarning):
 
 class ShapeError(SparsifyError, ValueError):
     """Tensors a kernel or op cannot take (rank, head counts, dtype, device)."""
+
+
+class FallbackWarning(UserWarning):
+    """Attention that ran densely where the policy asked for a sparse method, for a reason only known at run time
+    (Dynamo running the model's own forward, a padded batch). ``explain`` counts every such call."""

@@ -14,8 +14,12 @@ from rich.table import Table
 from .pipeline import PipelineResult
 
 
-def explain_rows(result: PipelineResult) -> list[dict]:
-    """One row per attention (per run of heads when a rule splits heads)."""
+def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
+    """One row per attention (per run of heads when a rule splits heads). With the ``variant`` that ran
+    ``result``'s graph, each row also says how many calls ran it and on how many a run-time guard ran dense
+    attention instead of the method."""
+    from .compiler import runtime_fallbacks
+
     rows = []
     for decision in result.decisions.decisions:
         attention = decision.attention
@@ -35,8 +39,16 @@ def explain_rows(result: PipelineResult) -> list[dict]:
                     else segment.spec.method.structure(segment.spec.params, segment.config))
             if attention.mask_guard and segment.spec.name != "dense":
                 note = "; ".join(filter(None, [note, "mask tensor checked each call: causal, or dense with it"]))
-            rows.append({**base, "q_heads": heads, "rule": segment.rule, "method": segment.spec.describe(),
-                         "note": note})
+            if attention.prefill_guard and segment.spec.name != "dense":
+                note = "; ".join(filter(None, [note, "dense on calls with padding or a non-empty cache"]))
+            row = {**base, "q_heads": heads, "rule": segment.rule, "method": segment.spec.describe(), "note": note}
+            if variant is not None:
+                dense_calls = runtime_fallbacks(variant, attention, segment)
+                row["calls"] = variant.calls
+                if dense_calls:
+                    row["note"] = "; ".join(filter(None, [row["note"], f"ran dense on {dense_calls} of "
+                                                          f"{variant.calls} calls"]))
+            rows.append(row)
     return rows
 
 
@@ -50,21 +62,24 @@ def explain(compiled) -> str:
     console.print(handle.policy.describe())
     if not handle.frames:
         console.print("no frame captured yet: call the compiled model once, then explain it")
+    if handle.uncompiled_calls:
+        console.print(f"warning: {handle.uncompiled_calls} attention call(s) ran outside sparsify's graphs (Dynamo "
+                      "ran the model's own forward): exact dense attention, not the policy's method")
+    columns = ("layer", "module", "matched", "phase", "heads", "q_len", "kv_len", "q_heads", "rule", "method",
+               "calls", "note")
     for number, frame in enumerate(handle.frames):
-        result = frame.last
-        if result is None:
-            console.print(f"frame {number}: not run yet")
-            continue
-        counts = ", ".join(f"{k}={v}" for k, v in result.matches.counts().items()) or "none"
-        table = Table(title=f"frame {number}: {len(result.matches.matches)} attentions matched ({counts}); "
-                            f"{len(frame.variants)} variant(s), {frame.calls} call(s)")
-        for column in ("layer", "module", "matched", "phase", "heads", "q_len", "kv_len", "q_heads", "rule",
-                       "method", "note"):
-            table.add_column(column, overflow="fold")
-        for row in explain_rows(result):
-            table.add_row(*(str(row[c]) for c in ("layer", "module", "matched", "phase", "heads", "q_len", "kv_len",
-                                                  "q_heads", "rule", "method", "note")))
-        console.print(table)
+        ran = [v for v in frame.variants.values() if v.calls] or ([frame.current] if frame.current else [])
+        for variant in ran:
+            result = variant.result
+            counts = ", ".join(f"{k}={v}" for k, v in result.matches.counts().items()) or "none"
+            which = f"variant {list(frame.variants.values()).index(variant) + 1} of {len(frame.variants)}"
+            table = Table(title=f"frame {number}, {which} ({variant.compiled_by}): {len(result.matches.matches)} "
+                                f"attentions matched ({counts}); {variant.calls} of the frame's {frame.calls} call(s)")
+            for column in columns:
+                table.add_column(column, overflow="fold")
+            for row in explain_rows(result, variant):
+                table.add_row(*(str(row.get(c, "")) for c in columns))
+            console.print(table)
     return out.getvalue()
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .errors import ShapeError
 from .kernels import block_sparse_attention as kernel
+from .kernels import decode as decode_kernels
 from .kernels import delta as delta_kernels
 from .kernels import layout as layouts
 
@@ -42,6 +43,8 @@ def dense_attention(
     Returns (B, Hq, Lq, Dv), contiguous.
     """
     check_attention_inputs(q, k, v, "sparsify.dense_attention")
+    if q.is_cuda and q.shape[2] == 1 and attn_mask is None and not is_causal:
+        return decode(q, k, v, None, None, False, scale)  # SDPA has no split-KV path for one query row
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -51,6 +54,111 @@ def dense_attention(
 @dense_attention.register_fake
 def _(q, k, v, attn_mask, is_causal, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# -- attention as transformers' models ask for it, the mask described rather than materialised --------------------
+# ``sparsify.hf`` registers an attention implementation with transformers whose mask function returns the 2-D key
+# padding and the query offset instead of a (q_len x kv_len) mask, so that no graph holds an N x N tensor.
+
+
+def _query_positions(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
+    """Position of each query row in the cache, int64 (Lq,): ``query_offset + i``, or ``Lk - Lq + i``."""
+    start = query_offset.to(torch.int64) if query_offset is not None else k.shape[2] - q.shape[2]
+    return torch.arange(q.shape[2], device=q.device, dtype=torch.int64) + start
+
+
+def visible_keys(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool
+                 ) -> Tensor:
+    """The boolean visibility (B or 1, 1, Lq, Lk) that :func:`attention` describes: key j is seen by query i when
+    ``key_padding[b, j]`` and, if ``causal``, ``j <= position(i)``. Materialised only where a padded batch or a
+    cache offset needs it (and by the tests, as the definition)."""
+    keys = torch.arange(k.shape[2], device=q.device)
+    visible = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible & (keys[None, :] <= _query_positions(q, k, query_offset)[:, None])
+    if key_padding is not None:
+        visible = visible & key_padding[:, None, None, :].to(torch.bool)
+    return visible
+
+
+@torch.library.custom_op("sparsify::prefill_is_plain", mutates_args=())
+def prefill_is_plain(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset: Tensor | None) -> Tensor:
+    """Whether a prefill call's mask is the plain causal one over its own Lq keys: the queries start at position 0
+    (``query_offset`` 0, or Lk == Lq) and no key among the first Lq is padding. A 0-d bool tensor ON THE CPU: one
+    host synchronisation per forward (the node is shared by every layer), after which each layer reads it for free
+    (transformers' eager SDPA path makes the same check)."""
+    starts_at_zero = bool(query_offset == 0) if query_offset is not None else k.shape[2] == q.shape[2]
+    unpadded = key_padding is None or bool(key_padding[:, : q.shape[2]].all())
+    return torch.tensor(starts_at_zero and unpadded)
+
+
+@prefill_is_plain.register_fake
+def _(q, k, key_padding, query_offset):
+    return torch.empty((), dtype=torch.bool, device="cpu")
+
+
+@torch.library.custom_op("sparsify::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None,
+              plain: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """Exact attention with the mask given by its description (what a transformers model means by its mask).
+
+    q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv), Hq a multiple of Hkv. Query i sits at position
+    ``query_offset + i`` (a 0-d integer tensor: static caches, whose Lk is the cache's capacity) or ``Lk - Lq + i``
+    (the keys end with the queries). Key j is visible when ``key_padding[b, j]`` (B, Lk) holds (if given) and, if
+    ``causal``, ``j <= position(i)``. ``plain`` is :func:`prefill_is_plain`'s answer, computed here when None.
+
+    Decode (Lq == 1) never synchronises with the host: split-KV flash decoding over the visible prefix on CUDA.
+    A plain causal prefill runs SDPA with ``is_causal`` over the first Lq keys (the flash kernel); anything else
+    (padding, an offset) runs SDPA with the visibility materialised, as transformers itself does there.
+    Returns (B, Hq, Lq, Dv), contiguous.
+    """
+    check_attention_inputs(q, k, v, "sparsify.attention")
+    if key_padding is not None and (key_padding.dim() != 2 or tuple(key_padding.shape) != (q.shape[0], k.shape[2])):
+        raise ShapeError(f"sparsify.attention: key_padding must be (B, Lk) = ({q.shape[0]}, {k.shape[2]}); "
+                         f"got {tuple(key_padding.shape)}")
+    gqa = q.shape[1] != k.shape[1]
+    if q.shape[2] == 1:
+        return decode(q, k, v, key_padding, query_offset, causal, scale)
+    if causal and bool(plain if plain is not None else prefill_is_plain(q, k, key_padding, query_offset)):
+        length = q.shape[2]
+        return F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], is_causal=True, scale=scale,
+                                              enable_gqa=gqa).contiguous()
+    if not causal and key_padding is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa).contiguous()
+    mask = visible_keys(q, k, key_padding, query_offset, causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, key_padding, query_offset, plain, causal, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool,
+           scale: float) -> Tensor:
+    """One query row per sequence (Lq == 1) over the keys before and at its position, without a host sync.
+    The Triton split-KV kernel on CUDA (each KV head's K/V read once for its query heads), SDPA with the
+    (B, 1, 1, Lk) visibility elsewhere."""
+    if q.is_cuda:
+        visible = (query_offset.to(torch.int32) + 1 if causal and query_offset is not None
+                   else torch.full((), k.shape[2], dtype=torch.int32, device=q.device))
+        lengths = visible.expand(q.shape[0])
+        return decode_kernels.decode_attention(q, k, v, lengths, scale, key_padding=key_padding)[0]
+    mask = visible_keys(q, k, key_padding, query_offset, causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1]).contiguous()
+
+
+@torch.library.custom_op("sparsify::prefill_guard", mutates_args=("out", "fallbacks"))
+def prefill_guard(out: Tensor, plain: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None,
+                  query_offset: Tensor | None, causal: bool, scale: float, fallbacks: Tensor) -> None:
+    """A sparse method computed ``out`` over the first Lq keys as a plain causal prefill; where :func:`prefill_is_plain`
+    says the call was not plain (a padded batch, a cache that was not empty), overwrite it with exact attention under
+    the described mask and count the call in ``fallbacks`` (a 0-d int64 CPU tensor, read by ``explain``).
+    ``plain`` is a CPU tensor: no synchronisation here."""
+    if not bool(plain):
+        out.copy_(attention(q, k, v, key_padding, query_offset, plain, causal, scale))
+        fallbacks.add_(1)
 
 
 @torch.library.custom_op("sparsify::mask_is_causal", mutates_args=())
@@ -70,14 +178,15 @@ def _(mask):
     return mask.new_empty((), dtype=torch.bool)
 
 
-@torch.library.custom_op("sparsify::causal_mask_guard", mutates_args=("out",))
+@torch.library.custom_op("sparsify::causal_mask_guard", mutates_args=("out", "fallbacks"))
 def causal_mask_guard(out: Tensor, is_causal: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor,
-                      scale: float) -> None:
+                      scale: float, fallbacks: Tensor) -> None:
     """Keep ``out`` (a method's output computed as if the mask were causal) when ``is_causal``; else overwrite it
-    with dense attention under the mask itself, so a padded or custom mask never gets a causal method's answer.
-    Reads ``is_causal`` on the host (one sync per call)."""
+    with dense attention under the mask itself, so a padded or custom mask never gets a causal method's answer, and
+    count the call in ``fallbacks`` (0-d int64, CPU). Reads ``is_causal`` on the host (one sync per call)."""
     if not bool(is_causal):
         out.copy_(dense_attention(q, k, v, attn_mask, False, scale))
+        fallbacks.add_(1)
 
 
 # -- block-sparse attention and the layouts it reads --------------------------------------------------------------
@@ -108,13 +217,14 @@ def block_sparse_attention(
     if q.is_cuda:
         config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
         return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)
-    return kernel.block_sparse_attention_reference(q, k, v, layout, scale)
+    out, lse = kernel.block_sparse_attention_reference(q, k, v, layout, scale)
+    return out.contiguous(), lse.contiguous()
 
 
 @block_sparse_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
       window, scale, num_warps, num_stages, use_tma):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _layout_tensors(layout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -214,7 +324,7 @@ def row_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor,
     layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
                                  positions.shape[0], k.shape[2], layouts.TokenMask(causal=True), q_positions=positions)
     config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma) if q.is_cuda else None
-    return delta_kernels.row_attention(q[:, :, rows], k, v, layout, scale, config=config)
+    return delta_kernels.row_attention(q[:, :, rows], k, v, layout, scale, config=config).contiguous()
 
 
 @row_attention.register_fake
@@ -235,12 +345,12 @@ def delta_correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int)
     correction = _correction(sparse_out, row_out, gamma, tail)
     if sparse_out.is_cuda:
         return delta_kernels.delta_correction(sparse_out, correction)
-    return delta_kernels.delta_correction_reference(sparse_out, correction)
+    return delta_kernels.delta_correction_reference(sparse_out, correction).contiguous()
 
 
 @delta_correction.register_fake
 def _(sparse_out, row_out, gamma, tail):
-    return torch.empty_like(sparse_out)
+    return sparse_out.new_empty(sparse_out.shape)
 
 
 @torch.library.custom_op("sparsify::block_sparse_attention_delta", mutates_args=())
@@ -260,10 +370,10 @@ def block_sparse_attention_delta(
         config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
         return kernel.block_sparse_attention(q, k, v, layout, scale, config=config, correction=correction)[0]
     out = kernel.block_sparse_attention_reference(q, k, v, layout, scale)[0]
-    return delta_kernels.delta_correction_reference(out, correction)
+    return delta_kernels.delta_correction_reference(out, correction).contiguous()
 
 
 @block_sparse_attention_delta.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
       window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)

@@ -10,11 +10,17 @@ A policy is a YAML or TOML file, a dict, or a preset name::
         with: {sink: 64, window: 2048}
     default: dense
 
-``when`` keys (all optional, all must hold): ``layers`` ("0-2", "2-", "-5", "0,3,8-", an int or a list),
+``when`` keys (all optional, all must hold): ``layers`` ("0-2", "2-", "0,3,8-", an int or a list),
 ``modules`` (a glob on the attention module's path, e.g. ``"model.layers.1*"``), ``phase`` (prefill, decode,
 diffusion, or a list), ``min_seq_len`` / ``max_seq_len`` (the key/context length, inclusive), ``heads`` (query
 heads, same syntax as layers: a rule with heads serves only those heads, the rest of the call goes on to later
 rules). The first rule whose ``when`` holds wins; ``default`` serves the rest.
+
+Indices never count from the end: a range with a leading dash ("-1", "-5") is refused, since a Python reader
+takes "-1" for the last layer while the range reading would be "0-1"; write "0-1", or name the layer.
+
+Loading checks the whole document and reports every problem in one :class:`PolicyError`, one line per problem,
+each starting with the field's path (``rules[1].with``, ``rules[0].when.layers``, ``default.use``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ IndexSet = Union[pydantic.NonNegativeInt, list[pydantic.NonNegativeInt], str]
 
 class WhenModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    layers: IndexSet | None = Field(None, description='Layer indices: "0-2", "2-", "-5", "0,3,8-", an int or a list')
+    layers: IndexSet | None = Field(None, description='Layer indices: "0-2", "2-", "0,3,8-", an int or a list')
     modules: str | None = Field(None, description="Glob on the attention module path, e.g. model.layers.1*")
     phase: Phase | list[Phase] | None = None
     min_seq_len: pydantic.NonNegativeInt | None = Field(None, description="Key (context) length at least this")
@@ -50,6 +56,9 @@ class WhenModel(BaseModel):
     heads: IndexSet | None = Field(None, description="Query heads this rule serves (same syntax as layers)")
 
 
+# RuleModel and PolicyModel describe the document for the JSON schema and name its allowed keys; the document is
+# validated piece by piece (WhenModel per rule, parse_method_spec per method) so that one bad rule does not hide
+# the problems of the others.
 class RuleModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     when: WhenModel = Field(default_factory=WhenModel)
@@ -63,7 +72,9 @@ class PolicyModel(BaseModel):
     default: str | dict[str, Any] = "dense"
 
 
-_MODEL_AT = {"": PolicyModel, "rules": RuleModel, "when": WhenModel}
+def _keys(model: type[BaseModel]) -> list[str]:
+    """The keys a document may use for ``model`` (aliases such as ``with`` included)."""
+    return [field.alias or name for name, field in model.model_fields.items()]
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class IndexRanges:
 
     @classmethod
     def parse(cls, value: int | list[int] | str, field: str) -> "IndexRanges":
+        """``field`` is the path used in errors and ends in ``layers`` or ``heads``."""
         if isinstance(value, int):
             return cls(((value, value),), str(value))
         if isinstance(value, list):
@@ -82,11 +94,13 @@ class IndexRanges:
         ranges = []
         for part in value.replace(" ", "").split(","):
             match = re.fullmatch(r"(\d*)(-?)(\d*)", part)
-            if not part or not match or (not match[2] and not match[1]) or (not match[1] and not match[3]):
+            if match and not match[1] and match[2] and match[3]:
+                raise PolicyError(_leading_dash_message(field, part))
+            if not part or not match or not match[1]:
                 raise PolicyError(
-                    f'{field}: cannot read {value!r}; write indices and inclusive ranges like "0-2", "2-", "-5", "0,3,8-"'
+                    f'{field}: cannot read {value!r}; write indices and inclusive ranges like "0-2", "2-", "0,3,8-"'
                 )
-            start = int(match[1]) if match[1] else 0
+            start = int(match[1])
             stop = (int(match[3]) if match[3] else None) if match[2] else start
             if stop is not None and stop < start:
                 raise PolicyError(f"{field}: range {part!r} runs backwards")
@@ -98,6 +112,17 @@ class IndexRanges:
 
     def largest_bound(self) -> int:
         return max(stop if stop is not None else start for start, stop in self.ranges)
+
+
+def _leading_dash_message(field: str, part: str) -> str:
+    """Why "-N" is refused: it has two readings, and either choice would surprise the readers of the other."""
+    noun = "head" if field.endswith("heads") else "layer"
+    bound = part[1:]
+    return (
+        f"{field}: {part!r} is ambiguous: read as Python it is {noun} {part} counted from the end (-1: the last "
+        f"{noun}), read as a range it is {noun}s 0 to {bound}; indices here never count from the end, so write "
+        f"\"0-{bound}\" for {noun}s 0 to {bound}, or name the {noun} by its index (e.g. 29 for the last of 30)"
+    )
 
 
 @dataclass(frozen=True)
@@ -112,10 +137,6 @@ class When:
     @property
     def is_catch_all(self) -> bool:
         return self == When()
-
-    @property
-    def uses_sparse_methods(self) -> bool:
-        return any(spec.name != "dense" for spec in [self.default, *(rule.spec for rule in self.rules)])
 
     @property
     def depends_on_length(self) -> bool:
@@ -184,19 +205,20 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> "Policy":
+        """Validate a document of the file's shape; every problem in it is reported, in one PolicyError."""
         if not isinstance(data, dict):
             raise PolicyError(f"policy: the top level must be a mapping with 'rules' and 'default', got {type(data).__name__}")
-        try:
-            document = PolicyModel.model_validate(data)
-        except pydantic.ValidationError as error:
-            raise PolicyError(_format_document_error(error)) from None
-        rules = []
-        for index, rule in enumerate(document.rules):
-            where = f"rules[{index}]"
-            when = _build_when(rule.when, f"{where}.when")
-            spec = parse_method_spec({"use": rule.use, "with": rule.with_}, where)
-            rules.append(Rule(index, when, spec))
-        policy = cls(tuple(rules), parse_method_spec(document.default, "default"), source)
+        allowed = _keys(PolicyModel)
+        problems = [unknown_name_message("policy", key, allowed, "key") for key in data if key not in allowed]
+        raw_rules = data.get("rules", [])
+        if not isinstance(raw_rules, list):
+            problems.append(f"rules: expected a list of rules, got {type(raw_rules).__name__} {raw_rules!r}")
+            raw_rules = []
+        rules = [_parse_rule(raw, index, problems) for index, raw in enumerate(raw_rules)]
+        default = _parse_method(data.get("default", "dense"), "default", problems)
+        if problems:
+            raise PolicyError(_problems_message(problems, source))
+        policy = cls(tuple(rules), default, source)
         policy._warn_unreachable()
         return policy
 
@@ -217,18 +239,34 @@ class Policy:
                     )
             seen.setdefault(rule.when, rule)
 
-    def check_against_model(self, num_layers: int, num_heads: int) -> None:
-        """Raise for layer or head indices the model does not have."""
+    def check_against_model(self, num_layers: int, num_heads: int, kv_heads: int | None = None) -> None:
+        """Raise, before any forward, for what the model cannot honour; every problem in one PolicyError.
+
+        Layer or head indices the model does not have; and, given ``kv_heads`` (the model's key/value head
+        count), a ``heads`` rule that splits a GQA group: the ``num_heads // kv_heads`` query heads sharing one
+        KV head read the same keys and values, so one method must serve all of them.
+        """
+        problems = []
+        group = num_heads // kv_heads if kv_heads else 1
         for rule in self.rules:
             for field, ranges, count, noun in (
                 ("layers", rule.when.layers, num_layers, "layers"),
                 ("heads", rule.when.heads, num_heads, "query heads"),
             ):
                 if ranges is not None and ranges.largest_bound() >= count:
-                    raise PolicyError(
+                    problems.append(
                         f"{rule.describe()}.when.{field}: {ranges.text!r} is out of range for a model with "
                         f"{count} {noun} (0-{count - 1})"
                     )
+            split = _first_split_group(rule.when.heads, num_heads, group) if rule.when.heads is not None else None
+            if split is not None:
+                problems.append(
+                    f"{rule.describe()}.when.heads: {rule.when.heads.text!r} splits a GQA group: query heads "
+                    f"{split}-{split + group - 1} share one KV head (the model has {num_heads} query heads, {group} "
+                    f"per KV head); give whole groups (multiples of {group}, e.g. \"0-{group - 1}\")"
+                )
+        if problems:
+            raise PolicyError(_problems_message(problems, self.source))
 
     @property
     def uses_sparse_methods(self) -> bool:
@@ -259,49 +297,108 @@ def _when_text(when: When) -> str:
     return " ".join(parts) or "always"
 
 
-def _build_when(model: WhenModel, where: str) -> When:
+def _first_split_group(heads: IndexRanges, num_heads: int, group: int) -> int | None:
+    """The first query head of the first GQA group (``group`` consecutive heads) that ``heads`` covers only
+    partly, or None when it takes every group whole or not at all."""
+    for first in range(0, num_heads, group):
+        served = [head in heads for head in range(first, first + group)]
+        if any(served) and not all(served):
+            return first
+    return None
+
+
+def _problems_message(problems: list[str], source: str) -> str:
+    """A single problem reads as its line alone; several get a count, then one indented line each."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the policy from {source}:\n" + "\n".join(f"  {line}" for line in problems)
+
+
+def _parse_rule(raw: Any, index: int, problems: list[str]) -> Rule | None:
+    """The rule ``rules[index]``, or None once its problems (all of them) are added to ``problems``."""
+    where, allowed = f"rules[{index}]", _keys(RuleModel)
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping with keys {', '.join(allowed)}, got {type(raw).__name__} {raw!r}")
+        return None
+    before = len(problems)
+    problems += [unknown_name_message(where, key, allowed, "key") for key in raw if key not in allowed]
+    when = _parse_when(raw.get("when", {}), f"{where}.when", problems)
+    spec = _parse_method({key: raw[key] for key in ("use", "with") if key in raw}, where, problems)
+    return Rule(index, when, spec) if len(problems) == before else None
+
+
+def _parse_method(value: Any, where: str, problems: list[str]) -> MethodSpec | None:
+    """The method spec at ``where`` (``rules[i]`` or ``default``), or None once its problems are added."""
+    try:
+        return parse_method_spec(value, where)
+    except PolicyError as error:
+        # parse_method_spec joins the problems of one ``with`` block by "; ", each starting with ``where``:
+        # split them back into lines ("; allowed: ..." inside a line does not start with ``where``).
+        problems += re.split(rf"; (?={re.escape(where)}[.\[:])", str(error))
+        return None
+
+
+def _parse_when(raw: Any, where: str, problems: list[str]) -> When | None:
+    """The ``when`` block at ``where``, or None once its problems are added to ``problems``."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping of conditions ({', '.join(_keys(WhenModel))}), "
+                        f"got {type(raw).__name__} {raw!r}")
+        return None
+    before = len(problems)
+    try:
+        model = WhenModel.model_validate(raw)
+    except pydantic.ValidationError as error:
+        problems += _when_error_lines(error, where)
+        # The fields that passed are checked further too, so that their problems join the same report (fields
+        # are independent: validating those alone cannot fail).
+        failed = {problem["loc"][0] for problem in error.errors()}
+        model = WhenModel.model_validate({key: value for key, value in raw.items() if key not in failed})
+    ranges = {}
+    for field in ("layers", "heads"):
+        value = getattr(model, field)
+        if value is not None:
+            try:
+                ranges[field] = IndexRanges.parse(value, f"{where}.{field}")
+            except PolicyError as error:
+                problems.append(str(error))
+    if model.min_seq_len is not None and model.max_seq_len is not None and model.min_seq_len > model.max_seq_len:
+        problems.append(f"{where}.min_seq_len: {model.min_seq_len} is larger than max_seq_len {model.max_seq_len}")
+    if len(problems) > before:
+        return None
     phases = None
     if model.phase is not None:
         phases = (model.phase,) if isinstance(model.phase, str) else tuple(model.phase)
-    if model.min_seq_len is not None and model.max_seq_len is not None and model.min_seq_len > model.max_seq_len:
-        raise PolicyError(f"{where}.min_seq_len: {model.min_seq_len} is larger than max_seq_len {model.max_seq_len}")
-    return When(
-        layers=IndexRanges.parse(model.layers, f"{where}.layers") if model.layers is not None else None,
-        modules=model.modules,
-        phases=phases,
-        min_seq_len=model.min_seq_len,
-        max_seq_len=model.max_seq_len,
-        heads=IndexRanges.parse(model.heads, f"{where}.heads") if model.heads is not None else None,
-    )
+    return When(layers=ranges.get("layers"), modules=model.modules, phases=phases, min_seq_len=model.min_seq_len,
+                max_seq_len=model.max_seq_len, heads=ranges.get("heads"))
 
 
-def _format_document_error(error: pydantic.ValidationError) -> str:
-    """One message per location (a union field fails once per member type: the first says it best)."""
+def _when_error_lines(error: pydantic.ValidationError, where: str) -> list[str]:
+    """One line per problem of a ``when`` block.
+
+    A union field (``layers``: int, list or str) fails once per member type. Errors at a list item
+    (``phase[1]``) come from the member the value was meant as, so they alone are kept; otherwise the first
+    member's line says it best.
+    """
     lines: dict[str, str] = {}
+    itemised = {problem["loc"][0] for problem in error.errors() if any(isinstance(p, int) for p in problem["loc"])}
     for problem in error.errors():
-        unknown_key = problem["type"] == "extra_forbidden"
-        path = problem["loc"][:-1] if unknown_key else problem["loc"]
-        # Union members add their type name to the location (e.g. "str", "list[int]"): keep real fields only.
-        path = tuple(p for p in path if isinstance(p, int) or p in _all_field_names())
-        location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "policy"
-        if unknown_key:
-            parent = next((str(p) for p in reversed(path) if not isinstance(p, int)), "")
-            model = _MODEL_AT.get(parent, PolicyModel)
-            allowed = [f.alias or name for name, f in model.model_fields.items()]
-            lines.setdefault(f"{location}.{problem['loc'][-1]}",
-                             unknown_name_message(location, problem["loc"][-1], allowed, "key"))
-        elif problem["type"] == "literal_error":
+        field = problem["loc"][0]
+        if problem["type"] == "extra_forbidden":
+            lines.setdefault(f"{where}.{field}", unknown_name_message(where, field, _keys(WhenModel), "key"))
+            continue
+        # Union members add their type name to the location (e.g. "str", "list[int]"): keep fields and indices.
+        path = [p for p in problem["loc"] if isinstance(p, int) or p in WhenModel.model_fields]
+        if field in itemised and not any(isinstance(p, int) for p in path):
+            continue
+        location = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+        if problem["type"] == "literal_error":
             lines.setdefault(location, f"{location}: {problem['input']!r} is not allowed; allowed: {', '.join(PHASES)}")
+        elif problem["type"] == "int_type" and location.endswith((".layers", ".heads")):  # none of the forms
+            lines.setdefault(location, f'{location}: expected an index, a list of indices, or a text like "0-2", '
+                                       f'"2-", "0,3,8-" (got {problem["input"]!r})')
         else:
             lines.setdefault(location, f"{location}: {problem['msg']} (got {problem.get('input')!r})")
-    return "; ".join(lines.values())
-
-
-def _all_field_names() -> set[str]:
-    names = set()
-    for model in _MODEL_AT.values():
-        names.update(f.alias or n for n, f in model.model_fields.items())
-    return names
+    return list(lines.values())
 
 
 def _did_you_mean(text: str, choices: list[str]) -> str:

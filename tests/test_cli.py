@@ -1,10 +1,14 @@
 """The sparsify command: user mistakes give one-line errors and exit code 2."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from test_evaluation import ByteTokenizer
 
-from sparsify.cli import main
+from sparsify.cli import _sample_prompt, main
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -36,3 +40,49 @@ def test_schema_prints_json(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "RuleModel" in schema["$defs"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["explain", "--seq-len", "0"],
+                                  ["run", "--prompt", ""], ["export", "-o", "/no/such/folder/x.pt2"]])
+def test_help_and_argument_mistakes_do_not_import_torch(argv, tmp_path):
+    """The installed ``sparsify`` command answers --help and bad arguments before torch, transformers or the
+    sparsify package are imported (that import takes 25-40 s on a busy machine)."""
+    command = Path(sys.executable).with_name("sparsify")
+    assert command.is_file(), f"no {command}: install the package (pip install -e .)"
+    # Outside the checkout, so that a stale sparsify.egg-info there cannot stand in for the installed metadata.
+    run = subprocess.run([sys.executable, "-X", "importtime", str(command), *argv], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == (0 if "--help" in argv else 2), run.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "sparsify_cli" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "sparsify")}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--prompt", ""], "argument --prompt: the prompt is empty"),
+    (["run", "--prompt", "  "], "argument --prompt: the prompt is empty"),
+    (["explain", "--seq-len", "-5"], "argument --seq-len: must be at least 1, got -5"),
+    (["explain", "--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
+    (["export", "--seq-len", "many"], "argument --seq-len: expected a whole number of at least 1, got 'many'"),
+    (["export", "-o", "/no/such/folder/x.pt2"], "argument -o/--output: the folder '/no/such/folder' does not exist"),
+])
+def test_bad_arguments_are_refused_before_any_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage lines, then the error
+
+
+def test_export_refuses_a_folder_as_output(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "-o", str(tmp_path)])
+    assert f"argument -o/--output: {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("length", [1, 7, 300, 4096])
+def test_explain_traces_exactly_the_asked_number_of_tokens(length):
+    """A text generated for about N tokens tokenises to fewer (3968 for 4096 bytes-as-tokens): ids are counted."""
+    ids = _sample_prompt(ByteTokenizer(), length)
+    assert tuple(ids.shape) == (1, length)
+    if length >= 300:  # real text with the needle, not padding
+        assert "One of the special magic numbers for" in ByteTokenizer().decode(ids[0].tolist())

@@ -20,22 +20,28 @@ def last_result(compiled, frame=0):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_dense_policy_reproduces_the_model(kind, attn_implementation):
+@pytest.mark.parametrize("hf_attention", [True, False])
+def test_dense_policy_reproduces_the_model(kind, attn_implementation, hf_attention):
+    """With ``hf_attention`` the model's attention becomes ``sparsify.attention`` (mask described); without, the
+    model's own SDPA call or eager matmul-softmax-matmul is matched in the traced graph."""
     model = tiny_model(kind, attn_implementation)
-    compiled = sparsify.compile(model, "dense")
+    compiled = sparsify.compile(model, "dense", hf_attention=hf_attention)
     ids = torch.randint(0, 256, (2, 40))
     numbers = assert_close_to_dense(model, compiled, ids, atol=1e-5, rtol=1e-5)
     assert numbers["top1_agreement"] == 1.0
     result = last_result(compiled)
-    assert result.matches.counts() == {attn_implementation: 3}
-    assert result.rewrite.rewritten == 3 and result.rewrite.ops == {"sparsify.dense_attention": 3}
+    pattern, op = ("described_mask", "sparsify.attention") if hf_attention else (attn_implementation,
+                                                                                 "sparsify.dense_attention")
+    assert result.matches.counts() == {pattern: 3}
+    assert result.rewrite.rewritten == 3 and result.rewrite.ops == {op: 3}
+    assert model.config._attn_implementation == attn_implementation  # the model itself is unchanged
     infos = result.annotations.attentions
     assert [a.layer for a in infos] == [0, 1, 2]
     assert [(a.q_heads, a.kv_heads, a.head_dim, a.phase) for a in infos] == [(4, 2, 16, "prefill")] * 3
     assert [a.module_path for a in infos] == [f"model.layers.{i}.self_attn" for i in range(3)]
     # The rewritten graph calls the sparsify op and no SDPA or softmax is left.
     targets = {str(n.target) for n in result.gm.graph.nodes}
-    assert "sparsify.dense_attention.default" in targets
+    assert f"{op}.default" in targets
     assert not any("scaled_dot_product" in t or "softmax" in t for t in targets)
     with torch.no_grad():
         expected = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
@@ -151,10 +157,10 @@ def test_head_rules_split_and_rejoin_heads():
 
 
 def test_head_rules_must_respect_gqa_groups():
+    """Refused by compile() itself, from the model's config, before anything is traced."""
     model = tiny_model("llama", heads=4, kv_heads=2)
-    compiled = sparsify.compile(model, {"rules": [{"when": {"heads": "1"}, "use": "dense"}]})
-    with pytest.raises(Exception, match="split a GQA group of 2 query heads"):
-        compiled(torch.randint(0, 256, (1, 8)))
+    with pytest.raises(PolicyError, match=r"rules\[0\].when.heads: '1' splits a GQA group: query heads 0-1"):
+        sparsify.compile(model, {"rules": [{"when": {"heads": "1"}, "use": "dense"}]})
 
 
 def sink_window_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -266,11 +272,13 @@ def test_the_eager_form_with_its_mask_gets_the_same_sparse_answer_as_sdpa():
     eager.load_state_dict(sdpa.state_dict())
     ids = torch.randint(0, 256, (1, 60))
     with torch.no_grad():
-        from_sdpa = sparsify.compile(sdpa, policy, cost_model_fallback=False)(ids).logits
-        compiled_eager = sparsify.compile(eager, policy, cost_model_fallback=False)
+        from_sdpa = sparsify.compile(sdpa, policy, cost_model_fallback=False, hf_attention=False)(ids).logits
+        compiled_eager = sparsify.compile(eager, policy, cost_model_fallback=False, hf_attention=False)
         torch.testing.assert_close(compiled_eager(ids).logits, from_sdpa, atol=1e-5, rtol=1e-5)
         assert (from_sdpa - sdpa(ids).logits).abs().max() > 1e-3
-    assert all(row["method"].startswith("sink_window") for row in explain_rows(last_result(compiled_eager)))
+    result = last_result(compiled_eager)
+    assert result.matches.counts() == {"eager": 3}
+    assert all(row["method"].startswith("sink_window") for row in explain_rows(result))
 
 
 def test_compile_rejects_out_of_range_policies_before_tracing():
@@ -355,4 +363,7 @@ def test_cost_model_fallback_does_not_build_a_graph_per_length():
             compiled(torch.randint(0, 256, (1, length)))
     frame = compiled.sparsify.frames[0]
     assert compiled.sparsify.backend.compilations == 1 and frame.calls == 4
-    assert len(frame.variants) == 1  # the same decisions (dense below the threshold) for every length
+    # Built at capture: the variant below the cost model's threshold (dense) and the one above (sparse); every
+    # length here is below it, so one variant ran all four calls.
+    assert len(frame.variants) == 2
+    assert sorted(variant.calls for variant in frame.variants.values()) == [0, 4]

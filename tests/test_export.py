@@ -101,3 +101,29 @@ def test_export_refuses_length_rules_on_dynamic_lengths():
     dynamic = {"x": {1: torch.export.Dim("seq", min=2, max=4096)}}
     with pytest.raises(PolicyError, match=r"rules\[0\].when: min_seq_len/max_seq_len cannot be decided"):
         sparsify.export(CausalStack().eval(), (torch.randn(1, 32, 32),), policy, dynamic_shapes=dynamic)
+
+
+def test_a_dynamic_length_export_refuses_the_cost_models_choice_by_length():
+    """compile() re-decides per call and a static export decides for its length; a program exported for every
+    length cannot choose dense at short ones, so the default cost_model_fallback=True is refused there."""
+    torch.manual_seed(0)
+    model = CausalStack().eval()
+    policy = {"rules": [{"use": "sink_window", "with": {"sink": 2, "window": 8}}]}
+    x = torch.randn(1, 40, 32)
+    dynamic = {"x": {1: torch.export.Dim("seq", min=2, max=4096)}}
+    with pytest.raises(PolicyError, match=r"^cost_model_fallback: True cannot be honoured in an export whose key "
+                                          r"length is dynamic .* pass cost_model_fallback=False"):
+        sparsify.export(model, (x,), policy, dynamic_shapes=dynamic)
+
+    everywhere = sparsify.export(model, (x,), policy, dynamic_shapes=dynamic, cost_model_fallback=False)
+    assert op_targets(everywhere).count("sparsify.block_sparse_attention.default") == 3
+    compiled = sparsify.compile(model, policy, cost_model_fallback=False)
+    with torch.no_grad():
+        for length in (24, 40):
+            x = torch.randn(1, length, 32)
+            torch.testing.assert_close(everywhere.module()(x), compiled(x), atol=1e-5, rtol=1e-5)
+
+    static = sparsify.export(model, (x,), policy)  # 40 keys: the cost model keeps them dense, as compile() does
+    assert "sparsify.block_sparse_attention.default" not in op_targets(static)
+    assert op_targets(sparsify.export(model, (x,), "dense", dynamic_shapes=dynamic)).count(
+        "sparsify.dense_attention.default") == 3  # nothing to decide by length: accepted

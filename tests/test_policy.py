@@ -62,13 +62,24 @@ def test_first_matching_rule_wins():
 
 
 @pytest.mark.parametrize("text,contains", [
-    ("0-2", [0, 1, 2]), ("2-", [2, 9, 100]), ("-1", [0, 1]), ("0,3,8-", [0, 3, 8, 20]), (" 4 ", [4]),
+    ("0-2", [0, 1, 2]), ("2-", [2, 9, 100]), ("0-1", [0, 1]), ("0,3,8-", [0, 3, 8, 20]), (" 4 ", [4]),
 ])
 def test_layer_ranges(text, contains):
     when = Policy.load({"rules": [{"when": {"layers": text}, "use": "dense"}]}).rules[0].when
     for layer in contains:
         assert layer in when.layers
     assert 5 not in when.layers or text in ("2-", "0,3,8-")
+
+
+@pytest.mark.parametrize("field,text", [("layers", "-1"), ("layers", "0,-5"), ("heads", "-3")])
+def test_a_leading_dash_is_refused_with_both_readings(field, text):
+    """Python readers take "-1" for the last layer, the range syntax would read "0-1": refuse, do not guess."""
+    with pytest.raises(PolicyError) as error:
+        Policy.from_dict({"rules": [{"when": {field: text}, "use": "dense"}]})
+    message, noun, bound = str(error.value), field[:-1], text.rsplit("-", 1)[1]
+    assert message.startswith(f"rules[0].when.{field}: '-{bound}' is ambiguous")
+    assert "counted from the end" in message and f"{noun}s 0 to {bound}" in message
+    assert f'write "0-{bound}"' in message and f"name the {noun} by its index" in message
 
 
 MALFORMED = [
@@ -86,7 +97,9 @@ MALFORMED = [
     ({"rules": [{"when": {"min_seq_len": 100, "max_seq_len": 10}, "use": "dense"}]}, "min_seq_len: 100 is larger than max_seq_len 10"),
     ({"rules": [{"when": {"min_seq_len": -1}, "use": "dense"}]}, "rules[0].when.min_seq_len"),
     ({"rulez": []}, "unknown key 'rulez'"),
-    ({"rules": "dense"}, "rules: Input should be a valid list"),
+    ({"rules": "dense"}, "rules: expected a list of rules, got str 'dense'"),
+    ({"rules": ["dense"]}, "rules[0]: expected a mapping with keys when, use, with, got str 'dense'"),
+    ({"rules": [{"when": "0-2", "use": "dense"}]}, "rules[0].when: expected a mapping of conditions"),
     ({"default": {"use": "dense", "wiht": {}}}, "unknown key 'wiht'"),
     ([1, 2], "the top level must be a mapping"),
 ]
@@ -97,6 +110,37 @@ def test_malformed_policies_get_specific_errors(policy, message):
     with pytest.raises(PolicyError) as error:
         Policy.from_dict(policy)
     assert message in str(error.value)
+
+
+def test_every_problem_of_a_policy_is_reported_at_once(tmp_path):
+    """Problems in several rules, and several in one ``with`` block, all come in one error, one line each."""
+    (tmp_path / "p.yaml").write_text(
+        "rules:\n"
+        "  - when: {layer: 1, phase: training}\n"
+        "    use: dense\n"
+        "  - use: sink_window\n"
+        "    with: {windw: 64, sink: '4'}\n"
+        "  - when: {layers: '-1'}\n"
+        "    use: block_topk\n"
+        "    with: {density: 1.5}\n"
+        "default: {use: dense, wiht: {}}\n"
+    )
+    with pytest.raises(PolicyError) as error:
+        Policy.load(tmp_path / "p.yaml")
+    header, *lines = str(error.value).splitlines()
+    assert header == f"7 problems in the policy from {tmp_path / 'p.yaml'}:"
+    fields = [line.strip().split(":", 1)[0] for line in lines]
+    assert fields == ["rules[0].when.phase", "rules[0].when", "rules[1].with.sink", "rules[1].with",
+                      "rules[2].when.layers", "rules[2].with.density", "default"]
+    assert "  rules[1].with: unknown key 'windw'; allowed: sink, window (did you mean 'window'?)" in lines
+    assert "  rules[0].when: unknown key 'layer'; allowed: layers, modules, phase, min_seq_len, max_seq_len, " \
+           "heads (did you mean 'layers'?)" in lines
+
+
+def test_a_single_problem_stays_one_line():
+    with pytest.raises(PolicyError) as error:
+        Policy.from_dict({"rules": [{"use": "sink_window", "with": {"windw": 64}}]})
+    assert str(error.value) == "rules[0].with: unknown key 'windw'; allowed: sink, window (did you mean 'window'?)"
 
 
 def test_bad_files_and_names(tmp_path):
@@ -119,6 +163,23 @@ def test_layer_and_head_ranges_checked_against_the_model():
     policy = Policy.load({"rules": [{"when": {"heads": [9]}, "use": "dense"}]})
     with pytest.raises(PolicyError, match="out of range for a model with 9 query heads"):
         policy.check_against_model(num_layers=30, num_heads=9)
+
+
+def test_head_rules_that_split_a_gqa_group_are_refused_against_the_model():
+    """8 query heads over 4 KV heads: groups of 2. "0-2" takes half of the group 2-3, which one method must serve."""
+    policy = Policy.load({"rules": [{"when": {"layers": "1"}, "use": "dense"},
+                                    {"when": {"heads": "0-2"}, "use": "sink_window"}]})
+    policy.check_against_model(num_layers=4, num_heads=8)  # without kv_heads the groups are unknown
+    with pytest.raises(PolicyError) as error:
+        policy.check_against_model(num_layers=4, num_heads=8, kv_heads=4)
+    assert str(error.value) == (
+        "rules[1].when.heads: '0-2' splits a GQA group: query heads 2-3 share one KV head (the model has 8 query "
+        'heads, 2 per KV head); give whole groups (multiples of 2, e.g. "0-1")'
+    )
+    for whole_groups in ("0-3", "2-", [4, 5], "0,1,6-7"):
+        Policy.load({"rules": [{"when": {"heads": whole_groups}, "use": "dense"}]}).check_against_model(
+            num_layers=4, num_heads=8, kv_heads=4)
+    Policy.load({"rules": [{"when": {"heads": "3"}, "use": "dense"}]}).check_against_model(4, 8, kv_heads=8)
 
 
 def test_duplicate_and_unreachable_rules_warn():

@@ -70,12 +70,12 @@ class AttentionMethod:
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:
         """Why this method cannot serve ``attn`` (then it stays dense), or None when it can."""
-        if attn.mask_kind != "none" and not attn.mask_guard:
+        if attn.mask_kind != "none" and not (attn.mask_guard or attn.prefill_guard):
             return (f"an attention mask tensor is given ({attn.mask_kind}: padding or a custom mask), "
                     f"which {self.name} cannot honour")
         if attn.phase not in self.phases:
             return f"{self.name} serves phases {', '.join(self.phases)}, not {attn.phase}"
-        if attn.causal and attn.q_len != attn.kv_len:
+        if attn.causal and attn.q_len != attn.kv_len and attn.match.pattern != "described_mask":
             return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
         return None
 

@@ -1,0 +1,213 @@
+"""End to end: ``generate()`` on a random-weight model of Llama-3-8B's shape, as a user runs it.
+
+bf16, B=1, greedy. For each prompt length and implementation: prefill = ``generate(max_new_tokens=1)``, decode =
+the extra time of 32 more tokens (``generate(max_new_tokens=33)``), per token, medians of 3 after a warm-up call;
+the warm-up call's extra time is the first call's cost (capture, rewrite, Inductor). Implementations (row names
+from shared/docs/benchmarks.md): ``hf_eager`` (transformers' SDPA, DynamicCache), ``torch_compile``
+(``torch.compile(model.forward)``, as a user would write it; a failure is recorded as the row's ``error``), and
+``sparsify_<policy>`` (``sparsify.compile(model, policy)``, a StaticCache so decode replays CUDA graphs). Also
+each implementation's peak GPU memory, how many of the tokens it generates agree with ``hf_eager``'s, and with
+``--profile``, the CUDA kernels of one prefill and one decode step (``e2e-profile-<impl>-<N>.txt`` beside the
+results).
+
+    python -m benchmarks.e2e --seq 32768 --impls hf_eager torch_compile sparsify_dense sparsify_sink_window
+    python -m benchmarks.e2e --merge e2e-32k e2e-128k     # one e2e.json from parts run in separate calls
+
+A part (``--part NAME``) writes ``benchmarks/results/NAME.json``; ``--merge`` joins parts and computes the
+ratios (hf_eager's time / each other's, per length and phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+import sparsify
+
+from .common import results_dir, write_result
+
+NEW_TOKENS = 32
+SPARSIFY_PREFIX = "sparsify_"
+
+
+def llama3_8b_shaped(layers: int, max_len: int):
+    """Random weights of Llama-3-8B's shape (hidden 4096, 32/8 heads, D=128, MLP 14336, vocab 128256), bf16, GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max_len,
+                         rope_theta=500000.0, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+class Implementation:
+    """How one row's generate() is called: the model to call and the cache it reuses between calls."""
+
+    def __init__(self, name: str, model, prompt_len: int):
+        self.name = name
+        self.cache = None
+        if name == "hf_eager":
+            self.model = model
+        elif name == "torch_compile":
+            self.model = copy.copy(model)
+            self.model.forward = torch.compile(model.forward)
+        elif name.startswith(SPARSIFY_PREFIX):
+            from transformers import StaticCache
+
+            self.model = sparsify.compile(model, name[len(SPARSIFY_PREFIX):])
+            # One preallocated cache, reset between calls: its buffers keep their addresses, so the decode step's
+            # CUDA graph is recorded once.
+            self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + NEW_TOKENS + 1)
+        else:
+            raise SystemExit(f"--impls: unknown {name!r}; allowed: hf_eager, torch_compile, sparsify_<policy>")
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        kwargs = {}
+        if self.cache is not None:
+            self.cache.reset()
+            kwargs["past_key_values"] = self.cache
+        with torch.no_grad():
+            return self.model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                       **kwargs)
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    value = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), value
+
+
+def median3(fn) -> float:
+    return sorted(timed(fn)[0] for _ in range(3))[1]
+
+
+def profile_steps(impl: Implementation, ids: torch.Tensor, path) -> None:
+    """CUDA kernels of a prefill and one decode step (generate(max_new_tokens=2)), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        impl.generate(ids, 2)
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+
+
+def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile: bool
+            ) -> tuple[list[dict], torch.Tensor | None]:
+    """The rows of one implementation at one length, and the tokens its first call generated."""
+    seq = ids.shape[1]
+    base = {"seq_len": seq, "impl": impl_name}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        impl = Implementation(impl_name, model, seq)
+        first_ms, tokens = timed(lambda: impl.generate(ids, NEW_TOKENS + 1))
+        prefill_ms = median3(lambda: impl.generate(ids, 1))
+        full_ms = median3(lambda: impl.generate(ids, NEW_TOKENS + 1))
+    except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        message = str(error).splitlines()[0][:200]
+        print(f"{impl_name} N={seq}: out of memory: {message}", flush=True)
+        return [{**base, "case": case, "error": f"out of memory: {message}"} for case in ("prefill", "decode")], None
+    decode_ms = (full_ms - prefill_ms) / NEW_TOKENS
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    agreement = None
+    if reference_tokens is not None:
+        agreement = (tokens[0, seq:] == reference_tokens[0, seq:]).float().mean().item()
+    extra = {"first_call_s": (first_ms - full_ms) / 1e3, "peak_gib": peak_gib}
+    if impl_name.startswith(SPARSIFY_PREFIX):
+        methods, fallbacks = impl.model.sparsify.applied()
+        extra["methods_applied"] = sorted(methods)
+        extra["compiled_by"] = sorted({frame.current.compiled_by for frame in impl.model.sparsify.frames})
+    rows = [
+        {**base, "case": "prefill", "ms": prefill_ms, **extra},
+        {**base, "case": "decode", "ms": decode_ms, "tokens_per_s": 1e3 / decode_ms,
+         "token_agreement_with_hf_eager": agreement},
+    ]
+    print(f"{impl_name:>24} N={seq:>6}: prefill {prefill_ms:9.1f} ms  decode {decode_ms:7.2f} ms/token  "
+          f"first call +{extra['first_call_s']:.1f} s  peak {peak_gib:.1f} GiB  agreement {agreement}", flush=True)
+    if profile:
+        profile_steps(impl, ids, results_dir() / f"e2e-profile-{impl_name}-{seq}.txt")
+    del impl
+    torch._dynamo.reset()
+    return rows, tokens
+
+
+def ratios_of(rows: list[dict]) -> dict[str, float]:
+    """hf_eager's time / each implementation's, per length and phase (> 1: faster than plain transformers)."""
+    reference = {(r["case"], r["seq_len"]): r["ms"] for r in rows if r["impl"] == "hf_eager" and "ms" in r}
+    ratios = {}
+    for row in rows:
+        key = (row["case"], row["seq_len"])
+        if row["impl"] != "hf_eager" and "ms" in row and key in reference:
+            ratios[f"{row['case']}@{row['seq_len']} hf_eager/{row['impl']}"] = reference[key] / row["ms"]
+    return ratios
+
+
+def merge(parts: list[str]) -> None:
+    rows, meta = [], {}
+    for part in parts:
+        data = json.loads((results_dir() / f"{part}.json").read_text())
+        rows += data["rows"]
+        meta[part] = {key: data[key] for key in ("date", "device", "versions", "command")}
+    path = write_result("e2e", rows, ratios_of(rows), {"parts": meta, "layers": _layers_of(parts),
+                                                       "ratio_meaning": "hf_eager's time / this one's; > 1: faster"})
+    print(f"wrote {path}")
+
+
+def _layers_of(parts: list[str]) -> list[int]:
+    return sorted({json.loads((results_dir() / f"{p}.json").read_text()).get("layers") for p in parts} - {None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sparsify bench e2e", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--impls", nargs="+", default=["hf_eager", "torch_compile", "sparsify_dense",
+                                                        "sparsify_sink_window", "sparsify_delta"])
+    parser.add_argument("--part", default="e2e", help="result name (a part to --merge later, or e2e itself)")
+    parser.add_argument("--profile", action="store_true", help="also save each implementation's kernel profile")
+    parser.add_argument("--merge", nargs="+", metavar="PART", help="join parts into e2e.json and stop")
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("sparsify bench e2e needs a CUDA GPU")
+    model = llama3_8b_shaped(args.layers, max(args.seq) + NEW_TOKENS + 64)
+    rows = []
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for seq in args.seq:
+        ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda", generator=generator)
+        reference = None
+        for name in args.impls:
+            started = time.time()
+            measured, tokens = measure(name, model, ids, reference, args.profile)
+            if name == "hf_eager":
+                reference = tokens
+            rows += measured
+            # After every implementation: a run stopped by a time limit keeps what it measured.
+            path = write_result(args.part, rows, ratios_of(rows), {"layers": args.layers, "new_tokens": NEW_TOKENS})
+            print(f"  ({time.time() - started:.0f} s; wrote {path})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

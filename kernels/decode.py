@@ -1,0 +1,426 @@
+"""Flash-decoding (split-KV) attention: one new query token per sequence against its KV cache, the decode step.
+
+One query row per head leaves a prefill tile almost empty and one program per (batch, head) too few programs to
+fill the GPU, so the keys are split instead: the grid is ``(num_splits, B * Hkv)``. A program takes ALL the G
+query heads of one KV group as the rows of its tile (the M of a ``tl.dot``, padded to >= 16 rows under a mask),
+so each K/V tile is read from memory once per group, not once per query head; it walks its share of the key
+blocks with an online softmax and writes a partial output and log-sum-exp to a float32 workspace. A second small
+kernel combines the splits by their lse (with one split the first kernel writes the result itself).
+
+Nothing on the host depends on a tensor's values: the number of splits comes from static shapes and the device's
+multiprocessor count, the lengths (``kv_lengths``) and block lists are read by the kernel, and each split takes
+its share of the blocks a row actually has. So the launch can be captured in a CUDA graph, and a growing cache
+changes no compiled kernel and no grid.
+
+``decode_attention`` launches the kernels (CUDA tensors, or any device under TRITON_INTERPRET=1);
+``decode_attention_reference`` computes the same function in plain PyTorch (any device).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import ShapeError
+
+LOG2E = 1.4426950408889634
+
+# Programs the split grid aims for, per multiprocessor: a decode step is bound by reading the cache, and a few
+# resident programs per SM hide the load latency of each other. Off CUDA (the interpreter) a nominal device.
+PROGRAMS_PER_SM = 4
+MAX_SPLITS = 128
+INTERPRETER_MULTIPROCESSORS = 4
+
+
+def decode_num_splits(batch: int, kv_heads: int, n_blocks: int, multiprocessors: int, *,
+                      programs_per_sm: int = PROGRAMS_PER_SM, max_splits: int = MAX_SPLITS) -> int:
+    """How many splits the keys of one (batch, KV head) get: enough that ``splits * batch * kv_heads`` programs
+    reach ``programs_per_sm * multiprocessors``, at most one split per key block (``n_blocks``: the cache's
+    blocks, or the width S of the block lists — static sizes, never the lengths in use) and ``max_splits``, at
+    least 1. Static shapes in, so it never syncs and never changes as the cache fills."""
+    wanted = -(-programs_per_sm * multiprocessors // max(1, batch * kv_heads))
+    return max(1, min(wanted, n_blocks, max_splits))
+
+
+def stages_for_decode(num_stages: int, block_n: int, head_dim: int, head_dim_v: int, element_size: int,
+                      shared_memory: int | None) -> int:
+    """``num_stages``, lowered until the pipelined K and V tiles (``stages * block_n * (D + Dv)`` elements) fit
+    ``shared_memory`` bytes (None: no limit, the interpreter); fails, naming the sizes, when one stage does not."""
+    per_stage = block_n * (head_dim + head_dim_v) * element_size
+    if shared_memory is None or num_stages * per_stage <= shared_memory:
+        return num_stages
+    if per_stage > shared_memory:
+        raise ShapeError(f"decode_attention: block_n={block_n} K/V tiles with D={head_dim}, Dv={head_dim_v} in "
+                         f"{element_size}-byte elements need {per_stage} bytes of shared memory per stage; the "
+                         f"device has {shared_memory}. Use a smaller block_n or a 16-bit dtype")
+    return shared_memory // per_stage
+
+
+@functools.cache
+def _device_properties(index: int) -> tuple[int, int]:
+    # Asked once per device: this runs on every decode step.
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
+    return props["multiprocessor_count"], props["max_shared_mem"]
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return _device_properties(device.index or 0)[0] if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
+
+
+def _shared_memory(device: torch.device) -> int | None:
+    return _device_properties(device.index or 0)[1] if device.type == "cuda" else None
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, start, end, offs_t, k_cols, v_cols, qk_scale,
+                 stride_kn, stride_vn, stride_pn, HAS_PADDING: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """One tile of BLOCK_N keys from position ``start``; keys at ``end`` and past are invisible (``end`` <= the
+    row's length <= L, so masked loads never leave the cache). Every tile is masked: only the last of a row needs
+    it without padding, but a decode step is bound by the K/V bytes, not by a compare and a select. ``k_cols`` and
+    ``v_cols``: the D and Dv offsets, already times their strides."""
+    offs_n = start + offs_t
+    visible = offs_n < end
+    if HAS_PADDING:
+        attend = tl.load(pad_base + offs_n.to(tl.int64) * stride_pn, mask=visible, other=0)
+        visible = visible & (attend != 0)
+    # Padded keys are not even read: the masked lanes fetch nothing.
+    k = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + k_cols[:, None], mask=visible[None, :],
+                other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + v_cols[None, :], mask=visible[:, None],
+                other=0.0)
+    if UPCAST:  # the interpreter's tl.dot multiplies bfloat16 bit patterns (triton#11584): float32 operands there
+        qk = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        qk = tl.dot(q, k, input_precision="ieee")
+    else:
+        qk = tl.dot(q, k)
+    qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row that has seen only invisible keys keeps m = -inf; shift by 0 then, so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:  # p still rounded to v's dtype, as on the GPU
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _decode_split(
+    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, Out, Lse,
+    stride_qb, stride_qh, stride_qd, stride_len,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_pb, stride_pn,
+    stride_ib, stride_ih, stride_is,
+    stride_cb, stride_ch,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    kv_heads, group, cache_len, n_listed, n_cache_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads. Writes
+    out (normalised by its own sum) and natural-log lse at index ``split`` of Out/Lse: the float32 workspace, or
+    the final tensors when there is one split. A split with no visible key writes out 0 and lse -inf."""
+    split = tl.program_id(0)
+    num_splits = tl.num_programs(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // kv_heads
+    kv_head = batch_head % kv_heads
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_t = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    row_ok = offs_g < group
+    heads = (kv_head * group + offs_g).to(tl.int64)
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    # Lengths past the cache are clamped to it and negative ones to 0: a bad length can only hide keys.
+    kv_len = tl.minimum(tl.maximum(tl.load(KV_LENGTHS + batch * stride_len), 0), cache_len).to(tl.int32)
+
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    pad_base = PAD + batch.to(tl.int64) * stride_pb
+    # Unit strides along D are compiled in (Triton specialises stride 1), which keeps the loads vectorised.
+    offs_kd = offs_d * stride_kd
+    offs_vd = offs_dv * stride_vd
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM_V], dtype=tl.float32)
+
+    # Each split takes a contiguous share of the blocks this row really has (its length or list count, read
+    # here), not of the cache's capacity: the work stays balanced however full the cache is.
+    if HAS_BLOCKS:
+        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
+        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
+        per_split = tl.cdiv(count, num_splits)
+        first = split * per_split
+        last = tl.minimum(first + per_split, count)
+        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
+        for i in range(first, last):
+            block = tl.load(index_row + i * stride_is).to(tl.int32)
+            # An index outside the cache is ignored (end = start hides every key) instead of read out of bounds.
+            in_cache = (block >= 0) & (block < n_cache_blocks)
+            block_start = tl.where(in_cache, block, 0) * BLOCK_SIZE
+            block_end = tl.where(in_cache, tl.minimum(block_start + BLOCK_SIZE, kv_len), block_start)
+            for chunk in range(0, BLOCK_SIZE, BLOCK_N):
+                acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
+                                             block_end, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
+                                             stride_pn, HAS_PADDING, IEEE, UPCAST)
+    else:
+        n_blocks = tl.cdiv(kv_len, BLOCK_N)
+        per_split = tl.cdiv(n_blocks, num_splits)
+        first = split * per_split
+        last = tl.minimum(first + per_split, n_blocks)
+        for j in range(first, last):
+            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, j * BLOCK_N, kv_len, offs_t,
+                                         offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn, HAS_PADDING,
+                                         IEEE, UPCAST)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # lse in natural log: m and l are in base 2 (scores were scaled by log2(e)).
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split.to(tl.int64) * stride_os
+              + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + batch.to(tl.int64) * stride_lb + heads * stride_lh + split.to(tl.int64) * stride_ls, lse,
+             mask=row_ok)
+
+
+@triton.jit
+def _decode_combine(
+    OutPart, LsePart, Out, Lse,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_qb, stride_qh, stride_qs,
+    stride_ob, stride_oh, stride_od,
+    stride_lb, stride_lh,
+    q_heads, num_splits,
+    HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One query head: ``out = sum_s exp(lse_s - lse) out_s``, ``lse = log sum_s exp(lse_s)``, splits read
+    BLOCK_S at a time (two passes: the max first, so no exp overflows). Splits with lse -inf weigh 0; a head
+    whose splits are all empty gets out 0, lse -inf."""
+    batch_head = tl.program_id(0)
+    batch = batch_head // q_heads
+    head = batch_head % q_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    lse_base = LsePart + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    out_base = OutPart + batch.to(tl.int64) * stride_pb + head.to(tl.int64) * stride_ph
+
+    m = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + offs_s
+        m = tl.maximum(m, tl.load(lse_base + splits * stride_qs, mask=splits < num_splits, other=float("-inf")))
+    m_max = tl.max(m, 0)
+    m_shift = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + offs_s
+        in_range = splits < num_splits
+        weight = tl.exp(tl.load(lse_base + splits * stride_qs, mask=in_range, other=float("-inf")) - m_shift)
+        part = tl.load(out_base + splits[:, None].to(tl.int64) * stride_ps + offs_dv[None, :] * stride_pd,
+                       mask=in_range[:, None], other=0.0)
+        acc += tl.sum(weight[:, None] * part, 0)
+        total += weight
+    total_sum = tl.sum(total, 0)
+    empty = total_sum == 0.0
+    out = acc / tl.where(empty, 1.0, total_sum)
+    lse = tl.where(empty, float("-inf"), m_shift + tl.log(tl.where(empty, 1.0, total_sum)))
+    tl.store(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + offs_dv * stride_od,
+             out.to(Out.dtype.element_ty))
+    tl.store(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh, lse)
+
+
+def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
+                        key_padding: torch.Tensor | None, kv_block_indices: torch.Tensor | None,
+                        kv_block_counts: torch.Tensor | None, block_size: int | None) -> None:
+    """Shapes, index dtypes and devices (never values: reading them would sync with the device)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    batch, q_heads, q_len, dim = q.shape
+    if q_len != 1:
+        raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), one new token per row; got {tuple(q.shape)}")
+    if k.shape[0] != batch or k.shape[-1] != dim or v.shape[:3] != k.shape[:3]:
+        raise ShapeError(f"decode_attention: k must be (B, Hkv, L, D) and v (B, Hkv, L, Dv) with q's B={batch} and "
+                         f"D={dim}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    kv_heads, length = k.shape[1], k.shape[2]
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ShapeError(f"decode_attention: query heads ({q_heads}) must be a multiple of key/value heads "
+                         f"({kv_heads})")
+    if kv_lengths.shape != (batch,) or kv_lengths.dtype not in (torch.int32, torch.int64):
+        raise ShapeError(f"decode_attention: kv_lengths must be an int32 or int64 tensor of shape ({batch},); got "
+                         f"{kv_lengths.dtype} {tuple(kv_lengths.shape)}")
+    if key_padding is not None and (key_padding.shape != (batch, length) or key_padding.is_floating_point()
+                                    or key_padding.is_complex()):
+        raise ShapeError(f"decode_attention: key_padding must be a bool (or integer, nonzero = attend) tensor of "
+                         f"shape ({batch}, {length}); got {key_padding.dtype} {tuple(key_padding.shape)}")
+    if (kv_block_indices is None) != (kv_block_counts is None):
+        raise ShapeError("decode_attention: kv_block_indices and kv_block_counts come together (both or neither)")
+    if kv_block_indices is not None:
+        if kv_block_indices.dim() != 3 or kv_block_indices.shape[:2] != (batch, kv_heads) \
+                or kv_block_indices.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"decode_attention: kv_block_indices must be an int32 (or int64) tensor of shape "
+                             f"({batch}, {kv_heads}, S); got {kv_block_indices.dtype} {tuple(kv_block_indices.shape)}")
+        if kv_block_counts.shape != (batch, kv_heads) or kv_block_counts.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"decode_attention: kv_block_counts must be an int32 (or int64) tensor of shape ({batch}, "
+                             f"{kv_heads}); got {kv_block_counts.dtype} {tuple(kv_block_counts.shape)}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ShapeError(f"decode_attention: block_size must be a positive int with kv_block_indices; got "
+                             f"{block_size!r}")
+    for name, t in (("k", k), ("v", v), ("kv_lengths", kv_lengths), ("key_padding", key_padding),
+                    ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts)):
+        if t is not None and t.device != q.device:
+            raise ShapeError(f"decode_attention: {name} is on {t.device}, q on {q.device}; all must share a device")
+
+
+def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None,
+                               kv_block_counts=None, block_size=None, num_splits=None, block_n=None, num_warps=None,
+                               num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch, float32: the function :func:`decode_attention` computes (its launch arguments
+    ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` are accepted and ignored).
+
+    q: (B, Hq, 1, D); k: (B, Hkv, L, D); v: (B, Hkv, L, Dv); Hq a multiple of Hkv, query head h reading KV head
+    h // (Hq / Hkv). Row b sees key j when ``j < kv_lengths[b]`` (clamped to [0, L]), ``key_padding[b, j]`` (if
+    given) and, with block lists, ``j // block_size`` is one of ``kv_block_indices[b, g, :kv_block_counts[b, g]]``
+    (count clamped to [0, S]; indices outside the cache are ignored). ``scale`` None means 1/sqrt(D).
+    Returns out (B, Hq, 1, Dv) in q's dtype and lse (B, Hq, 1) float32, natural log; a row that sees no key gets
+    out 0 and lse -inf.
+    """
+    check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size)
+    batch, q_heads, _, dim = q.shape
+    kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    keys = torch.arange(length, device=q.device)
+    visible = keys[None, :] < kv_lengths.clamp(0, length)[:, None]                        # (B, L)
+    if key_padding is not None:
+        visible = visible & key_padding.bool()
+    visible = visible[:, None].expand(batch, kv_heads, length)                            # (B, Hkv, L)
+    if kv_block_indices is not None:
+        n_cache_blocks = -(-length // block_size)
+        listed = kv_block_indices.shape[-1]
+        slots = torch.arange(listed, device=q.device) < kv_block_counts.clamp(0, listed)[..., None]
+        idx = kv_block_indices.long()
+        keep = slots & (idx >= 0) & (idx < n_cache_blocks)
+        chosen = torch.zeros(batch, kv_heads, n_cache_blocks + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(2, torch.where(keep, idx, n_cache_blocks), True)  # rejects land in the extra column
+        visible = visible & chosen[..., keys // block_size]
+    qf = q.float().reshape(batch, kv_heads, group, dim)
+    scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale                       # (B, Hkv, G, L)
+    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    out = torch.matmul(probs, v.float())                                                  # (B, Hkv, G, Dv)
+    return out.reshape(batch, q_heads, 1, dim_v).to(q.dtype), lse.reshape(batch, q_heads, 1)
+
+
+def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None, kv_block_counts=None,
+                     block_size=None, num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the split-KV kernels. Same contract as :func:`decode_attention_reference`.
+
+    Takes float16/bfloat16 (and float32, computed in IEEE float32) with D and Dv powers of 2 in [16, 256], on
+    CUDA, or on any device under TRITON_INTERPRET=1. k/v may have any strides (a slice of a preallocated cache).
+    ``block_n``: keys per tile (a power of 2 >= 16; with block lists, min(block_n, block_size rounded up to a
+    power of 2), a block taking several tiles when larger). ``num_splits`` None: :func:`decode_num_splits`.
+    ``num_stages`` is lowered to fit shared memory. No host synchronisation: CUDA-graph capturable.
+    The listed blocks of a (row, KV head) must be distinct (sorted, as the layouts give them; the kernel itself
+    needs no order): a repeated block would count twice here, once in the reference.
+    """
+    check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
+        raise ShapeError(f"decode_attention: dtype: q, k, v must share float16, bfloat16 or float32; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    batch, q_heads, _, dim = q.shape
+    kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    for name, size in (("head_dim D", dim), ("value head_dim Dv", dim_v)):
+        if size < 16 or size > 256 or size & (size - 1):
+            raise ShapeError(f"decode_attention: {name} = {size}; the kernel takes powers of 2 in [16, 256]")
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ShapeError(f"decode_attention: block_n = {block_n}; must be a power of 2 >= 16")
+    if not q.is_cuda and not _interpreting():
+        raise ShapeError(f"decode_attention: q is on {q.device}; the Triton kernel needs CUDA tensors (or "
+                         f"TRITON_INTERPRET=1). Use decode_attention_reference there")
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    has_blocks = kv_block_indices is not None
+    if has_blocks:
+        tile = min(block_n, max(16, triton.next_power_of_2(block_size)))
+        n_units = kv_block_indices.shape[-1]
+        n_cache_blocks = -(-length // block_size)
+    else:
+        tile = block_n
+        n_units = n_cache_blocks = -(-length // block_n)
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, kv_heads, n_units, _multiprocessors(q.device))
+    elif not isinstance(num_splits, int) or num_splits < 1:
+        raise ShapeError(f"decode_attention: num_splits must be a positive int; got {num_splits!r}")
+    stages = stages_for_decode(num_stages, tile, dim, dim_v, q.element_size(), _shared_memory(q.device))
+
+    out = torch.empty((batch, q_heads, 1, dim_v), device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, q_heads, 1), device=q.device, dtype=torch.float32)
+    if num_splits == 1:  # the split kernel writes the result itself
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty((batch, q_heads, num_splits, dim_v), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((batch, q_heads, num_splits), device=q.device, dtype=torch.float32)
+
+    if key_padding is not None:
+        pad = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
+        pad_strides = pad.stride()
+    else:
+        pad, pad_strides = kv_lengths, (0, 0)  # placeholder: HAS_PADDING=False compiles the loads out
+    if has_blocks:
+        idx, cnt = kv_block_indices, kv_block_counts
+        idx_strides, cnt_strides = idx.stride(), cnt.stride()
+    else:
+        idx = cnt = kv_lengths  # placeholders
+        idx_strides, cnt_strides = (0, 0, 0), (0, 0)
+
+    _decode_split[(num_splits, batch * kv_heads)](
+        q, k, v, kv_lengths, pad, idx, cnt, part_out, part_lse,
+        q.stride(0), q.stride(1), q.stride(3), kv_lengths.stride(0),
+        *k.stride(), *v.stride(), *pad_strides, *idx_strides, *cnt_strides,
+        *part_out.stride(), *part_lse.stride(),
+        kv_heads, group, length, n_units if has_blocks else 0, n_cache_blocks, scale * LOG2E,
+        HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=tile,
+        BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
+        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        num_warps=num_warps, num_stages=stages,
+    )
+    if num_splits > 1:
+        _decode_combine[(batch * q_heads,)](
+            part_out, part_lse, out, lse, *part_out.stride(), *part_lse.stride(),
+            out.stride(0), out.stride(1), out.stride(3), lse.stride(0), lse.stride(1),
+            q_heads, num_splits,
+            HEAD_DIM_V=dim_v, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    return out, lse

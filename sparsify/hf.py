@@ -1,0 +1,163 @@
+"""transformers integration: an attention implementation, ``"sparsify"``, that describes masks instead of
+materialising them.
+
+transformers builds a (B, 1, q_len, kv_len) boolean mask for SDPA whenever it is traced (Dynamo, export): at 128K
+tokens that is a 32 GiB tensor, and SDPA handed a mask cannot use its flash kernel. ``sparsify.compile`` gives its
+copy of the model this implementation instead, through transformers' own extension points
+(``AttentionMaskInterface`` and ``AttentionInterface``):
+
+- the mask function returns a :class:`MaskDescription` (causal or not, the 2-D key padding, the query offset of a
+  static cache): O(kv_len) values, never O(q_len x kv_len);
+- the attention function calls ``torch.ops.sparsify.attention`` with that description, which the compiler
+  matches (causality is then proven by construction, not checked on a tensor) and which, run as it is, computes
+  exact attention (SDPA ``is_causal`` in prefill, split-KV flash decoding in decode).
+
+Masks this module does not understand (sliding windows, chunked attention, custom ``and``/``or`` mask functions,
+caches whose keys do not start at position 0) are materialised exactly as transformers' SDPA path would build
+them, and attention then runs through transformers' own SDPA function: always exact, and reported by ``explain``
+as a mask tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+
+from .errors import FallbackWarning
+from .ops import visible_keys
+
+ATTN_IMPLEMENTATION = "sparsify"
+
+# Keyword arguments some models pass to their attention function that change what it computes (logit soft-capping,
+# attention sinks, position biases, a local window): with any of them set, attention runs through transformers' SDPA.
+_SEMANTIC_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window", "attention_chunk_size")
+
+
+@dataclass(frozen=True)
+class MaskDescription:
+    """What a transformers mask means, in O(kv_len) values.
+
+    ``key_padding``: (B, kv_len) bool, True where a key may be attended (the 2-D ``attention_mask``, padded to the
+    cache's length), or None. ``query_offset``: a 0-d integer tensor, the position of the first query in a static
+    cache (whose kv_len is its capacity), or None when the keys end with the queries (dynamic caches, no cache).
+    """
+
+    causal: bool
+    key_padding: torch.Tensor | None
+    query_offset: torch.Tensor | None
+
+    def materialise(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The (B or 1, 1, q_len, kv_len) boolean mask transformers would have built (for fallbacks)."""
+        return visible_keys(query, key, self.key_padding, self.query_offset, self.causal)
+
+
+def sparsify_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: Any = 0,
+                  mask_function: Any = causal_mask_function, attention_mask: torch.Tensor | None = None,
+                  local_size: int | None = None, **kwargs: Any) -> MaskDescription | torch.Tensor | None:
+    """transformers' mask interface (the arguments of ``masking_utils.sdpa_mask``)."""
+    understood = mask_function in (causal_mask_function, bidirectional_mask_function) and local_size is None
+    if not understood or not isinstance(kv_offset, int) or kv_offset != 0:
+        kwargs.pop("allow_is_causal_skip", None)
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         local_size=local_size, allow_is_causal_skip=False, **kwargs)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if isinstance(q_offset, torch.Tensor):
+        # A copy: static caches hand out their own length counter, which each layer's update advances in place
+        # before that layer's attention reads it.
+        query_offset = q_offset.clone()
+    elif kv_length == q_offset + q_length:
+        query_offset = None  # the keys end with the queries: positions follow from the shapes
+    else:
+        # A static cache before its first update reports offset 0 as an int, with kv_length its capacity.
+        query_offset = torch.tensor(q_offset, dtype=torch.int64, device=kwargs.get("device", "cpu"))
+    return MaskDescription(
+        causal=mask_function is causal_mask_function,
+        key_padding=None if padding is None else padding.to(torch.bool),
+        query_offset=query_offset,
+    )
+
+
+def sparsify_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                       is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, Dv), None)."""
+    changes_semantics = any(kwargs.get(name) is not None for name in _SEMANTIC_KWARGS)
+    if not isinstance(attention_mask, MaskDescription) or dropout or changes_semantics:
+        if isinstance(attention_mask, MaskDescription):
+            attention_mask = attention_mask.materialise(query, key)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if not torch.compiler.is_compiling():
+        count_uncompiled_call(module)
+    causal = attention_mask.causal and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    out = torch.ops.sparsify.attention(query, key, value, attention_mask.key_padding, attention_mask.query_offset,
+                                       None, causal, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@dataclass
+class UncompiledCalls:
+    """Attention calls of a compiled model that ran outside sparsify's graphs: Dynamo ran the model's own forward
+    (a frame it could not capture, or its recompile limit). Exact dense attention, never the policy's method."""
+
+    count: int = 0
+
+
+def count_uncompiled_call(module: torch.nn.Module) -> None:
+    calls = getattr(module, "sparsify_uncompiled_calls", None)
+    if calls is None:  # the model was not made by sparsify.compile (the implementation used directly)
+        return
+    if calls.count == 0:
+        warnings.warn("sparsify: an attention ran outside sparsify's compiled graphs (Dynamo ran the model's own "
+                      "forward), so it computed exact dense attention, not the policy's method; sparsify.explain "
+                      "counts these calls", FallbackWarning, stacklevel=3)
+    calls.count += 1
+
+
+def padding_for_generate(*, attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                         **kwargs: Any) -> torch.Tensor | None:
+    """Stands in for ``create_masks_for_generate``, which ``generate()`` calls outside the forward when the cache is
+    static: the 2-D padding mask padded to the cache's length, so the forward keeps one input shape for every decode
+    step (one graph, CUDA-graph replayable) and builds its mask description itself."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.2x
+    if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+        return attention_mask
+    kv_length, kv_offset = cache.get_mask_sizes(inputs_embeds.shape[1], 0)
+    missing = kv_length + kv_offset - attention_mask.shape[-1]
+    return F.pad(attention_mask.to(torch.bool), (0, missing)) if missing > 0 else attention_mask
+
+
+def install(model: torch.nn.Module) -> UncompiledCalls:
+    """Make ``model`` (a private copy: its config is changed) use the ``"sparsify"`` attention implementation.
+    Returns the counter of its attention calls that will run outside sparsify's graphs."""
+    uncompiled = UncompiledCalls()
+    for module in model.modules():
+        if hasattr(module, "layer_idx"):  # transformers' attention modules (and the layers holding them)
+            module.sparsify_uncompiled_calls = uncompiled
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    model.create_masks_for_generate = padding_for_generate
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        # generate() would otherwise torch.compile the forward again, around sparsify's own compiled forward.
+        generation_config.disable_compile = True
+    return uncompiled
+
+
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sparsify_mask)
+AttentionInterface.register(ATTN_IMPLEMENTATION, sparsify_attention)

@@ -1,0 +1,286 @@
+"""The split-KV decode kernel against its plain reference (and the reference against dense SDPA): odd cache
+lengths, GQA groups, rows of different lengths, left padding, block lists, empty rows, strided caches, the split
+heuristic and the input checks. Seeded inputs, a new seed per case; small shapes (the kernels run under the
+Triton interpreter on CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsify.errors import ShapeError
+from sparsify.kernels import decode
+from sparsify.kernels.decode import (MAX_SPLITS, decode_attention, decode_attention_reference, decode_num_splits,
+                                     stages_for_decode)
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+             torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def make_qkv(gen, batch, kv_heads, group, length, dim, dim_v=None, dtype=torch.float32):
+    q = torch.randn(batch, kv_heads * group, 1, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, length, dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, length, dim_v or dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+def random_lengths(gen, batch, length, dtype=torch.int32):
+    return torch.randint(1, length + 1, (batch,), generator=gen, dtype=torch.int64).to(dtype)
+
+
+def check(q, k, v, kv_lengths, scale, **kwargs):
+    """Kernel against reference: same out (in q's dtype) and lse (float32), -inf in the same places, no NaN."""
+    out, lse = decode_attention(q, k, v, kv_lengths, scale, **kwargs)
+    reference = {key: val for key, val in kwargs.items() if key != "num_splits"}
+    ref_out, ref_lse = decode_attention_reference(q, k, v, kv_lengths, scale, **reference)
+    assert out.dtype == q.dtype and out.shape == (q.shape[0], q.shape[1], 1, v.shape[-1])
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert not out.isnan().any() and not lse.isnan().any()
+    tol = TOLERANCE[q.dtype]
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], **tol)
+    return out, lse
+
+
+@pytest.mark.parametrize("seed,batch,kv_heads,group,length,dim,dim_v,dtype", [
+    (101, 1, 1, 1, 1, 64, 64, torch.float32),
+    (102, 3, 2, 3, 37, 64, 64, torch.float32),
+    (103, 3, 1, 4, 300, 64, 64, torch.float32),
+    (104, 1, 2, 8, 1000, 64, 64, torch.float32),
+    (105, 2, 1, 4, 150, 128, 128, torch.float32),
+    (106, 1, 1, 2, 100, 64, 128, torch.float32),
+    (107, 3, 2, 4, 300, 64, 64, torch.bfloat16),
+    (108, 1, 1, 8, 37, 64, 64, torch.float16),
+])
+def test_kernel_matches_reference(seed, batch, kv_heads, group, length, dim, dim_v, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(gen, batch, kv_heads, group, length, dim, dim_v, dtype)
+    lengths = random_lengths(gen, batch, length, torch.int64 if seed % 2 else torch.int32)
+    lengths[0] = length  # one row sees the whole cache
+    check(q, k, v, lengths, 0.7 / math.sqrt(dim))
+
+
+def test_reference_equals_sdpa_on_the_visible_keys():
+    gen = torch.Generator().manual_seed(201)
+    q, k, v = make_qkv(gen, 3, 2, 4, 90, 16)
+    lengths = torch.tensor([90, 41, 7])
+    out, lse = decode_attention_reference(q, k, v, lengths, None)
+    for b, n in enumerate(lengths.tolist()):
+        expected = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], enable_gqa=True)
+        torch.testing.assert_close(out[b:b + 1], expected, atol=1e-5, rtol=1e-5)
+        scores = torch.einsum("hd,hld->hl", q[b, :, 0], k[b, :, :n].repeat_interleave(4, 0)) / 4.0
+        torch.testing.assert_close(lse[b, :, 0], torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed,dtype", [(301, torch.float32), (302, torch.bfloat16)])
+def test_left_padding(seed, dtype):
+    """HF's left padding: row b's first pads[b] cache slots are padding; kv_lengths still counts them."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(gen, 3, 2, 3, 200, 64, dtype=dtype)
+    lengths = torch.tensor([200, 150, 90], dtype=torch.int32)
+    pads = torch.tensor([0, 70, 89])
+    key_padding = torch.arange(200)[None, :] >= pads[:, None]
+    key_padding[0, 5] = False  # and a hole, as a generic 2D mask may have
+    out, _ = check(q, k, v, lengths, None, key_padding=key_padding)
+    # Integer masks (HF's attention_mask is int64) mean the same.
+    torch.testing.assert_close(decode_attention(q, k, v, lengths, None, key_padding=key_padding.long())[0], out,
+                               atol=0, rtol=0)
+
+
+def random_block_lists(gen, batch, kv_heads, n_cache_blocks, listed):
+    """Sorted random subsets of the cache's blocks, counts in [1, listed - 1]; the slots past a count hold
+    garbage (out-of-range and unsorted values) that the kernel must not read."""
+    indices = torch.empty(batch, kv_heads, listed, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            indices[b, h] = torch.randperm(n_cache_blocks, generator=gen)[:listed].sort().values.to(torch.int32)
+    counts = torch.randint(1, listed, (batch, kv_heads), generator=gen, dtype=torch.int32)
+    garbage = torch.randint(-5, 3 * n_cache_blocks, indices.shape, generator=gen, dtype=torch.int32)
+    indices = torch.where(torch.arange(listed) < counts[..., None], indices, garbage)
+    return indices, counts
+
+
+@pytest.mark.parametrize("seed,batch,kv_heads,group,length,block_size,listed,padded", [
+    (401, 3, 2, 4, 300, 64, 4, False),
+    (402, 1, 1, 3, 1000, 128, 6, False),  # blocks of two 64-key tiles
+    (403, 3, 1, 1, 200, 48, 4, True),     # blocks that are no power of 2, and left padding
+    (404, 1, 2, 8, 130, 16, 8, False),
+])
+def test_block_lists(seed, batch, kv_heads, group, length, block_size, listed, padded):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(gen, batch, kv_heads, group, length, 64)
+    n_cache_blocks = -(-length // block_size)
+    indices, counts = random_block_lists(gen, batch, kv_heads, n_cache_blocks, listed)
+    lengths = random_lengths(gen, batch, length)
+    lengths[0] = length
+    key_padding = None
+    if padded:
+        key_padding = torch.arange(length)[None, :] >= torch.randint(0, 60, (batch, 1), generator=gen)
+    out, lse = check(q, k, v, lengths, None, key_padding=key_padding, kv_block_indices=indices,
+                     kv_block_counts=counts, block_size=block_size)
+    # All blocks listed = no list.
+    if not padded:
+        every = torch.arange(n_cache_blocks, dtype=torch.int32).expand(batch, kv_heads, -1).contiguous()
+        full = torch.full((batch, kv_heads), n_cache_blocks, dtype=torch.int32)
+        dense_out, dense_lse = decode_attention(q, k, v, lengths, None, kv_block_indices=every,
+                                                kv_block_counts=full, block_size=block_size)
+        ref_out, ref_lse = decode_attention_reference(q, k, v, lengths, None)
+        torch.testing.assert_close(dense_out, ref_out, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(dense_lse, ref_lse, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_that_see_no_key():
+    """kv_length 0, a negative length, padding over every key, and an empty block list: out 0, lse -inf."""
+    gen = torch.Generator().manual_seed(501)
+    q, k, v = make_qkv(gen, 4, 2, 3, 70, 64)
+    lengths = torch.tensor([0, 70, -3, 50], dtype=torch.int32)
+    key_padding = torch.ones(4, 70, dtype=torch.bool)
+    key_padding[1] = False
+    out, lse = check(q, k, v, lengths, None, key_padding=key_padding)
+    assert torch.all(out[:3] == 0) and torch.all(torch.isneginf(lse[:3])) and torch.isfinite(lse[3]).all()
+    indices = torch.zeros(4, 2, 3, dtype=torch.int32)
+    counts = torch.tensor([[2, 2], [2, 2], [2, 2], [0, 3]], dtype=torch.int32)
+    indices[..., 1], indices[..., 2] = 1, 2
+    out, lse = check(q, k, v, lengths, None, kv_block_indices=indices, kv_block_counts=counts, block_size=32)
+    assert torch.all(out[3, :3] == 0) and torch.all(torch.isneginf(lse[3, :3])) and torch.isfinite(lse[3, 3:]).all()
+
+
+def test_lengths_past_the_cache_are_clamped():
+    gen = torch.Generator().manual_seed(502)
+    q, k, v = make_qkv(gen, 2, 1, 2, 40, 64)
+    out, lse = check(q, k, v, torch.tensor([1000, 40]), None)
+    full_out, full_lse = decode_attention(q, k, v, torch.tensor([40, 40]), None)
+    torch.testing.assert_close(out, full_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, full_lse, atol=0, rtol=0)
+
+
+def test_strided_cache_and_query():
+    """k as a slice of a longer preallocated cache (StaticCache), v in (B, L, H, D) memory, q a slice too."""
+    gen = torch.Generator().manual_seed(601)
+    batch, kv_heads, group, length, dim = 2, 2, 4, 90, 64
+    k_buffer = torch.randn(batch, kv_heads, 256, dim, generator=gen)
+    v_buffer = torch.randn(batch, 256, kv_heads, dim, generator=gen)
+    k, v = k_buffer[:, :, :length], v_buffer[:, :length].transpose(1, 2)
+    q = torch.randn(batch, kv_heads * group, 3, dim, generator=gen)[:, :, 1:2]
+    assert not k.is_contiguous() and not v.is_contiguous() and not q.is_contiguous()
+    lengths = torch.tensor([90, 33])
+    out, lse = check(q, k, v, lengths, None)
+    out_c, lse_c = decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), lengths, None)
+    torch.testing.assert_close(out, out_c, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7, 20])
+def test_any_number_of_splits_gives_the_same_function(num_splits):
+    """Uneven shares, and more splits than blocks (splits with no work write lse -inf and weigh nothing)."""
+    gen = torch.Generator().manual_seed(700 + num_splits)
+    q, k, v = make_qkv(gen, 2, 1, 4, 400, 64)
+    check(q, k, v, torch.tensor([400, 170]), None, num_splits=num_splits)
+
+
+class GridSpy:
+    """Stands in for a Triton kernel: records each launch grid and forwards the launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_splits_depend_on_shapes_only(monkeypatch):
+    gen = torch.Generator().manual_seed(801)
+    q, k, v = make_qkv(gen, 1, 2, 2, 500, 64)
+    spy = GridSpy(decode._decode_split)
+    monkeypatch.setattr(decode, "_decode_split", spy)
+    for lengths in (torch.tensor([500]), torch.tensor([3])):
+        check(q, k, v, lengths, None)
+    assert spy.grids[0] == spy.grids[1] == (decode_num_splits(1, 2, 8, decode.INTERPRETER_MULTIPROCESSORS), 2)
+    assert spy.grids[0][0] > 1
+
+
+def test_launch_reads_no_tensor_value_on_the_host(monkeypatch):
+    """What would sync with the device (and break CUDA-graph capture) raises here."""
+    gen = torch.Generator().manual_seed(802)
+    q, k, v = make_qkv(gen, 2, 1, 2, 100, 64)
+    lengths, key_padding = torch.tensor([100, 20]), torch.ones(2, 100, dtype=torch.bool)
+    indices, counts = torch.tensor([[[0, 1]], [[1, 2]]], dtype=torch.int32), torch.tensor([[2], [1]], dtype=torch.int32)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    decode_attention(q, k, v, lengths, None, key_padding=key_padding)
+    decode_attention(q, k, v, lengths, None, kv_block_indices=indices, kv_block_counts=counts, block_size=32)
+
+
+def test_split_heuristic():
+    # An H200 (132 SMs): B=1 with 8 KV heads aims at 4 * 132 programs, one block per split at least.
+    assert decode_num_splits(1, 8, 128, 132) == 66
+    assert decode_num_splits(1, 8, 10, 132) == 10
+    assert decode_num_splits(1, 1, 10_000, 132) == MAX_SPLITS
+    assert decode_num_splits(64, 8, 128, 132) == 2
+    assert decode_num_splits(128, 8, 128, 132) == 1
+    assert decode_num_splits(4, 8, 0, 132) == 1
+
+
+def test_pipeline_stages_shrink_to_fit_shared_memory():
+    assert stages_for_decode(3, 64, 128, 128, 2, 232448) == 3
+    assert stages_for_decode(3, 64, 256, 256, 4, 232448) == 1
+    assert stages_for_decode(3, 64, 256, 256, 4, None) == 3
+    with pytest.raises(ShapeError, match="need 262144 bytes of shared memory per stage; the device has 232448"):
+        stages_for_decode(3, 128, 256, 256, 4, 232448)
+
+
+def test_bad_inputs():
+    q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 50, 64), torch.randn(2, 2, 50, 64)
+    lengths = torch.tensor([50, 10])
+    cases = [
+        ((q[:, :, :0], k, v, lengths), {}, r"q must be \(B, Hq, 1, D\), one new token"),
+        ((q[0], k, v, lengths), {}, r"q must be \(B, Hq, 1, D\), k \(B, Hkv, L, D\)"),
+        ((q, k[:1], v, lengths), {}, r"k must be \(B, Hkv, L, D\) and v \(B, Hkv, L, Dv\) with q's B=2 and D=64"),
+        ((q, k, v[:, :, :40], lengths), {}, r"k must be \(B, Hkv, L, D\) and v"),
+        ((q[:, :3], k, v, lengths), {}, r"query heads \(3\) must be a multiple of key/value heads \(2\)"),
+        ((q, k, v, lengths[:1]), {}, r"kv_lengths must be an int32 or int64 tensor of shape \(2,\)"),
+        ((q, k, v, lengths.float()), {}, "kv_lengths must be an int32 or int64"),
+        ((q, k, v, lengths), dict(key_padding=torch.ones(2, 49, dtype=torch.bool)),
+         r"key_padding must be a bool .* of shape \(2, 50\)"),
+        ((q, k, v, lengths), dict(key_padding=torch.ones(2, 50)), "key_padding must be a bool"),
+        ((q, k, v, lengths), dict(kv_block_indices=torch.zeros(2, 2, 3, dtype=torch.int32)), "both or neither"),
+        ((q, k, v, lengths), dict(kv_block_indices=torch.zeros(2, 1, 3, dtype=torch.int32),
+                                  kv_block_counts=torch.zeros(2, 2, dtype=torch.int32), block_size=16),
+         r"kv_block_indices must be an int32 \(or int64\) tensor of shape \(2, 2, S\)"),
+        ((q, k, v, lengths), dict(kv_block_indices=torch.zeros(2, 2, 3, dtype=torch.int32),
+                                  kv_block_counts=torch.zeros(2, 2, 1, dtype=torch.int32), block_size=16),
+         r"kv_block_counts must be an int32 \(or int64\) tensor of shape \(2, 2\)"),
+        ((q, k, v, lengths), dict(kv_block_indices=torch.zeros(2, 2, 3, dtype=torch.int32),
+                                  kv_block_counts=torch.zeros(2, 2, dtype=torch.int32)), "block_size must be"),
+        ((q, k, v, lengths.to("meta")), {}, "kv_lengths is on meta"),
+    ]
+    for args, kwargs, message in cases:
+        for function in (decode_attention, decode_attention_reference):
+            with pytest.raises(ShapeError, match=message):
+                function(*args, None, **kwargs)
+    kernel_only = [
+        ((q.double(), k.double(), v.double(), lengths), {}, "dtype: q, k, v must share"),
+        ((q, k.half(), v, lengths), {}, "dtype: q, k, v must share"),
+        ((torch.randn(2, 4, 1, 48), torch.randn(2, 2, 50, 48), v, lengths), {}, "head_dim D = 48"),
+        ((q, k, torch.randn(2, 2, 50, 512), lengths), {}, "value head_dim Dv = 512"),
+        ((torch.randn(2, 4, 1, 8), torch.randn(2, 2, 50, 8), v, lengths), {}, "head_dim D = 8"),
+        ((q, k, v, lengths), dict(block_n=48), "block_n = 48"),
+        ((q, k, v, lengths), dict(num_splits=0), "num_splits must be a positive int"),
+    ]
+    for args, kwargs, message in kernel_only:
+        with pytest.raises(ShapeError, match=message):
+            decode_attention(*args, None, **kwargs)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(decode, "_interpreting", lambda: False)
+    q, k, v = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 8, 64), torch.randn(1, 1, 8, 64)
+    with pytest.raises(ShapeError, match="needs CUDA tensors"):
+        decode_attention(q, k, v, torch.tensor([8]), None)

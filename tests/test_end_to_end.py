@@ -1,0 +1,126 @@
+"""generate() end to end on small random Llamas: no N x N tensor in any graph, static caches, padded batches, Inductor
+after the rewrite, and the counts that say what really ran."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import sparsify
+from sparsify.compiler import RUNTIME_FALLBACK, UNCOMPILED
+from sparsify.errors import FallbackWarning
+from sparsify.explain import explain_rows
+from sparsify.passes.fx_utils import value_of
+
+PROMPT = 640  # long enough that a (q_len x kv_len) tensor is the largest thing a graph could hold
+POLICIES = {
+    "dense": "dense",
+    "sink_window": {"rules": [{"when": {"phase": "prefill"}, "use": "sink_window", "with": {"sink": 16, "window": 64}}]},
+    "block_topk": {"rules": [{"when": {"phase": "prefill"}, "use": "block_topk", "with": {"density": 0.25}}]},
+    "delta": {"rules": [{"when": {"phase": "prefill"}, "use": "delta",
+                         "with": {"gamma": 16, "base": {"use": "sink_window", "with": {"sink": 16, "window": 64}}}}]},
+}
+
+
+def largest_intermediate(compiled) -> tuple[int, str]:
+    """(elements, node) of the largest tensor any captured graph computes (parameters and inputs excluded)."""
+    largest = (0, "")
+    for frame in compiled.sparsify.frames:
+        for variant in frame.variants.values():
+            for node in variant.result.gm.graph.nodes:
+                value = value_of(node)
+                if node.op in ("call_function", "call_method") and isinstance(value, torch.Tensor):
+                    largest = max(largest, (value.numel(), f"{node.name} {tuple(value.shape)}"))
+    return largest
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_no_graph_holds_an_n_by_n_tensor(name, cache):
+    model = tiny_model("llama", layers=2)
+    compiled = sparsify.compile(model, POLICIES[name], cost_model_fallback=False)
+    ids = torch.randint(0, 256, (1, PROMPT))
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.no_grad():
+        out = compiled.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, **kwargs)
+        if name == "dense":
+            assert torch.equal(out, model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+    elements, node = largest_intermediate(compiled)
+    assert elements < PROMPT * PROMPT // 2, f"{node}: {elements} elements"  # a mask would be PROMPT ** 2
+    methods, _ = compiled.sparsify.applied()
+    assert methods == (set() if name == "dense" else {name})
+
+
+def test_static_cache_decode_is_one_graph_for_64_tokens_and_equals_the_model():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, "dense")
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        actual = compiled.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                   cache_implementation="static")
+    assert torch.equal(actual, expected)
+    frames = compiled.sparsify.frames
+    assert compiled.sparsify.backend.compilations == 2  # the prefill, then one decode graph for every token
+    decode = frames[1].last.annotations.attentions
+    assert [a.phase for a in decode] == ["decode"] * 3 and frames[1].calls == 63
+    assert decode[0].kv_len == 83  # the cache's capacity (prompt + new tokens - 1); the op reads its filled part
+
+
+def test_a_padded_batch_is_exact_and_explain_counts_the_dense_calls():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, POLICIES["sink_window"], cost_model_fallback=False)
+    ids = torch.randint(0, 256, (2, 96))
+    mask = torch.ones(2, 96, dtype=torch.long)
+    mask[0, :9] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        actual = compiled(ids, attention_mask=mask).logits
+        compiled(ids, attention_mask=torch.ones_like(mask))  # unpadded: the method runs
+    torch.testing.assert_close(actual[:, 9:], expected[:, 9:], atol=1e-5, rtol=1e-5)
+    frame = compiled.sparsify.frames[0]
+    rows = explain_rows(frame.last, frame.current)
+    assert all(row["calls"] == 2 and "ran dense on 1 of 2 calls" in row["note"] for row in rows)
+    methods, reasons = compiled.sparsify.applied()
+    assert methods == {"sink_window"} and RUNTIME_FALLBACK in reasons
+    assert compiled.sparsify.fallback_calls() == {RUNTIME_FALLBACK: 3}  # one call, three layers
+
+
+def test_inductor_compiles_the_rewritten_graph():
+    model = tiny_model("llama", layers=2)
+    policy = POLICIES["sink_window"]
+    ids = torch.randint(0, 256, (1, 96))
+    with torch.no_grad():
+        expected = sparsify.compile(model, policy, cost_model_fallback=False).generate(
+            ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        compiled = sparsify.compile(model, policy, cost_model_fallback=False, inductor=True)
+        actual = compiled.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(actual, expected)
+    assert {frame.current.compiled_by for frame in compiled.sparsify.frames} == {"inductor"}  # no CUDA graphs here
+
+
+def test_many_call_signatures_stay_compiled_and_eager_runs_are_counted():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, POLICIES["sink_window"], cost_model_fallback=False)
+    ids = torch.randint(0, 256, (1, 80))
+    signatures = [{"output_hidden_states": h, "return_dict": r, "use_cache": c}
+                  for h in (False, True) for r in (False, True) for c in (False, True)] + [{"logits_to_keep": 1}]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        for kwargs in signatures:  # nine frames: more than Dynamo's default limit of 8
+            compiled(ids, **kwargs)
+    assert compiled.sparsify.uncompiled_calls == 0 and compiled.sparsify.backend.compilations >= 9
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), pytest.warns(FallbackWarning):
+        compiled(ids)
+    assert compiled.sparsify.uncompiled_calls == 3
+    assert UNCOMPILED in compiled.sparsify.applied()[1]
+    assert "3 attention call(s) ran outside sparsify's graphs" in sparsify.explain(compiled)
+
+
+def test_compiling_leaves_the_model_alone():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, "dense")
+    assert model.config._attn_implementation == "sdpa" and compiled.config._attn_implementation == "sparsify"
+    assert compiled.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.weight
+    assert not hasattr(model.model.layers[0].self_attn, "sparsify_uncompiled_calls")
