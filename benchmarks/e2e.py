@@ -4,7 +4,7 @@ bf16, B=1, greedy. For each prompt length and implementation: prefill = ``genera
 the extra time of 32 more tokens (``generate(max_new_tokens=33)``), per token, medians of 3 after a warm-up call;
 the warm-up call's extra time is the first call's cost (capture, rewrite, Inductor). Implementations (row names
 from shared/docs/benchmarks.md): ``hf_eager`` (transformers' SDPA, DynamicCache), ``torch_compile``
-(``torch.compile(model.forward)``, as a user would write it; a failure is recorded as the row's ``error``), and
+(``torch.compile(model.forward)``, as a user would write it; running out of memory is recorded as the row's ``error``), and
 ``sparsify_<policy>`` (``sparsify.compile(model, policy)``, a StaticCache so decode replays CUDA graphs). Also
 each implementation's peak GPU memory, how many of the tokens it generates agree with ``hf_eager``'s, and with
 ``--profile``, the CUDA kernels of one prefill and one decode step (``e2e-profile-<impl>-<N>.txt`` beside the
@@ -118,7 +118,10 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
     torch.cuda.reset_peak_memory_stats()
     try:
         impl = Implementation(impl_name, model, seq)
+        # Two warm-up calls: a reused static cache is filled lazily by the first, so the second one's prefill is
+        # another frame (the cache's offset is a tensor from then on). Both count as the first call's cost.
         first_ms, tokens = timed(lambda: impl.generate(ids, NEW_TOKENS + 1))
+        second_ms, _ = timed(lambda: impl.generate(ids, NEW_TOKENS + 1))
         prefill_ms = median3(lambda: impl.generate(ids, 1))
         full_ms = median3(lambda: impl.generate(ids, NEW_TOKENS + 1))
     except torch.OutOfMemoryError as error:
@@ -131,7 +134,7 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
     agreement = None
     if reference_tokens is not None:
         agreement = (tokens[0, seq:] == reference_tokens[0, seq:]).float().mean().item()
-    extra = {"first_call_s": (first_ms - full_ms) / 1e3, "peak_gib": peak_gib}
+    extra = {"first_call_s": (first_ms + second_ms - 2 * full_ms) / 1e3, "peak_gib": peak_gib}
     if impl_name.startswith(SPARSIFY_PREFIX):
         methods, fallbacks = impl.model.sparsify.applied()
         extra["methods_applied"] = sorted(methods)

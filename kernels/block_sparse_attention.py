@@ -13,7 +13,6 @@ function in plain PyTorch (any device) and is what the tests and the CPU path us
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsify.errors import ShapeError
 
+from . import hardware
 from .layout import BlockLayout
 
 LOG2E = 1.4426950408889634
@@ -313,30 +313,12 @@ def _tma_usable(k: torch.Tensor, v: torch.Tensor, dim: int) -> bool:
             and k.element_size() == 2)
 
 
-def stages_that_fit(config: KernelConfig, block_d: int, element_size: int, shared_memory: int | None) -> int:
-    """``config.num_stages``, lowered until the pipelined K and V tiles (``stages * 2 * block_n * block_d`` elements)
-    fit ``shared_memory`` bytes (None: no limit, the interpreter). A config calibrated in 16-bit can be too large
-    in float32; the block sizes are the layout's, so only the stages can give. Fails, naming the sizes, when even
-    one stage does not fit."""
-    per_stage = 2 * config.block_n * block_d * element_size
-    if shared_memory is None or config.num_stages * per_stage <= shared_memory:
-        return config.num_stages
-    if per_stage > shared_memory:
-        raise ShapeError(f"config: {config.block_m}x{config.block_n} tiles with head_dim {block_d} in "
-                         f"{element_size}-byte elements need {per_stage} bytes of shared memory per stage; the "
-                         f"device has {shared_memory}. Use smaller blocks (block_n) or a 16-bit dtype")
-    return shared_memory // per_stage
-
-
-def _shared_memory(device: torch.device) -> int | None:
-    """Bytes of shared memory a block may use on ``device``; None off CUDA (the interpreter)."""
-    return None if device.type != "cuda" else _cuda_shared_memory(device.index or 0)
-
-
-@functools.cache
-def _cuda_shared_memory(index: int) -> int:
-    # Asked once per device: this runs on every kernel launch.
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+def stages_that_fit(config: KernelConfig, block_d: int, element_size: int, shared_memory_bytes: int | None) -> int:
+    """``config.num_stages``, lowered until the pipelined K and V tiles (``stages * 2 * block_n * block_d``
+    elements) fit ``shared_memory_bytes`` (:func:`hardware.stages_that_fit`)."""
+    return hardware.stages_that_fit(
+        config.num_stages, 2 * config.block_n * block_d * element_size, shared_memory_bytes,
+        f"config: {config.block_m}x{config.block_n} tiles with head_dim {block_d} in {element_size}-byte elements")
 
 
 def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = None, *,
@@ -357,7 +339,7 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
                          f"{layout.block_m}x{layout.block_n}")
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     block_d = max(16, triton.next_power_of_2(dim))
-    num_stages = stages_that_fit(config, block_d, q.element_size(), _shared_memory(q.device))
+    num_stages = stages_that_fit(config, block_d, q.element_size(), hardware.shared_memory(q.device))
     out = q.new_empty(q.shape)  # contiguous whatever q's strides: the ops' fake kernels promise it
     lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
     grid = (layout.n_q_blocks, batch * q_heads)

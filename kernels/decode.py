@@ -18,7 +18,6 @@ changes no compiled kernel and no grid.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ShapeError
+from . import hardware
 
 LOG2E = 1.4426950408889634
 
@@ -50,30 +50,11 @@ def decode_num_splits(batch: int, kv_heads: int, n_blocks: int, multiprocessors:
 def stages_for_decode(num_stages: int, block_n: int, head_dim: int, head_dim_v: int, element_size: int,
                       shared_memory: int | None) -> int:
     """``num_stages``, lowered until the pipelined K and V tiles (``stages * block_n * (D + Dv)`` elements) fit
-    ``shared_memory`` bytes (None: no limit, the interpreter); fails, naming the sizes, when one stage does not."""
-    per_stage = block_n * (head_dim + head_dim_v) * element_size
-    if shared_memory is None or num_stages * per_stage <= shared_memory:
-        return num_stages
-    if per_stage > shared_memory:
-        raise ShapeError(f"decode_attention: block_n={block_n} K/V tiles with D={head_dim}, Dv={head_dim_v} in "
-                         f"{element_size}-byte elements need {per_stage} bytes of shared memory per stage; the "
-                         f"device has {shared_memory}. Use a smaller block_n or a 16-bit dtype")
-    return shared_memory // per_stage
-
-
-@functools.cache
-def _device_properties(index: int) -> tuple[int, int]:
-    # Asked once per device: this runs on every decode step.
-    props = triton.runtime.driver.active.utils.get_device_properties(index)
-    return props["multiprocessor_count"], props["max_shared_mem"]
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return _device_properties(device.index or 0)[0] if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
-
-
-def _shared_memory(device: torch.device) -> int | None:
-    return _device_properties(device.index or 0)[1] if device.type == "cuda" else None
+    ``shared_memory`` bytes (:func:`hardware.stages_that_fit`)."""
+    return hardware.stages_that_fit(
+        num_stages, block_n * (head_dim + head_dim_v) * element_size, shared_memory,
+        f"decode_attention: block_n={block_n} K/V tiles with D={head_dim}, Dv={head_dim_v} in {element_size}-byte "
+        "elements")
 
 
 def _interpreting() -> bool:
@@ -258,6 +239,13 @@ def _decode_combine(
     tl.store(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh, lse)
 
 
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these head sizes and dtypes (callers use SDPA otherwise): D and Dv powers of 2 in
+    [16, 256], one dtype among float16, bfloat16 and float32."""
+    sizes_fit = all(16 <= d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+    return sizes_fit and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
                         key_padding: torch.Tensor | None, kv_block_indices: torch.Tensor | None,
                         kv_block_counts: torch.Tensor | None, block_size: int | None) -> None:
@@ -380,10 +368,10 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         tile = block_n
         n_units = n_cache_blocks = -(-length // block_n)
     if num_splits is None:
-        num_splits = decode_num_splits(batch, kv_heads, n_units, _multiprocessors(q.device))
+        num_splits = decode_num_splits(batch, kv_heads, n_units, hardware.multiprocessors(q.device, INTERPRETER_MULTIPROCESSORS))
     elif not isinstance(num_splits, int) or num_splits < 1:
         raise ShapeError(f"decode_attention: num_splits must be a positive int; got {num_splits!r}")
-    stages = stages_for_decode(num_stages, tile, dim, dim_v, q.element_size(), _shared_memory(q.device))
+    stages = stages_for_decode(num_stages, tile, dim, dim_v, q.element_size(), hardware.shared_memory(q.device))
 
     out = torch.empty((batch, q_heads, 1, dim_v), device=q.device, dtype=q.dtype)
     lse = torch.empty((batch, q_heads, 1), device=q.device, dtype=torch.float32)

@@ -123,7 +123,7 @@ def annotate_attention(
         else:
             phase = "decode" if q_len == 1 else "prefill"
         mask_guard = phase == "prefill" and not causal and _square_mask(match.attn_mask, q_len, kv_len)
-        static_cache = phase == "prefill" and match.query_offset is not None
+        static_cache = phase == "prefill" and causal and match.query_offset is not None
         prefill_guard = phase == "prefill" and causal and (match.key_padding is not None or static_cache)
         if static_cache:
             kv_len = q_len

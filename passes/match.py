@@ -123,10 +123,10 @@ def match_described_mask(node: torch.fx.Node) -> AttentionMatch | None:
     if node.op != "call_function" or node.target not in (torch.ops.sparsify.attention,
                                                           torch.ops.sparsify.attention.default):
         return None
-    args = bind(node, ("query", "key", "value", "key_padding", "query_offset", "plain", "is_causal", "scale"), {})
+    args = bind(node, ("q", "k", "v", "key_padding", "query_offset", "plain", "causal", "scale"), {})
     return AttentionMatch(
-        pattern="described_mask", output=node, q=args["query"], k=args["key"], v=args["value"], attn_mask=None,
-        is_causal=bool(args["is_causal"]), scale=args["scale"], source=source_line(node),
+        pattern="described_mask", output=node, q=args["q"], k=args["k"], v=args["v"], attn_mask=None,
+        is_causal=bool(args["causal"]), scale=args["scale"], source=source_line(node),
         key_padding=args["key_padding"], query_offset=args["query_offset"],
     )
 

@@ -8,7 +8,7 @@ published by one attention for later ones (a selection made in layer 2, read by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
 import torch

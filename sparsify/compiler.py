@@ -18,6 +18,7 @@ import copy
 import functools
 import itertools
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -25,8 +26,10 @@ import sympy
 import torch
 import torch.fx
 
+from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
+from .errors import PolicyWarning
 from .passes.apply_policy import apply_policy
 from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
 from .passes.fx_utils import value_of
@@ -122,8 +125,8 @@ class CompiledFrame:
         self.costs = CostModel(ceilings, options.cost_model_fallback)
         self.diffusion = options.phase == "diffusion"
         self._example_inputs = example_inputs
-        self._backend = _inductor_setting(gm, options, device)
         _, self.annotations = analyse(gm, diffusion=self.diffusion)
+        self._backend = _inductor_setting(gm, self.annotations, options, device)
         self.variants: dict[tuple, Variant] = {}
         self.current: Variant | None = None  # the variant the last call ran (at capture: the last one built)
         self.calls = 0
@@ -177,7 +180,12 @@ class CompiledFrame:
                       else "runs as rewritten: built after capture, for lengths the probes missed")
             return Variant(result, result.gm, reason)
         patches, label = self._backend
-        return Variant(result, compile_fx(result.gm, self._example_inputs, config_patches=patches), label)
+        skips = counters["inductor"]["cudagraph_skips"]
+        run = compile_fx(result.gm, self._example_inputs, config_patches=patches)
+        if counters["inductor"]["cudagraph_skips"] > skips:
+            # Inductor decides while compiling (e.g. inputs it mutates but cannot prove static): say what it did.
+            label = "inductor (CUDA graphs requested, skipped by Inductor: its cudagraphs log says why)"
+        return Variant(result, run, label)
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
@@ -191,7 +199,7 @@ class CompiledFrame:
         return self.current.result if self.current is not None else None
 
 
-def _inductor_setting(gm: torch.fx.GraphModule, options: CompileOptions, device: torch.device
+def _inductor_setting(gm: torch.fx.GraphModule, annotations, options: CompileOptions, device: torch.device
                       ) -> tuple[dict, str] | None:
     """(Inductor config patches, label) for a frame, or None where its rewritten graph runs as it is."""
     inductor = options.inductor if options.inductor is not None else device.type == "cuda"
@@ -200,20 +208,23 @@ def _inductor_setting(gm: torch.fx.GraphModule, options: CompileOptions, device:
     if torch.is_grad_enabled():
         # Inductor would build a training graph, and the sparsify ops are for inference (they have no backward).
         return None
-    static = not any(isinstance(value_of(n), (torch.SymInt, torch.SymFloat, torch.SymBool))
-                     or (isinstance(value_of(n), torch.Tensor) and any(isinstance(d, torch.SymInt)
-                                                                        for d in value_of(n).shape))
-                     for n in gm.graph.nodes if n.op == "placeholder")
     graphs = options.cuda_graphs if options.cuda_graphs is not None else device.type == "cuda"
-    if graphs and static and device.type == "cuda" and _is_decode(gm):
+    # Decode frames only: prefill frames vary in length and synchronise once per forward (prefill_is_plain).
+    decode = bool(annotations.attentions) and all(a.phase == "decode" for a in annotations.attentions)
+    if graphs and device.type == "cuda" and decode and not _has_symbolic_inputs(gm):
         return {"triton.cudagraphs": True}, "inductor + CUDA graphs"
     return {}, "inductor"
 
 
-def _is_decode(gm: torch.fx.GraphModule) -> bool:
-    """Every attention of the frame has one query row (prefill frames vary in length and sync once per forward)."""
-    _, annotations = analyse(gm)
-    return bool(annotations.attentions) and all(a.phase == "decode" for a in annotations.attentions)
+def _has_symbolic_inputs(gm: torch.fx.GraphModule) -> bool:
+    """Whether a frame takes a symbolic size (then CUDA graphs would be recorded again for every new size)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = value_of(node)
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(size, torch.SymInt) for size in value.shape):
+            return True
+    return False
 
 
 def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
@@ -239,6 +250,9 @@ class SparsifyBackend:
             self.ceilings[device] = load_ceilings(device)
         frame = CompiledFrame(gm, example_inputs, self.policy, self.options, self.ceilings[device], device)
         self.frames.append(frame)
+        if not any(f.annotations.attentions for f in self.frames) and self.policy.uses_sparse_methods:
+            warnings.warn("sparsify: 0 attentions matched in a captured frame: it runs unchanged (no sparse method "
+                          "applies); sparsify.explain lists what was captured", PolicyWarning, stacklevel=2)
         return frame
 
     @property
@@ -262,16 +276,23 @@ class SparsifyHandle:
         """Attention calls that ran outside sparsify's graphs (exact dense attention, not the policy's method)."""
         return self.uncompiled.count if self.uncompiled is not None else 0
 
+    def unused_rules(self) -> list[str]:
+        """The policy's rules that no attention of any captured frame matched (they did nothing)."""
+        used = {segment.rule for frame in self.frames for variant in frame.variants.values()
+                for decision in variant.result.decisions.decisions for segment in decision.segments}
+        return [rule.describe() for rule in self.policy.rules if rule.describe() not in used]
+
     def fallback_calls(self) -> dict[str, int]:
         """Calls on which an attention ran densely instead of its method, by reason, over every variant run."""
         counts: dict[str, int] = {}
         for frame in self.frames:
             for variant in frame.variants.values():
                 for decision in variant.result.decisions.decisions:
-                    for segment in decision.segments:
-                        runtime = runtime_fallbacks(variant, decision.attention, segment)
-                        if runtime:
-                            counts[RUNTIME_FALLBACK] = counts.get(RUNTIME_FALLBACK, 0) + runtime
+                    # Each guarded segment of an attention counts the same call: count the attention once.
+                    runtime = max((runtime_fallbacks(variant, decision.attention, s) for s in decision.segments),
+                                  default=0)
+                    if runtime:
+                        counts[RUNTIME_FALLBACK] = counts.get(RUNTIME_FALLBACK, 0) + runtime
         if self.uncompiled_calls:
             counts[UNCOMPILED] = self.uncompiled_calls
         return counts
@@ -286,7 +307,9 @@ class SparsifyHandle:
         return sum(frame.calls for frame in self.frames)
 
     def applied(self) -> tuple[set[str], set[str]]:
-        """(methods other than dense that some attention runs, fallback reasons seen), over every variant built."""
+        """(methods other than dense that some call ran, reasons some call or decision ran dense), over every
+        variant that ran: a variant built at capture but never called, or a sparse segment whose every call a guard
+        replaced by dense attention, does not count as the method applied."""
         methods, reasons = set(), set()
         for frame in self.frames:
             for variant in frame.variants.values():
@@ -353,6 +376,9 @@ def _private_copy(model: torch.nn.Module, hf_attention: bool) -> torch.nn.Module
     if not (hf_attention and transformers is not None and isinstance(model, transformers.PreTrainedModel)):
         return copy.copy(model)
     from . import hf
+
+    if not hf.can_install(model):
+        return copy.copy(model)
 
     shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
     copied = copy.deepcopy(model, shared)

@@ -62,6 +62,9 @@ def explain(compiled) -> str:
     console.print(handle.policy.describe())
     if not handle.frames:
         console.print("no frame captured yet: call the compiled model once, then explain it")
+    if handle.frames:
+        for rule in handle.unused_rules():
+            console.print(f"warning: {rule} matched no attention in the frames captured so far: it changed nothing")
     if handle.uncompiled_calls:
         console.print(f"warning: {handle.uncompiled_calls} attention call(s) ran outside sparsify's graphs (Dynamo "
                       "ran the model's own forward): exact dense attention, not the policy's method")
@@ -69,10 +72,11 @@ def explain(compiled) -> str:
                "calls", "note")
     for number, frame in enumerate(handle.frames):
         ran = [v for v in frame.variants.values() if v.calls] or ([frame.current] if frame.current else [])
+        numbers = {id(v): n for n, v in enumerate(frame.variants.values(), 1)}
         for variant in ran:
             result = variant.result
             counts = ", ".join(f"{k}={v}" for k, v in result.matches.counts().items()) or "none"
-            which = f"variant {list(frame.variants.values()).index(variant) + 1} of {len(frame.variants)}"
+            which = f"variant {numbers[id(variant)]} of {len(frame.variants)}"
             table = Table(title=f"frame {number}, {which} ({variant.compiled_by}): {len(result.matches.matches)} "
                                 f"attentions matched ({counts}); {variant.calls} of the frame's {frame.calls} call(s)")
             for column in columns:

@@ -76,7 +76,10 @@ def sparsify_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any 
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                          local_size=local_size, allow_is_causal_skip=False, **kwargs)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if isinstance(q_offset, torch.Tensor):
+    causal = mask_function is causal_mask_function
+    if not causal:
+        query_offset = None  # every key is seen: positions do not matter
+    elif isinstance(q_offset, torch.Tensor):
         # A copy: static caches hand out their own length counter, which each layer's update advances in place
         # before that layer's attention reads it.
         query_offset = q_offset.clone()
@@ -86,7 +89,7 @@ def sparsify_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any 
         # A static cache before its first update reports offset 0 as an int, with kv_length its capacity.
         query_offset = torch.tensor(q_offset, dtype=torch.int64, device=kwargs.get("device", "cpu"))
     return MaskDescription(
-        causal=mask_function is causal_mask_function,
+        causal=causal,
         key_padding=None if padding is None else padding.to(torch.bool),
         query_offset=query_offset,
     )
@@ -140,7 +143,26 @@ def padding_for_generate(*, attention_mask: torch.Tensor | None = None, inputs_e
         return attention_mask
     kv_length, kv_offset = cache.get_mask_sizes(inputs_embeds.shape[1], 0)
     missing = kv_length + kv_offset - attention_mask.shape[-1]
-    return F.pad(attention_mask.to(torch.bool), (0, missing)) if missing > 0 else attention_mask
+    padding = attention_mask.to(torch.bool)  # bool on every step, or the last one (no padding left) recompiles
+    return F.pad(padding, (0, missing)) if missing > 0 else padding
+
+
+# Model types whose attention modules pass transformers' mask straight to the attention function, with no
+# arithmetic of their own on it (others read ``mask.ndim`` or add biases to it): the only ones given the
+# ``"sparsify"`` implementation. Others keep their own attention, matched in the traced graph.
+DESCRIBED_MASK_MODELS = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo", "olmo2", "granite",
+    "smollm3",
+})
+
+
+def can_install(model: torch.nn.Module) -> bool:
+    """A transformers model of a type in :data:`DESCRIBED_MASK_MODELS` using SDPA: its attention computes exactly
+    what SDPA with transformers' mask computes, so describing the mask changes nothing but the cost. (Eager models
+    may rely on the eager path for soft-capping or sinks, which SDPA does not do.)"""
+    config = getattr(model, "config", None)
+    return (getattr(config, "model_type", None) in DESCRIBED_MASK_MODELS
+            and getattr(config, "_attn_implementation", None) == "sdpa")
 
 
 def install(model: torch.nn.Module) -> UncompiledCalls:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ShapeError
+from .errors import ShapeError, SparsifyError
 from .kernels import block_sparse_attention as kernel
 from .kernels import decode as decode_kernels
 from .kernels import delta as delta_kernels
@@ -43,7 +43,7 @@ def dense_attention(
     Returns (B, Hq, Lq, Dv), contiguous.
     """
     check_attention_inputs(q, k, v, "sparsify.dense_attention")
-    if q.is_cuda and q.shape[2] == 1 and attn_mask is None and not is_causal:
+    if q.is_cuda and q.shape[2] == 1 and attn_mask is None and not is_causal and decode_kernels.supports(q, k, v):
         return decode(q, k, v, None, None, False, scale)  # SDPA has no split-KV path for one query row
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
@@ -87,9 +87,14 @@ def prefill_is_plain(q: Tensor, k: Tensor, key_padding: Tensor | None, query_off
     (``query_offset`` 0, or Lk == Lq) and no key among the first Lq is padding. A 0-d bool tensor ON THE CPU: one
     host synchronisation per forward (the node is shared by every layer), after which each layer reads it for free
     (transformers' eager SDPA path makes the same check)."""
-    starts_at_zero = bool(query_offset == 0) if query_offset is not None else k.shape[2] == q.shape[2]
-    unpadded = key_padding is None or bool(key_padding[:, : q.shape[2]].all())
-    return torch.tensor(starts_at_zero and unpadded)
+    plain = torch.ones((), dtype=torch.bool, device=q.device)
+    if query_offset is not None:
+        plain = plain & (query_offset == 0)
+    elif k.shape[2] != q.shape[2]:
+        return torch.tensor(False)
+    if key_padding is not None:
+        plain = plain & key_padding[:, : q.shape[2]].all()
+    return plain.cpu()  # the one synchronisation
 
 
 @prefill_is_plain.register_fake
@@ -137,9 +142,9 @@ def _(q, k, v, key_padding, query_offset, plain, causal, scale):
 def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool,
            scale: float) -> Tensor:
     """One query row per sequence (Lq == 1) over the keys before and at its position, without a host sync.
-    The Triton split-KV kernel on CUDA (each KV head's K/V read once for its query heads), SDPA with the
-    (B, 1, 1, Lk) visibility elsewhere."""
-    if q.is_cuda:
+    The Triton split-KV kernel on CUDA (each KV head's K/V read once for its query heads) where it takes the head
+    sizes and dtype, SDPA with the (B, 1, 1, Lk) visibility elsewhere."""
+    if q.is_cuda and decode_kernels.supports(q, k, v):
         visible = (query_offset.to(torch.int32) + 1 if causal and query_offset is not None
                    else torch.full((), k.shape[2], dtype=torch.int32, device=q.device))
         lengths = visible.expand(q.shape[0])
@@ -377,3 +382,18 @@ def block_sparse_attention_delta(
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
       window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail):
     return q.new_empty(q.shape)
+
+
+# -- inference only -------------------------------------------------------------------------------------------------
+
+
+def _no_backward(ctx, *grads):
+    raise SparsifyError(
+        "sparsify's attention ops compute inference only (they have no backward): run the compiled model under "
+        "torch.no_grad() or torch.inference_mode(); to train, train the original model (sparsify.compile returns a "
+        "copy that shares its weights)")
+
+
+for _op in (dense_attention, attention, block_sparse_attention, row_attention, delta_correction,
+            block_sparse_attention_delta):
+    _op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)

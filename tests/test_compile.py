@@ -22,16 +22,17 @@ def last_result(compiled, frame=0):
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("hf_attention", [True, False])
 def test_dense_policy_reproduces_the_model(kind, attn_implementation, hf_attention):
-    """With ``hf_attention`` the model's attention becomes ``sparsify.attention`` (mask described); without, the
-    model's own SDPA call or eager matmul-softmax-matmul is matched in the traced graph."""
+    """With ``hf_attention`` an SDPA model's attention becomes ``sparsify.attention`` (mask described); otherwise
+    the model's own SDPA call or eager matmul-softmax-matmul is matched in the traced graph."""
     model = tiny_model(kind, attn_implementation)
     compiled = sparsify.compile(model, "dense", hf_attention=hf_attention)
     ids = torch.randint(0, 256, (2, 40))
     numbers = assert_close_to_dense(model, compiled, ids, atol=1e-5, rtol=1e-5)
     assert numbers["top1_agreement"] == 1.0
     result = last_result(compiled)
-    pattern, op = ("described_mask", "sparsify.attention") if hf_attention else (attn_implementation,
-                                                                                 "sparsify.dense_attention")
+    described = hf_attention and attn_implementation == "sdpa"  # eager models keep their own attention
+    pattern, op = ("described_mask", "sparsify.attention") if described else (attn_implementation,
+                                                                              "sparsify.dense_attention")
     assert result.matches.counts() == {pattern: 3}
     assert result.rewrite.rewritten == 3 and result.rewrite.ops == {op: 3}
     assert model.config._attn_implementation == attn_implementation  # the model itself is unchanged

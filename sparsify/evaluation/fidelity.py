@@ -53,12 +53,11 @@ def kl_and_agreement(dense_logits: torch.Tensor, sparse_logits: torch.Tensor) ->
 @torch.no_grad()
 def measure(model, compiled, ids: torch.Tensor, continuation: int) -> dict:
     """Fidelity of ``compiled`` against ``model`` (its dense self) on prompt ``ids`` (1, L)."""
-    modules = attention_modules(model)
-    with recording(modules) as store:
+    # The compiled model is a copy with modules of its own (sharing the weights): each is recorded on its own.
+    with recording(attention_modules(model)) as store:
         dense = model(ids, use_cache=True)
         dense_layers = [outputs[-1] for outputs in store]
-        for outputs in store:
-            outputs.clear()
+    with recording(attention_modules(compiled)) as store:
         sparse = compiled(ids, use_cache=True)
         sparse_layers = [outputs[-1] for outputs in store]
     layer_error = [((s.float() - d.float()).norm() / d.float().norm()).item()
