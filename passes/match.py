@@ -52,6 +52,11 @@ class AttentionMatch:
     key_padding: torch.fx.Node | None = None
     query_offset: torch.fx.Node | None = None
 
+    @property
+    def causal_by_position(self) -> bool:
+        """``is_causal`` aligned to each query's position (described masks), not SDPA's top-left alignment."""
+        return self.pattern == "described_mask"
+
 
 @dataclass
 class MatchReport:

@@ -175,11 +175,11 @@ class CompiledFrame:
         return self.current
 
     def _compile(self, result: PipelineResult, at_capture: bool) -> Variant:
-        if self._backend is None or not at_capture:
-            reason = ("runs as rewritten (Inductor is off here)" if self._backend is None
-                      else "runs as rewritten: built after capture, for lengths the probes missed")
-            return Variant(result, result.gm, reason)
         patches, label = self._backend
+        if patches is None:
+            return Variant(result, result.gm, label)
+        if not at_capture:
+            return Variant(result, result.gm, "runs as rewritten: built after capture, for lengths the probes missed")
         skips = counters["inductor"]["cudagraph_skips"]
         run = compile_fx(result.gm, self._example_inputs, config_patches=patches)
         if counters["inductor"]["cudagraph_skips"] > skips:
@@ -200,14 +200,15 @@ class CompiledFrame:
 
 
 def _inductor_setting(gm: torch.fx.GraphModule, annotations, options: CompileOptions, device: torch.device
-                      ) -> tuple[dict, str] | None:
-    """(Inductor config patches, label) for a frame, or None where its rewritten graph runs as it is."""
+                      ) -> tuple[dict | None, str]:
+    """(Inductor config patches, label) for a frame; patches None where its rewritten graph runs as it is, the
+    label then saying why."""
     inductor = options.inductor if options.inductor is not None else device.type == "cuda"
     if not inductor:
-        return None
+        return None, "runs as rewritten (inductor off, the default on the CPU)"
     if torch.is_grad_enabled():
         # Inductor would build a training graph, and the sparsify ops are for inference (they have no backward).
-        return None
+        return None, "runs as rewritten: captured with grad enabled (call the model under torch.no_grad())"
     graphs = options.cuda_graphs if options.cuda_graphs is not None else device.type == "cuda"
     # Decode frames only: prefill frames vary in length and synchronise once per forward (prefill_is_plain).
     decode = bool(annotations.attentions) and all(a.phase == "decode" for a in annotations.attentions)

@@ -75,7 +75,7 @@ class AttentionMethod:
                     f"which {self.name} cannot honour")
         if attn.phase not in self.phases:
             return f"{self.name} serves phases {', '.join(self.phases)}, not {attn.phase}"
-        if attn.causal and attn.q_len != attn.kv_len and attn.match.pattern != "described_mask":
+        if attn.causal and attn.q_len != attn.kv_len and not attn.match.causal_by_position:
             return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
         return None
 

@@ -28,7 +28,7 @@ class Dense(AttentionMethod):
         return causal_layout(q.shape[2], k.shape[2], config.block_m, config.block_n, device=q.device)
 
     def emit(self, params, attn, ctx):
-        if attn.match.pattern == "described_mask":
+        if attn.match.causal_by_position:  # a described mask: the op that computes exactly that
             return ctx.call(torch.ops.sparsify.attention.default, ctx.q, ctx.k, ctx.v, ctx.key_padding,
                             ctx.query_offset, ctx.plain, attn.match.is_causal, attn.match.scale)
         return ctx.call(torch.ops.sparsify.dense_attention.default, ctx.q, ctx.k, ctx.v, ctx.attn_mask,
