@@ -1,11 +1,10 @@
-"""Shared fixtures. Without a GPU, Triton kernels run under the interpreter (TRITON_INTERPRET=1) at small shapes;
-the variable must be set before triton is imported, so it is set here, first."""
+"""Shared fixtures. The tests run on CPU tensors at small shapes, Triton kernels under the interpreter
+(TRITON_INTERPRET=1), on any machine, a GPU machine too (the kernels' GPU checks are ``sparsify bench
+gpu_correctness``); the variable must be set before triton is imported, so it is set here, first."""
 
 import os
-import shutil
 
-if shutil.which("nvidia-smi") is None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
