@@ -147,8 +147,9 @@ class CompiledFrame:
         return decide(self.original, self.annotations, self.policy, self.costs, seq_lens)[0]
 
     def _probe_lengths(self, symbolic: dict[int, Any]) -> list[dict[int, int]]:
-        """Lengths on each side of every point where a decision can change, the same for every symbolic attention
-        (a frame's attentions share their key length)."""
+        """Lengths on each side of every point where a decision can change, the same for every symbolic attention:
+        at run time a frame's key lengths are equal (a decode frame gives each layer's cache its own symbol), and a
+        variant that lengths the probes missed would lead to is built when first needed, and said so."""
         points = {1, 1 << 40}
         for rule in self.policy.rules:
             if rule.when.min_seq_len is not None:
