@@ -178,6 +178,10 @@ def install(model: torch.nn.Module) -> UncompiledCalls:
     if generation_config is not None:
         # generate() would otherwise torch.compile the forward again, around sparsify's own compiled forward.
         generation_config.disable_compile = True
+        if generation_config.cache_implementation is None and any(p.is_cuda for p in model.parameters()):
+            # On the GPU, generate() preallocates a static cache unless told otherwise: a DynamicCache copies the
+            # whole cache at every step (torch.cat) and changes shape, so decode could not replay a CUDA graph.
+            generation_config.cache_implementation = "static"
     return uncompiled
 
 
