@@ -155,7 +155,7 @@ def _erase_dead(graph: torch.fx.Graph, replaced: list[torch.fx.Node]) -> None:
         node = pending.pop()
         if node.users or node.op not in ("call_function", "call_method") or _writes_in_place(node):
             continue
-        inputs = [n for n in node.all_input_nodes]
+        inputs = list(node.all_input_nodes)
         graph.erase_node(node)
         pending.extend(inputs)
 
