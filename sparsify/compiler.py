@@ -395,7 +395,10 @@ def mark_static_cache(cache: Any) -> None:
     Inductor refuses to replay it as a CUDA graph."""
     if cache is None or not getattr(cache, "is_compileable", False):
         return
-    for layer in getattr(cache, "layers", ()):
+    layers = getattr(cache, "layers", ())
+    if layers and hasattr(getattr(layers[-1], "keys", None), "_dynamo_static_input_type"):
+        return  # marked at an earlier step (the prefill fills every layer): nothing per decode step
+    for layer in layers:
         if not getattr(layer, "is_initialized", False):
             continue
         for name in ("keys", "values", "cumulative_length"):
