@@ -20,7 +20,9 @@ as a mask tensor.
 
 from __future__ import annotations
 
+
 import math
+import types
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -178,11 +180,29 @@ def install(model: torch.nn.Module) -> UncompiledCalls:
     if generation_config is not None:
         # generate() would otherwise torch.compile the forward again, around sparsify's own compiled forward.
         generation_config.disable_compile = True
-        if generation_config.cache_implementation is None and any(p.is_cuda for p in model.parameters()):
-            # On the GPU, generate() preallocates a static cache unless told otherwise: a DynamicCache copies the
-            # whole cache at every step (torch.cat) and changes shape, so decode could not replay a CUDA graph.
-            generation_config.cache_implementation = "static"
+        if any(p.is_cuda for p in model.parameters()):
+            model.generate = types.MethodType(generate_with_static_cache, model)
     return uncompiled
+
+
+CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_implementation")  # "cache": transformers 5.2x's name
+
+
+def with_default_cache(kwargs: dict, generation_config) -> dict:
+    """``generate()``'s keyword arguments, asking for a static cache unless the call or the generation config
+    (the model's, or one passed) already names a cache or a cache implementation."""
+    config = kwargs.get("generation_config") or generation_config
+    if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS) or (
+            config is not None and config.cache_implementation is not None):
+        return kwargs
+    return {**kwargs, "cache_implementation": "static"}
+
+
+def generate_with_static_cache(model, *args, **kwargs):
+    """On the GPU, generate() preallocates a static cache unless told otherwise: a DynamicCache copies the whole
+    cache at every step (torch.cat) and changes shape, so decode could not replay a CUDA graph. (Set per call, not
+    in the generation config: transformers refuses a config's cache implementation beside a cache passed in.)"""
+    return type(model).generate(model, *args, **with_default_cache(kwargs, model.generation_config))
 
 
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sparsify_mask)

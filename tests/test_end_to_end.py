@@ -125,3 +125,28 @@ def test_compiling_leaves_the_model_alone():
     assert model.config._attn_implementation == "sdpa" and compiled.config._attn_implementation == "sparsify"
     assert compiled.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.weight
     assert not hasattr(model.model.layers[0].self_attn, "sparsify_uncompiled_calls")
+
+
+def test_on_the_gpu_generate_defaults_to_a_static_cache_but_takes_the_one_passed():
+    from transformers import GenerationConfig, StaticCache
+
+    from sparsify.hf import generate_with_static_cache, with_default_cache
+
+    unset, static = GenerationConfig(), GenerationConfig(cache_implementation="static")
+    assert with_default_cache({}, unset) == {"cache_implementation": "static"}
+    assert with_default_cache({"past_key_values": object()}, unset).keys() == {"past_key_values"}
+    assert with_default_cache({"cache_implementation": "dynamic"}, unset) == {"cache_implementation": "dynamic"}
+    assert with_default_cache({}, static) == {}
+    assert with_default_cache({"generation_config": static}, unset) == {"generation_config": static}
+    # What a GPU model's generate() runs (installed only there): a static cache of its own, or the one passed in,
+    # used as is (transformers refuses a cache beside a configured cache implementation).
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, "dense")
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(generate_with_static_cache(compiled, ids, max_new_tokens=4, do_sample=False), expected)
+        assert compiled.sparsify.frames[0].last.annotations.attentions[0].static_cache
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        assert torch.equal(generate_with_static_cache(
+            compiled, ids, max_new_tokens=4, do_sample=False, past_key_values=cache), expected)
