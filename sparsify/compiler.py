@@ -388,6 +388,27 @@ def _private_copy(model: torch.nn.Module, hf_attention: bool) -> torch.nn.Module
     return copied
 
 
+def allocate_static_cache(cache: Any, model: torch.nn.Module, inputs: Any) -> None:
+    """Allocate an empty static cache's tensors before the compiled forward runs, as transformers' own
+    ``early_initialization`` does for export. Left to the first ``update``, the allocation happens inside the
+    captured prefill, whose guards then require an empty cache: the next ``generate()`` with the same (reset) cache
+    would capture and compile the prefill again. ``inputs``: the call's ``input_ids`` (B, N) or ``inputs_embeds``
+    (B, N, hidden); the batch size is read from it. Caches and models this cannot size are left as they are."""
+    layers = getattr(cache, "layers", None)
+    if (not getattr(cache, "is_compileable", False) or not layers or getattr(layers[0], "is_initialized", True)
+            or not isinstance(inputs, torch.Tensor) or not hasattr(cache, "early_initialization")
+            or not isinstance(getattr(model, "dtype", None), torch.dtype)):
+        return
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    cache.early_initialization(inputs.shape[0], kv_heads, head_dim, model.dtype, inputs.device)
+
+
 def mark_static_cache(cache: Any) -> None:
     """Tell Dynamo that a preallocated (static) cache's tensors keep their addresses, as its own
     ``mark_static_address`` would when the cache is filled outside a compiled region. Ours is filled inside the
@@ -423,7 +444,10 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
-        mark_static_cache(kwargs.get("past_key_values", kwargs.get("cache")))
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        inputs = args[0] if args else kwargs.get("input_ids")
+        allocate_static_cache(cache, compiled, inputs if inputs is not None else kwargs.get("inputs_embeds"))
+        mark_static_cache(cache)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return dynamo_forward(*args, **kwargs)
 

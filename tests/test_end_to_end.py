@@ -150,3 +150,19 @@ def test_on_the_gpu_generate_defaults_to_a_static_cache_but_takes_the_one_passed
         cache = StaticCache(config=model.config, max_cache_len=32)
         assert torch.equal(generate_with_static_cache(
             compiled, ids, max_new_tokens=4, do_sample=False, past_key_values=cache), expected)
+
+
+def test_generate_again_with_the_same_static_cache_compiles_nothing_new():
+    from transformers import StaticCache
+
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, "dense")
+    ids = torch.randint(0, 256, (1, 20))
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+        for _ in range(3):
+            cache.reset()
+            assert torch.equal(compiled.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache),
+                               expected)
+    assert compiled.sparsify.backend.compilations == 2  # one prefill and one decode graph for all three calls
