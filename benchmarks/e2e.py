@@ -1,8 +1,10 @@
 """End to end: ``generate()`` on a random-weight model of Llama-3-8B's shape, as a user runs it.
 
-bf16, B=1, greedy. For each prompt length and implementation: prefill = ``generate(max_new_tokens=1)``, decode =
-the extra time of 32 more tokens (``generate(max_new_tokens=33)``), per token, medians of 3 after a warm-up call;
-the warm-up call's extra time is the first call's cost (capture, rewrite, Inductor). Implementations (row names
+bf16, B=1, greedy. For each prompt length and implementation: two warm-up calls of ``generate(max_new_tokens=33)``,
+then ``--repeats`` timed ones, each timed by CUDA events at every step (a logits processor records one whenever new
+logits exist): prefill = the call's start to the first logits (median over calls), decode = one step's logits to
+the next (median over all steps), tokens/s = 1000 / decode. The warm-up calls' extra time over a timed call is the
+first (and second) call's cost: capture, rewrite, Inductor, CUDA graph recording. Implementations (row names
 from shared/docs/benchmarks.md): ``hf_eager`` (transformers' SDPA, DynamicCache), ``torch_compile``
 (``torch.compile(model.forward)``, as a user would write it; running out of memory is recorded as the row's ``error``), and
 ``sparsify_<policy>`` (``sparsify.compile(model, policy)``, a StaticCache so decode replays CUDA graphs). Also
@@ -22,7 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -75,8 +79,7 @@ class Implementation:
         else:
             raise SystemExit(f"--impls: unknown {name!r}; allowed: hf_eager, torch_compile, sparsify_<policy>")
 
-    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        kwargs = {}
+    def generate(self, ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
         if self.cache is not None:
             self.cache.reset()
             kwargs["past_key_values"] = self.cache
@@ -85,18 +88,44 @@ class Implementation:
                                        **kwargs)
 
 
-def timed(fn) -> tuple[float, object]:
+class StepClock:
+    """A logits processor that records a CUDA event whenever generate() has new logits: once after the prefill,
+    then after every decode step. Nothing synchronises, so the timed loop runs as it would untimed."""
+
+    def __init__(self):
+        self.events: list[torch.cuda.Event] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        return scores
+
+
+@dataclass(frozen=True)
+class GenerateTiming:
+    """One ``generate(max_new_tokens=NEW_TOKENS + 1)`` call: its whole time, the prefill (call start to the first
+    logits) and each decode step (from one step's logits to the next: sampling plus one forward), in ms."""
+
+    total_ms: float
+    prefill_ms: float
+    step_ms: list[float]
+    tokens: torch.Tensor
+
+
+def timed_generate(impl: Implementation, ids: torch.Tensor) -> GenerateTiming:
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    value = fn()
+    tokens = impl.generate(ids, NEW_TOKENS + 1, logits_processor=LogitsProcessorList([clock]))
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end), value
-
-
-def median3(fn) -> float:
-    return sorted(timed(fn)[0] for _ in range(3))[1]
+    events = clock.events
+    return GenerateTiming(start.elapsed_time(end), start.elapsed_time(events[0]),
+                          [a.elapsed_time(b) for a, b in zip(events, events[1:])], tokens)
 
 
 def profile_steps(impl: Implementation, ids: torch.Tensor, path) -> None:
@@ -109,48 +138,53 @@ def profile_steps(impl: Implementation, ids: torch.Tensor, path) -> None:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile: bool
+def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile: bool, repeats: int
             ) -> tuple[list[dict], torch.Tensor | None]:
-    """The rows of one implementation at one length, and the tokens its first call generated."""
+    """The rows of one implementation at one length, and the tokens its first call generated.
+
+    Two warm-up calls, then ``repeats`` timed ones: prefill is their median, decode the median of all their steps.
+    ``first_call_s`` is the first call's extra time over a timed call (capture, rewrite, Inductor, CUDA graph
+    recording); ``second_call_s`` the second's (anything compiled again for a reused cache shows here)."""
     seq = ids.shape[1]
     base = {"seq_len": seq, "impl": impl_name}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         impl = Implementation(impl_name, model, seq)
-        # Two warm-up calls: a reused static cache is filled lazily by the first, so the second one's prefill is
-        # another frame (the cache's offset is a tensor from then on). Both count as the first call's cost.
-        first_ms, tokens = timed(lambda: impl.generate(ids, NEW_TOKENS + 1))
-        second_ms, _ = timed(lambda: impl.generate(ids, NEW_TOKENS + 1))
-        prefill_ms = median3(lambda: impl.generate(ids, 1))
-        full_ms = median3(lambda: impl.generate(ids, NEW_TOKENS + 1))
+        first, second = timed_generate(impl, ids), timed_generate(impl, ids)
+        timed = [timed_generate(impl, ids) for _ in range(repeats)]
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         message = str(error).splitlines()[0][:200]
         print(f"{impl_name} N={seq}: out of memory: {message}", flush=True)
         return [{**base, "case": case, "error": f"out of memory: {message}"} for case in ("prefill", "decode")], None
-    decode_ms = (full_ms - prefill_ms) / NEW_TOKENS
+    prefill_ms = statistics.median(t.prefill_ms for t in timed)
+    decode_ms = statistics.median(step for t in timed for step in t.step_ms)
+    typical_ms = statistics.median(t.total_ms for t in timed)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     agreement = None
     if reference_tokens is not None:
-        agreement = (tokens[0, seq:] == reference_tokens[0, seq:]).float().mean().item()
-    extra = {"first_call_s": (first_ms + second_ms - 2 * full_ms) / 1e3, "peak_gib": peak_gib}
+        agreement = (first.tokens[0, seq:] == reference_tokens[0, seq:]).float().mean().item()
+    extra = {"first_call_s": (first.total_ms - typical_ms) / 1e3, "second_call_s": (second.total_ms - typical_ms) / 1e3,
+             "peak_gib": peak_gib}
     if impl_name.startswith(SPARSIFY_PREFIX):
         methods, fallbacks = impl.model.sparsify.applied()
         extra["methods_applied"] = sorted(methods)
         extra["compiled_by"] = sorted({frame.current.compiled_by for frame in impl.model.sparsify.frames})
+        extra["graphs_compiled"] = impl.model.sparsify.backend.compilations
     rows = [
         {**base, "case": "prefill", "ms": prefill_ms, **extra},
         {**base, "case": "decode", "ms": decode_ms, "tokens_per_s": 1e3 / decode_ms,
          "token_agreement_with_hf_eager": agreement},
     ]
     print(f"{impl_name:>24} N={seq:>6}: prefill {prefill_ms:9.1f} ms  decode {decode_ms:7.2f} ms/token  "
-          f"first call +{extra['first_call_s']:.1f} s  peak {peak_gib:.1f} GiB  agreement {agreement}", flush=True)
+          f"first call +{extra['first_call_s']:.1f} s  second +{extra['second_call_s']:.1f} s  "
+          f"peak {peak_gib:.1f} GiB  agreement {agreement}", flush=True)
     if profile:
         profile_steps(impl, ids, results_dir() / f"e2e-profile-{impl_name}-{seq}.txt")
     del impl
     torch._dynamo.reset()
-    return rows, tokens
+    return rows, first.tokens
 
 
 def ratios_of(rows: list[dict]) -> dict[str, float]:
@@ -188,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
                                                         "sparsify_sink_window", "sparsify_delta"])
     parser.add_argument("--part", default="e2e", help="result name (a part to --merge later, or e2e itself)")
     parser.add_argument("--profile", action="store_true", help="also save each implementation's kernel profile")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the two warm-up calls")
     parser.add_argument("--merge", nargs="+", metavar="PART", help="join parts into e2e.json and stop")
     args = parser.parse_args(argv)
     if args.merge:
@@ -201,9 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     for seq in args.seq:
         ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda", generator=generator)
         reference = None
-        for name in args.impls:
+        # hf_eager first: the others' tokens are compared with its tokens.
+        for name in sorted(args.impls, key=lambda name: name != "hf_eager"):
             started = time.time()
-            measured, tokens = measure(name, model, ids, reference, args.profile)
+            measured, tokens = measure(name, model, ids, reference, args.profile, args.repeats)
             if name == "hf_eager":
                 reference = tokens
             rows += measured
