@@ -69,23 +69,23 @@ class CompileOptions:
 
 
 class _LengthReader:
-    """Evaluates attentions' symbolic key lengths from a call's actual arguments.
+    """Evaluates symbolic lengths (keyed as the caller likes) from a call's actual arguments.
 
     Dynamo passes each size symbol either as a SymInt argument or as a dimension of a tensor argument;
     ``placeholders`` (in argument order) say where.
     """
 
-    def __init__(self, placeholders: list[torch.fx.Node], lengths: dict[int, sympy.Expr]):
-        self.indices = list(lengths)
+    def __init__(self, placeholders: list[torch.fx.Node], lengths: dict[Any, sympy.Expr]):
+        self.keys = list(lengths)
         symbols = sorted(set().union(*(e.free_symbols for e in lengths.values())), key=str) if lengths else []
         self.getters: list[Callable[[tuple], int]] = []
         for symbol in symbols:
             self.getters.append(_find_symbol(placeholders, symbol))
-        self.evaluate = sympy.lambdify(symbols, [lengths[i] for i in self.indices], modules="math")
+        self.evaluate = sympy.lambdify(symbols, [lengths[k] for k in self.keys], modules="math")
 
-    def __call__(self, args: tuple) -> dict[int, int]:
+    def __call__(self, args: tuple) -> dict[Any, int]:
         values = self.evaluate(*(get(args) for get in self.getters))
-        return {index: int(value) for index, value in zip(self.indices, values)}
+        return {key: int(value) for key, value in zip(self.keys, values)}
 
 
 def _find_symbol(placeholders: list[torch.fx.Node], symbol: sympy.Symbol) -> Callable[[tuple], int]:
@@ -97,7 +97,7 @@ def _find_symbol(placeholders: list[torch.fx.Node], symbol: sympy.Symbol) -> Cal
             for dim, size in enumerate(value.shape):
                 if isinstance(size, torch.SymInt) and size.node.expr == symbol:
                     return lambda args, p=position, d=dim: int(args[p].shape[d])
-    raise RuntimeError(f"sparsify: size symbol {symbol} is not readable from the graph's inputs")
+    raise LookupError(f"sparsify: size symbol {symbol} is not readable from the graph's inputs")
 
 
 @dataclass
@@ -108,6 +108,8 @@ class Variant:
     run: Callable
     compiled_by: str  # "inductor", "inductor + CUDA graphs", or why the graph runs as it is
     calls: int = 0
+    # The last call's lengths, {(attention index, "q_len" | "kv_len"): n}, where the graph's lengths are symbolic.
+    last_lengths: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
 class CompiledFrame:
@@ -131,17 +133,28 @@ class CompiledFrame:
         self.current: Variant | None = None  # the variant the last call ran (at capture: the last one built)
         self.calls = 0
         symbolic = {a.index: a.kv_len for a in self.annotations.attentions if not isinstance(a.kv_len, int)}
-        self._reader = None
+        lengths_of_calls = {(a.index, name): getattr(a, name) for a in self.annotations.attentions
+                            for name in ("q_len", "kv_len") if not isinstance(getattr(a, name), int)}
+        self._varies = False  # whether the variant depends on the lengths
         if symbolic:
             keys = {self._decide(lengths).key: lengths for lengths in self._probe_lengths(symbolic)}
-            if len(keys) > 1:
-                placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-                self._reader = _LengthReader(placeholders, symbolic)
+            self._varies = len(keys) > 1
             for lengths in keys.values():
                 self._variant(lengths, at_capture=True)
         else:
             self._variant(None, at_capture=True)
         self._example_inputs = None  # only needed while Dynamo waits
+        # Reads each call's lengths: to pick its variant, and for explain to print them.
+        self._reader = self._length_reader(gm, lengths_of_calls) if lengths_of_calls else None
+
+    def _length_reader(self, gm: torch.fx.GraphModule, lengths: dict) -> _LengthReader | None:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        try:
+            return _LengthReader(placeholders, lengths)
+        except LookupError:
+            if self._varies:
+                raise
+            return None  # only explain would have used it: it prints the lengths as symbols
 
     def _decide(self, seq_lens: dict[int, int] | None):
         return decide(self.original, self.annotations, self.policy, self.costs, seq_lens)[0]
@@ -190,8 +203,13 @@ class CompiledFrame:
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
-        variant = self._variant(self._reader(args)) if self._reader is not None else self.current
+        lengths = self._reader(args) if self._reader is not None else {}
+        if self._varies:
+            variant = self._variant({index: n for (index, name), n in lengths.items() if name == "kv_len"})
+        else:
+            variant = self.current
         variant.calls += 1
+        variant.last_lengths = lengths
         return variant.run(*args)
 
     @property

@@ -16,8 +16,8 @@ from .pipeline import PipelineResult
 
 def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
     """One row per attention (per run of heads when a rule splits heads). With the ``variant`` that ran
-    ``result``'s graph, each row also says how many calls ran it and on how many a run-time guard ran dense
-    attention instead of the method."""
+    ``result``'s graph, each row also says how many calls ran it, on how many a run-time guard ran dense
+    attention instead of the method, and the lengths of its last call."""
     from .compiler import runtime_fallbacks
 
     rows = []
@@ -26,7 +26,8 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
         base = {
             "layer": attention.layer, "module": attention.module_path, "matched": attention.match.pattern,
             "phase": attention.phase, "heads": f"{attention.q_heads}/{attention.kv_heads}",
-            "head_dim": attention.head_dim, "q_len": str(attention.q_len), "kv_len": str(attention.kv_len),
+            "head_dim": attention.head_dim, "q_len": _length(attention, "q_len", variant),
+            "kv_len": _length(attention, "kv_len", variant),
             "mask": attention.mask_kind,
         }
         if decision.untouched is not None:
@@ -50,6 +51,13 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
                                                           f"{variant.calls} calls"]))
             rows.append(row)
     return rows
+
+
+def _length(attention, name: str, variant) -> str:
+    """A length as the last call of ``variant`` had it; as the graph has it (an int, or symbolic) before any call."""
+    if variant is not None and (attention.index, name) in variant.last_lengths:
+        return str(variant.last_lengths[attention.index, name])
+    return str(getattr(attention, name))
 
 
 def explain(compiled) -> str:

@@ -58,3 +58,16 @@ def test_backward_says_sparsify_is_for_inference():
     logits = compiled(torch.randint(0, 256, (1, 12))).logits
     with pytest.raises(SparsifyError, match="compute inference only .* torch.no_grad"):
         logits.sum().backward()
+
+
+def test_explain_prints_the_lengths_of_the_last_call():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, "dense", dynamic=True)
+    with torch.no_grad():
+        compiled.generate(torch.randint(0, 256, (1, 37)), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    prefill, decode = compiled.sparsify.frames
+    assert not isinstance(prefill.last.annotations.attentions[0].q_len, int)  # symbolic in the graph
+    rows = [explain_rows(frame.last, frame.current) for frame in (prefill, decode)]
+    assert {(r["q_len"], r["kv_len"]) for r in rows[0]} == {("37", "37")}
+    assert {(r["q_len"], r["kv_len"]) for r in rows[1]} == {("1", "39")}  # the third token's step
+    assert "s" not in "".join(r["q_len"] + r["kv_len"] for r in rows[0] + rows[1])
