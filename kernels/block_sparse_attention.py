@@ -271,9 +271,11 @@ def check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
 
 
 def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float | None = None, *,
-                                     chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                                     chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch: the same function as the kernel, computed in float32, ``chunk`` query rows at a time.
 
+    Each chunk reads only the key blocks that some head of some row in it visits, so its cost follows the layout's
+    density as the kernel's does (it is the CPU path, which the cost model prices as sparse).
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32.
     """
     check_layout(q, k, v, layout)
@@ -285,22 +287,28 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float 
     positions = layout.positions(q.device)
     keys = torch.arange(layout.kv_len, device=q.device)
     key_block = keys // layout.block_n
-    kf, vf = k.float()[:, :, None], v.float()[:, :, None]                      # (B, Hkv, 1, Lk, D)
+    qf, kf, vf = q.float(), k.float(), v.float()
     outs, lses = [], []
     for start in range(0, q_len, chunk):
         rows = torch.arange(start, min(start + chunk, q_len), device=q.device)
-        row_block = rows // layout.block_m
-        visible = full[..., row_block, :][..., key_block] | (
-            partial[..., row_block, :][..., key_block]
-            & layout.mask.visible(positions[rows][:, None], keys[None, :], layout.kv_len))
-        visible = visible.expand(batch, q_heads, -1, -1).reshape(batch, kv_heads, group, len(rows), -1)
-        qc = q[:, :, start:start + len(rows)].float().reshape(batch, kv_heads, group, len(rows), dim)
-        scores = torch.matmul(qc, kf.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-        outs.append(torch.matmul(probs, vf).reshape(batch, q_heads, len(rows), -1))
-        lses.append(lse.reshape(batch, q_heads, len(rows)))
+        row_blocks = torch.unique(rows // layout.block_m)
+        chunk_full, chunk_partial = full[..., row_blocks, :], partial[..., row_blocks, :]
+        read = (chunk_full | chunk_partial).flatten(0, -2).any(0)                  # (n_kv_blocks,)
+        sel = torch.nonzero(read[key_block]).flatten()                           # the keys read, ascending
+        local = torch.searchsorted(row_blocks, rows // layout.block_m)           # row -> index in row_blocks
+        blocks = key_block[sel]
+        visible = chunk_full[..., local, :][..., blocks] | (
+            chunk_partial[..., local, :][..., blocks]
+            & layout.mask.visible(positions[rows][:, None], keys[sel][None, :], layout.kv_len))
+        visible = visible.expand(batch, q_heads, -1, -1)                          # (B, Hq, rows, keys read)
+        # PyTorch's fused CPU attention (it returns the log-sum-exp too) over the keys read, with GQA expanded.
+        bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qf[:, :, start:start + len(rows)], kf[:, :, sel].repeat_interleave(group, 1),
+            vf[:, :, sel].repeat_interleave(group, 1), attn_mask=bias, scale=scale)
+        empty = ~visible.any(-1)                                                  # rows that see no key
+        outs.append(out.masked_fill(empty[..., None], 0.0))
+        lses.append(lse.masked_fill(empty, float("-inf")))
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
 
 

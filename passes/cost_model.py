@@ -12,9 +12,11 @@ cached on disk under ``~/.cache/sparsify``; on a CPU nominal numbers are used (t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,12 +109,19 @@ class _Plan:
 class CostModel:
     """Predictions on one device. The sympy work (building expressions, solving for the threshold) runs once per
     (method, heads, head_dim, causal), not once per call: decisions are re-taken per call when lengths are
-    symbolic. ``allow_fallback`` off keeps every sparse segment sparse (with its prediction)."""
+    symbolic. ``allow_fallback`` off keeps every sparse segment sparse (with its prediction).
 
-    def __init__(self, ceilings: DeviceCeilings, allow_fallback: bool = True):
-        self.ceilings = ceilings
+    ``ceilings`` loads the device's ceilings when a sparse segment first needs them: on a GPU without cached
+    ceilings that calibrates (kernel compiles and timings), which a dense-only policy should not pay for."""
+
+    def __init__(self, ceilings: Callable[[], DeviceCeilings], allow_fallback: bool = True):
+        self._load_ceilings = ceilings
         self.allow_fallback = allow_fallback
         self._plans: dict[tuple, _Plan] = {}
+
+    @functools.cached_property
+    def ceilings(self) -> DeviceCeilings:
+        return self._load_ceilings()
 
     def _plan(self, spec, batch_heads: int, head_dim: int, causal: bool) -> _Plan:
         key = (spec, batch_heads, head_dim, causal)

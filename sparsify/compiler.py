@@ -121,7 +121,7 @@ class CompiledFrame:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, policy: Policy, options: CompileOptions,
-                 ceilings: DeviceCeilings, device: torch.device):
+                 ceilings: Callable[[], DeviceCeilings], device: torch.device):
         self.original = gm
         self.policy = policy
         self.costs = CostModel(ceilings, options.cost_model_fallback)
@@ -262,13 +262,18 @@ class SparsifyBackend:
         self.policy = policy
         self.options = options
         self.frames: list[CompiledFrame] = []
-        self.ceilings: dict[torch.device, DeviceCeilings] = {}
+        self._ceilings: dict[torch.device, DeviceCeilings] = {}
+
+    def ceilings(self, device: torch.device) -> DeviceCeilings:
+        """The device's ceilings, loaded (on a GPU, possibly calibrated) on first use, once per device."""
+        if device not in self._ceilings:
+            self._ceilings[device] = load_ceilings(device)
+        return self._ceilings[device]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         device = _graph_device(gm)
-        if device not in self.ceilings:
-            self.ceilings[device] = load_ceilings(device)
-        frame = CompiledFrame(gm, example_inputs, self.policy, self.options, self.ceilings[device], device)
+        frame = CompiledFrame(gm, example_inputs, self.policy, self.options,
+                              functools.partial(self.ceilings, device), device)
         self.frames.append(frame)
         if not any(f.annotations.attentions for f in self.frames) and self.policy.uses_sparse_methods:
             warnings.warn("sparsify: 0 attentions matched in a captured frame: it runs unchanged (no sparse method "

@@ -57,7 +57,8 @@ def export(
     _refuse_decisions_by_dynamic_length(gm, resolved, diffusion=diffusion, cost_model_fallback=cost_model_fallback)
     device = next((v.device for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
-    result = run_pipeline(gm, resolved, CostModel(load_ceilings(device), cost_model_fallback), diffusion=diffusion)
+    costs = CostModel(lambda: load_ceilings(device), cost_model_fallback)
+    result = run_pipeline(gm, resolved, costs, diffusion=diffusion)
     _refresh_fake_values(gm)
     program.sparsify_report = result  # for explain-style inspection in the exporting process
     return program

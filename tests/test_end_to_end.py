@@ -11,6 +11,7 @@ import sparsify
 from sparsify.compiler import RUNTIME_FALLBACK, UNCOMPILED
 from sparsify.errors import FallbackWarning
 from sparsify.explain import explain_rows
+from sparsify.passes.cost_model import CPU_NOMINAL
 from sparsify.passes.fx_utils import value_of
 
 PROMPT = 640  # long enough that a (q_len x kv_len) tensor is the largest thing a graph could hold
@@ -166,3 +167,18 @@ def test_generate_again_with_the_same_static_cache_compiles_nothing_new():
             assert torch.equal(compiled.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache),
                                expected)
     assert compiled.sparsify.backend.compilations == 2  # one prefill and one decode graph for all three calls
+
+
+def test_a_dense_policy_never_loads_the_device_ceilings(monkeypatch):
+    """On a GPU without cached ceilings, loading them calibrates (kernel compiles and timings): only sparse
+    segments need them."""
+    import sparsify.compiler
+
+    loaded = []
+    monkeypatch.setattr(sparsify.compiler, "load_ceilings", lambda device: loaded.append(device) or CPU_NOMINAL)
+    ids = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        sparsify.compile(tiny_model("llama"), "dense")(ids)
+        assert loaded == []
+        sparsify.compile(tiny_model("llama"), POLICIES["sink_window"])(ids)
+    assert loaded == [torch.device("cpu")]  # once per device, not per frame or attention

@@ -87,6 +87,21 @@ def test_kernel_block_topk_layout_per_head():
     check_against_references(q, k, v, layout, KernelConfig(16, 16, 4, 1))
 
 
+@pytest.mark.parametrize("chunk", [7, 32, 1024])
+def test_reference_reads_only_visited_key_blocks_and_equals_masked_sdpa(chunk):
+    """The CPU path: query chunks (cut across block rows too) gather the key blocks they visit, per-head layouts
+    included, and still compute exactly masked attention."""
+    q, k, v = random_qkv(2, 4, 2, 200, 200, 16)
+    for layout in (sink_window_layout(200, 200, 8, 40, 16, 16),
+                   block_topk_layout(q, k, density=0.3, block_m=16, block_n=16)):
+        out, lse = block_sparse_attention_reference(q, k, v, layout, chunk=chunk)
+        mask = layout.to_dense_mask().expand(2, 4, -1, -1)
+        torch.testing.assert_close(out, masked_sdpa(q, k, v, mask), atol=2e-5, rtol=2e-5)
+        scores = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-1, -2)) / math.sqrt(16)
+        expected_lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1)
+        torch.testing.assert_close(lse, expected_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_kernel_rejects_bad_inputs():
     q, k, v = random_qkv(1, 3, 2, 16, 16, 16)
     with pytest.raises(ShapeError, match="multiple of key/value heads"):
