@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="generate text with a policy")
     _add_model_arguments(run)
-    run.add_argument("--prompt", type=_prompt, default="What is the capital of France? Answer in one sentence.")
+    run.add_argument("--prompt", type=_prompt, default=None,
+                     help="the text to continue; default: a built-in document (--document-tokens long) with a pass "
+                          "key hidden in it, and a question about it")
+    run.add_argument("--document-tokens", type=_positive_int, default=4000,
+                     help="length of the built-in document, in tokens (without --prompt)")
     run.add_argument("--max-new-tokens", type=_positive_int, default=48)
     run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     run.add_argument("--explain", action="store_true", help="print the explain table afterwards")

@@ -94,6 +94,9 @@ def dense_threshold(sparse_ms, dense_ms) -> int | None:
 
 @dataclass
 class CostReport:
+    """The planned decisions (the policy's, with launch configs, predictions and cost fallbacks), and a summary."""
+
+    decisions: PolicyReport
     fallbacks: int
     predictions: dict[str, str]
 
@@ -169,7 +172,8 @@ class CostModel:
 def cost_model(
     gm: torch.fx.GraphModule, decisions: PolicyReport, model: CostModel, seq_lens: dict[int, int] | None
 ) -> tuple[torch.fx.GraphModule, CostReport]:
-    """Attach launch configs and predictions to sparse segments; fall back to dense where it is cheaper."""
+    """Attach launch configs and predictions to sparse segments; fall back to dense where it is cheaper. The
+    decisions given are left as they are: the planned ones are the report's."""
     fallbacks, predictions = 0, {}
     updated = []
     for decision in decisions.decisions:
@@ -183,8 +187,7 @@ def cost_model(
                 predictions[f"{attention.name}[{segment.start}:{segment.stop}]"] = new.predicted
             segments.append(new)
         updated.append(dataclasses.replace(decision, segments=tuple(segments)))
-    decisions.decisions[:] = updated
-    return gm, CostReport(fallbacks, predictions)
+    return gm, CostReport(PolicyReport(updated), fallbacks, predictions)
 
 
 # -- calibration -------------------------------------------------------------------------------------------------

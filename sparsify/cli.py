@@ -50,16 +50,37 @@ def _load(args):
 def cmd_run(args) -> int:
     sparsify, policy, model, tokenizer = _load(args)
     compiled = sparsify.compile(model, policy)
-    messages = [{"role": "user", "content": args.prompt}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-        if getattr(tokenizer, "chat_template", None) and not args.raw else args.prompt
-    ids = tokenizer(text, return_tensors="pt").input_ids.to(args.device)
-    with _step(f"generating up to {args.max_new_tokens} tokens ({ids.shape[1]}-token prompt)"), torch.no_grad():
+    document = None
+    if args.prompt is None:
+        ids, document = _builtin_document(tokenizer, args.document_tokens)
+        console.print(f"built-in document: {ids.shape[1]} tokens of essays with a pass key hidden a third of the "
+                      f"way in; asked: {document.question!r}")
+    else:
+        messages = [{"role": "user", "content": args.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+            if getattr(tokenizer, "chat_template", None) and not args.raw else args.prompt
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    ids = ids.to(args.device)
+    with _step(f"generating up to {args.max_new_tokens} tokens ({ids.shape[1]}-token prompt; the first call "
+               "captures and rewrites the graph)"), torch.no_grad():
         output = compiled.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+    answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    print(answer)
+    if document is not None:
+        found = "found" if document.score(answer) else "not found"
+        console.print(f"the pass key is {document.answers[0]}: {found} in the answer")
     if args.explain:
         print(sparsify.explain(compiled))
     return 0
+
+
+def _builtin_document(tokenizer, length: int):
+    """(ids (1, ~length), sample): the passkey task's prompt, chat-formatted as ``sparsify eval`` builds it."""
+    from .evaluation.runner import prompt_ids
+    from .evaluation.tasks import TASKS
+
+    sample = TASKS.get("passkey").generate(tokenizer, length, random.Random(0), 1 / 3)
+    return prompt_ids(tokenizer, sample, "cpu"), sample
 
 
 def cmd_explain(args) -> int:

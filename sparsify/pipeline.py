@@ -53,7 +53,7 @@ def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy
            seq_lens: dict[int, int] | None) -> tuple[PolicyReport, CostReport]:
     gm, decisions = apply_policy(gm, annotations, policy, seq_lens)
     gm, report = cost_model(gm, decisions, costs, seq_lens)
-    return decisions, report
+    return report.decisions, report
 
 
 def run_pipeline(

@@ -56,3 +56,24 @@ def test_config_for_fixed_blocks_uses_the_calibration_record():
     assert ceilings.config_for(128) == KernelConfig(64, 64, 4, 3, True)
     assert ceilings.config_for(128, (128, 128)) == KernelConfig(**fast)
     assert ceilings.config_for(64, (128, 128)).block_n == 128
+
+
+def test_the_cost_model_pass_leaves_the_decisions_it_was_given_unchanged():
+    from conftest import tiny_model
+
+    import sparsify
+    from sparsify.passes.apply_policy import apply_policy
+    from sparsify.passes.cost_model import CostModel, cost_model
+    from sparsify.policy import Policy
+
+    policy = Policy.load({"rules": [{"when": {"phase": "prefill"}, "use": "sink_window",
+                                     "with": {"sink": 4, "window": 16}}]})
+    compiled = sparsify.compile(tiny_model("llama"), policy)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 40)))
+    frame = compiled.sparsify.frames[0]
+    gm, given = apply_policy(frame.original, frame.annotations, policy, None)
+    before, items = given.key, list(given.decisions)
+    _, report = cost_model(gm, given, CostModel(lambda: CPU_NOMINAL), {a.index: 40 for a in frame.annotations.attentions})
+    assert given.key == before and all(a is b for a, b in zip(given.decisions, items))
+    assert report.fallbacks == 3 and report.decisions.key != before  # dense is cheaper at 40 tokens: all fell back
