@@ -97,12 +97,16 @@ def _default_scale(q: torch.fx.Node) -> float:
 
 
 def _sdpa_match(pattern: str, output: torch.fx.Node, args: dict[str, Any]) -> AttentionMatch:
-    q, k, v = args["query"], args["key"], args["value"]
+    # K/V repeated to the query heads before the call (transformers' SDPA path does it when it does not pass
+    # enable_gqa, e.g. with a mask in transformers 5.17): the kernels take the KV heads themselves.
+    q, k, v = args["query"], _strip_gqa_repeat(args["key"]), _strip_gqa_repeat(args["value"])
+    if (k is args["key"]) != (v is args["value"]):
+        k, v = args["key"], args["value"]  # only one of them repeated: keep the call as it was made
     scale = args.get("scale")
     unsupported = None
     if args.get("dropout_p", 0.0):
         unsupported = f"dropout_p={args['dropout_p']} (training-time dropout is only computed densely)"
-    q_heads, kv_heads = tensor_shape(q)[1], tensor_shape(k)[1]
+    q_heads, kv_heads = tensor_shape(q)[1], tensor_shape(args["key"])[1]
     if q_heads != kv_heads and not args.get("enable_gqa", False) and pattern == "sdpa":
         unsupported = f"q has {q_heads} heads, k {kv_heads}, without enable_gqa (SDPA itself would fail)"
     return AttentionMatch(

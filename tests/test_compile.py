@@ -240,6 +240,32 @@ def test_unsupported_forms_stay_dense_with_reasons():
     assert rows[1]["method"].startswith("untouched") and "dropout_p=0.5" in rows[1]["note"]
 
 
+class RepeatedKV(torch.nn.Module):
+    """transformers' SDPA path without ``enable_gqa`` (5.17 with a mask): K/V repeated per query head first."""
+
+    def forward(self, q, k, v, mask):
+        def repeat(x):
+            batch, heads, length, dim = x.shape
+            return x[:, :, None].expand(batch, heads, 2, length, dim).reshape(batch, heads * 2, length, dim)
+
+        return F.scaled_dot_product_attention(q, repeat(k), repeat(v), attn_mask=mask)
+
+
+def test_kv_repeated_before_sdpa_is_matched_with_the_kv_heads():
+    compiled = sparsify.compile(RepeatedKV(), {"default": {"use": "sink_window", "with": {"sink": 1, "window": 4}}},
+                                cost_model_fallback=False)
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    positions, keys = torch.arange(16)[:, None], torch.arange(16)[None, :]
+    causal = (keys <= positions)[None, None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal & ((positions - keys < 4) | (keys < 1)),
+                                              enable_gqa=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v, causal), expected)
+    attention = last_result(compiled).annotations.attentions[0]
+    assert (attention.q_heads, attention.kv_heads) == (4, 2)
+    assert explain_rows(last_result(compiled))[0]["method"].startswith("sink_window")
+
+
 class SquareMasked(torch.nn.Module):
     def forward(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -36,7 +36,10 @@ def test_dense_policy_matches_every_attention_and_reproduces_the_model(smollm2, 
         assert len(infos) == 30 and frame.last.matches.counts() == {"described_mask": 30}
         assert [a.layer for a in infos] == list(range(30))
         assert {(a.q_heads, a.kv_heads, a.head_dim) for a in infos} == {(9, 3, 64)}
-        assert frame.last.rewrite.ops == {"sparsify.attention": 30}
+        ops = dict(frame.last.rewrite.ops)
+        assert ops.pop("sparsify.attention") == 30
+        # transformers 5.17 hands generate()'s all-ones mask to the prefill, which then checks it once per forward.
+        assert ops in ({}, {"sparsify.prefill_is_plain": 1}) and (not ops or infos[0].phase == "prefill")
         phases.setdefault(infos[0].phase, 0)
         phases[infos[0].phase] += 1
     assert phases.get("prefill", 0) >= 1 and phases.get("decode", 0) >= 1
