@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--document-tokens", type=_positive_int, default=4000,
                      help="length of the built-in document, in tokens (without --prompt)")
     run.add_argument("--max-new-tokens", type=_positive_int, default=48)
-    run.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    run.add_argument("--raw", action="store_true", help="do not wrap --prompt in the chat template (the built-in "
+                     "document is always wrapped, as sparsify eval does)")
     run.add_argument("--explain", action="store_true", help="print the explain table afterwards")
 
     explain = commands.add_parser("explain", help="trace one forward and show what the policy decided, per layer")

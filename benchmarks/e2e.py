@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the two warm-up calls")
     parser.add_argument("--merge", nargs="+", metavar="PART", help="join parts into e2e.json and stop")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats: must be at least 1, got {args.repeats}")
     if args.merge:
         merge(args.merge)
         return

@@ -6,7 +6,8 @@ otherwise carry over; on-disk caches are pointed at an empty folder): the model 
 as a warm one; ``first_call_s`` is their difference (capture, the rewrite, compilation). Rows also give how
 many graphs were captured. ``hf_eager`` (no compilation) is the floor; ``torch_compile`` is
 ``torch.compile(model.forward)``; ``sparsify_<policy>`` is ``sparsify.compile(model, policy)``. Runs on the CPU
-(float32, where ``sparsify`` leaves Inductor off by default) or the GPU (bf16).
+(float32, where ``sparsify`` leaves Inductor off by default while ``torch.compile`` runs it: not like for like) or
+the GPU (bf16, Inductor for both). Short prompts may be kept dense by the cost model: ``explain`` says so.
 
     sparsify bench first_call --impls hf_eager sparsify_dense sparsify_sink_window torch_compile
 """
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for impl in args.impls:
         with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache}
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": cache,
+                   "SPARSIFY_CACHE": cache}  # and device ceilings: a sparse policy on a GPU calibrates them
             done = subprocess.run([sys.executable, "-m", __spec__.name, "--one", impl, "--seq", str(args.seq)],
                                   env=env, capture_output=True, text=True)
         if done.returncode != 0:

@@ -275,7 +275,8 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float 
     """Plain PyTorch: the same function as the kernel, computed in float32, ``chunk`` query rows at a time.
 
     Each chunk reads only the key blocks that some head of some row in it visits, so its cost follows the layout's
-    density as the kernel's does (it is the CPU path, which the cost model prices as sparse).
+    density as the kernel's does (on the CPU this is the op's path, which the cost model prices as sparse; on a GPU
+    it checks the kernel).
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) float32.
     """
     check_layout(q, k, v, layout)
@@ -301,15 +302,30 @@ def block_sparse_attention_reference(q, k, v, layout: BlockLayout, scale: float 
             chunk_partial[..., local, :][..., blocks]
             & layout.mask.visible(positions[rows][:, None], keys[sel][None, :], layout.kv_len))
         visible = visible.expand(batch, q_heads, -1, -1)                          # (B, Hq, rows, keys read)
-        # PyTorch's fused CPU attention (it returns the log-sum-exp too) over the keys read, with GQA expanded.
-        bias = torch.zeros(visible.shape, device=q.device).masked_fill_(~visible, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qf[:, :, start:start + len(rows)], kf[:, :, sel].repeat_interleave(group, 1),
-            vf[:, :, sel].repeat_interleave(group, 1), attn_mask=bias, scale=scale)
+        if sel.numel() == 0:  # no row of the chunk sees a key
+            outs.append(qf.new_zeros(batch, q_heads, len(rows), v.shape[-1]))
+            lses.append(qf.new_full((batch, q_heads, len(rows)), float("-inf")))
+            continue
+        out, lse = _attend(qf[:, :, start:start + len(rows)], kf[:, :, sel].repeat_interleave(group, 1),
+                           vf[:, :, sel].repeat_interleave(group, 1), visible, scale)
         empty = ~visible.any(-1)                                                  # rows that see no key
         outs.append(out.masked_fill(empty[..., None], 0.0))
         lses.append(lse.masked_fill(empty, float("-inf")))
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention and its log-sum-exp, float32, q: (B, H, R, D), k/v: (B, H, K, D), visible (B, H, R, K).
+    On the CPU PyTorch's fused attention (it returns the log-sum-exp too, and has no CUDA kernel); elsewhere
+    plain matmuls. Rows without a visible key come out undefined: the caller sets them."""
+    bias = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill_(~visible, float("-inf"))
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.matmul(probs, v), lse
 
 
 def _tma_usable(k: torch.Tensor, v: torch.Tensor, dim: int) -> bool:

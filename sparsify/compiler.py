@@ -15,6 +15,7 @@ transformers models are compiled through a private copy that uses the ``"sparsif
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import sys
@@ -83,9 +84,15 @@ class _LengthReader:
             self.getters.append(_find_symbol(placeholders, symbol))
         self.evaluate = sympy.lambdify(symbols, [lengths[k] for k in self.keys], modules="math")
 
+    def read(self, args: tuple) -> tuple[int, ...]:
+        """The values of the size symbols in a call's arguments."""
+        return tuple(get(args) for get in self.getters)
+
+    def lengths(self, symbol_values: tuple[int, ...]) -> dict[Any, int]:
+        return {key: int(value) for key, value in zip(self.keys, self.evaluate(*symbol_values))}
+
     def __call__(self, args: tuple) -> dict[Any, int]:
-        values = self.evaluate(*(get(args) for get in self.getters))
-        return {key: int(value) for key, value in zip(self.keys, values)}
+        return self.lengths(self.read(args))
 
 
 def _find_symbol(placeholders: list[torch.fx.Node], symbol: sympy.Symbol) -> Callable[[tuple], int]:
@@ -108,8 +115,16 @@ class Variant:
     run: Callable
     compiled_by: str  # "inductor", "inductor + CUDA graphs", or why the graph runs as it is
     calls: int = 0
-    # The last call's lengths, {(attention index, "q_len" | "kv_len"): n}, where the graph's lengths are symbolic.
-    last_lengths: dict[tuple[int, str], int] = field(default_factory=dict)
+    # Reads the graph's symbolic lengths from a call's arguments; and what it read at the last call.
+    length_reader: "_LengthReader | None" = None
+    last_symbol_values: tuple[int, ...] | None = None
+
+    def last_lengths(self) -> dict[tuple[int, str], int]:
+        """The last call's lengths, ``{(attention index, "q_len" | "kv_len"): n}``, where the graph's lengths are
+        symbolic (computed here, for explain, rather than on every call)."""
+        if self.length_reader is None or self.last_symbol_values is None:
+            return {}
+        return self.length_reader.lengths(self.last_symbol_values)
 
 
 class CompiledFrame:
@@ -133,28 +148,24 @@ class CompiledFrame:
         self.current: Variant | None = None  # the variant the last call ran (at capture: the last one built)
         self.calls = 0
         symbolic = {a.index: a.kv_len for a in self.annotations.attentions if not isinstance(a.kv_len, int)}
-        lengths_of_calls = {(a.index, name): getattr(a, name) for a in self.annotations.attentions
-                            for name in ("q_len", "kv_len") if not isinstance(getattr(a, name), int)}
-        self._varies = False  # whether the variant depends on the lengths
-        if symbolic:
-            keys = {self._decide(lengths).key: lengths for lengths in self._probe_lengths(symbolic)}
-            self._varies = len(keys) > 1
-            for lengths in keys.values():
-                self._variant(lengths, at_capture=True)
-        else:
-            self._variant(None, at_capture=True)
-        self._example_inputs = None  # only needed while Dynamo waits
-        # Reads each call's lengths: to pick its variant, and for explain to print them.
-        self._reader = self._length_reader(gm, lengths_of_calls) if lengths_of_calls else None
-
-    def _length_reader(self, gm: torch.fx.GraphModule, lengths: dict) -> _LengthReader | None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        # Key lengths pick the variant of a call, where variants differ by length.
+        keys = {self._decide(lengths).key: lengths for lengths in self._probe_lengths(symbolic)} if symbolic else {}
+        self._selector = _LengthReader(placeholders, symbolic) if len(keys) > 1 else None
+        self._explain_reader = self._lengths_for_explain(placeholders)
+        for lengths in keys.values() or [None]:
+            self._variant(lengths, at_capture=True)
+        self._example_inputs = None  # only needed while Dynamo waits
+
+    def _lengths_for_explain(self, placeholders: list[torch.fx.Node]) -> _LengthReader | None:
+        """Reads a call's query and key lengths, for explain to print; None where the graph has no symbolic
+        length, or one of its symbols is not an input (explain then prints the lengths as symbols)."""
+        lengths = {(a.index, name): getattr(a, name) for a in self.annotations.attentions
+                   for name in ("q_len", "kv_len") if not isinstance(getattr(a, name), int)}
         try:
-            return _LengthReader(placeholders, lengths)
+            return _LengthReader(placeholders, lengths) if lengths else None
         except LookupError:
-            if self._varies:
-                raise
-            return None  # only explain would have used it: it prints the lengths as symbols
+            return None
 
     def _decide(self, seq_lens: dict[int, int] | None):
         return decide(self.original, self.annotations, self.policy, self.costs, seq_lens)[0]
@@ -184,7 +195,8 @@ class CompiledFrame:
         if key not in self.variants:
             result = run_pipeline(copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion,
                                   seq_lens=seq_lens)
-            self.variants[key] = self._compile(result, at_capture)
+            self.variants[key] = dataclasses.replace(self._compile(result, at_capture),
+                                                     length_reader=self._explain_reader)
         self.current = self.variants[key]
         return self.current
 
@@ -203,13 +215,10 @@ class CompiledFrame:
 
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
-        lengths = self._reader(args) if self._reader is not None else {}
-        if self._varies:
-            variant = self._variant({index: n for (index, name), n in lengths.items() if name == "kv_len"})
-        else:
-            variant = self.current
+        variant = self._variant(self._selector(args)) if self._selector is not None else self.current
         variant.calls += 1
-        variant.last_lengths = lengths
+        if variant.length_reader is not None:
+            variant.last_symbol_values = variant.length_reader.read(args)
         return variant.run(*args)
 
     @property
@@ -412,36 +421,34 @@ def _private_copy(model: torch.nn.Module, hf_attention: bool) -> torch.nn.Module
 
 
 def allocate_static_cache(cache: Any, model: torch.nn.Module, inputs: Any) -> None:
-    """Allocate an empty static cache's tensors before the compiled forward runs, as transformers' own
-    ``early_initialization`` does for export. Left to the first ``update``, the allocation happens inside the
-    captured prefill, whose guards then require an empty cache: the next ``generate()`` with the same (reset) cache
-    would capture and compile the prefill again. ``inputs``: the call's ``input_ids`` (B, N) or ``inputs_embeds``
-    (B, N, hidden); the batch size is read from it. Caches and models this cannot size are left as they are."""
+    """Allocate an empty static cache's tensors before the compiled forward runs, as transformers' ``generate()``
+    does for a chunked prefill (its ``_get_static_cache_init_shape`` and the cache's ``early_initialization``).
+    Left to the first ``update``, the allocation happens inside the captured prefill, whose guards then require an
+    empty cache: the next ``generate()`` with the same (reset) cache would capture and compile the prefill again.
+    ``inputs``: the call's ``input_ids`` (B, N) or ``inputs_embeds`` (B, N, hidden), for the batch size. Caches
+    transformers would not initialise early (several devices, MLA, uneven tensor parallelism) stay lazy."""
     layers = getattr(cache, "layers", None)
-    if (not getattr(cache, "is_compileable", False) or not layers or getattr(layers[0], "is_initialized", True)
+    if (not layers or getattr(layers[0], "is_initialized", True) or not getattr(cache, "is_compileable", False)
             or not isinstance(inputs, torch.Tensor) or not hasattr(cache, "early_initialization")
-            or not isinstance(getattr(model, "dtype", None), torch.dtype)):
+            or not hasattr(model, "_get_static_cache_init_shape")):
         return
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:
-        return
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    cache.early_initialization(inputs.shape[0], kv_heads, head_dim, model.dtype, inputs.device)
+    shape = model._get_static_cache_init_shape()
+    if shape is not None:
+        num_heads, head_dim = shape
+        cache.early_initialization(batch_size=inputs.shape[0], num_heads=num_heads, head_dim=head_dim,
+                                   dtype=model.dtype, device=model.device)
 
 
 def mark_static_cache(cache: Any) -> None:
     """Tell Dynamo that a preallocated (static) cache's tensors keep their addresses, as its own
-    ``mark_static_address`` would when the cache is filled outside a compiled region. Ours is filled inside the
-    compiled prefill, so without this the decode frame sees the cache as ordinary inputs that it mutates, and
-    Inductor refuses to replay it as a CUDA graph."""
-    if cache is None or not getattr(cache, "is_compileable", False):
-        return
+    ``mark_static_address`` would when the cache is filled outside a compiled region. A cache that
+    :func:`allocate_static_cache` leaves lazy is filled inside the compiled prefill, so without this the decode
+    frame sees it as ordinary inputs that it mutates, and Inductor refuses to replay it as a CUDA graph."""
     layers = getattr(cache, "layers", ())
     if layers and hasattr(getattr(layers[-1], "keys", None), "_dynamo_static_input_type"):
         return  # marked at an earlier step (the prefill fills every layer): nothing per decode step
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return
     for layer in layers:
         if not getattr(layer, "is_initialized", False):
             continue

@@ -55,9 +55,8 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
 
 def _length(attention, name: str, variant) -> str:
     """A length as the last call of ``variant`` had it; as the graph has it (an int, or symbolic) before any call."""
-    if variant is not None and (attention.index, name) in variant.last_lengths:
-        return str(variant.last_lengths[attention.index, name])
-    return str(getattr(attention, name))
+    lengths = variant.last_lengths() if variant is not None else {}
+    return str(lengths.get((attention.index, name), getattr(attention, name)))
 
 
 def explain(compiled) -> str:

@@ -21,6 +21,7 @@ as a mask tensor.
 from __future__ import annotations
 
 
+import copy
 import math
 import types
 import warnings
@@ -191,10 +192,15 @@ CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_implementation")  # "cache
 def with_default_cache(kwargs: dict, generation_config) -> dict:
     """``generate()``'s keyword arguments, asking for a static cache unless the call or the generation config
     (the model's, or one passed) already names a cache or a cache implementation."""
-    config = kwargs.get("generation_config") or generation_config
+    passed = kwargs.get("generation_config")
+    config = passed or generation_config
     if any(kwargs.get(name) is not None for name in CACHE_ARGUMENTS) or (
             config is not None and config.cache_implementation is not None):
         return kwargs
+    if passed is not None:  # into a copy of the config passed: transformers warns of keywords beside a config
+        passed = copy.deepcopy(passed)
+        passed.cache_implementation = "static"
+        return {**kwargs, "generation_config": passed}
     return {**kwargs, "cache_implementation": "static"}
 
 

@@ -86,3 +86,13 @@ def test_explain_traces_exactly_the_asked_number_of_tokens(length):
     assert tuple(ids.shape) == (1, length)
     if length >= 300:  # real text with the needle, not padding
         assert "One of the special magic numbers for" in ByteTokenizer().decode(ids[0].tolist())
+
+
+def test_run_builds_a_document_with_a_pass_key_and_asks_for_it():
+    from sparsify.cli import _builtin_document
+
+    ids, sample = _builtin_document(ByteTokenizer(), 3000)
+    text = ByteTokenizer().decode(ids[0].tolist())
+    assert 2500 <= ids.shape[1] <= 3000  # bytes as tokens: about the asked length
+    assert f"The pass key is {sample.answers[0]}." in text and text.rstrip().endswith(sample.question)
+    assert sample.score(f"It is {sample.answers[0]}.") == 1 and sample.score("It is 12.") == 0

@@ -139,6 +139,9 @@ def test_on_the_gpu_generate_defaults_to_a_static_cache_but_takes_the_one_passed
     assert with_default_cache({"cache_implementation": "dynamic"}, unset) == {"cache_implementation": "dynamic"}
     assert with_default_cache({}, static) == {}
     assert with_default_cache({"generation_config": static}, unset) == {"generation_config": static}
+    passed = GenerationConfig(max_new_tokens=3)
+    asked = with_default_cache({"generation_config": passed}, unset)["generation_config"]
+    assert asked.cache_implementation == "static" and asked.max_new_tokens == 3 and passed.cache_implementation is None
     # What a GPU model's generate() runs (installed only there): a static cache of its own, or the one passed in,
     # used as is (transformers refuses a cache beside a configured cache implementation).
     model = tiny_model("llama")
@@ -151,6 +154,7 @@ def test_on_the_gpu_generate_defaults_to_a_static_cache_but_takes_the_one_passed
         cache = StaticCache(config=model.config, max_cache_len=32)
         assert torch.equal(generate_with_static_cache(
             compiled, ids, max_new_tokens=4, do_sample=False, past_key_values=cache), expected)
+    assert cache.get_seq_length() == 23  # this cache held the generation: 20 prompt tokens and 3 fed back
 
 
 def test_generate_again_with_the_same_static_cache_compiles_nothing_new():

@@ -88,12 +88,16 @@ def test_kernel_block_topk_layout_per_head():
 
 
 @pytest.mark.parametrize("chunk", [7, 32, 1024])
-def test_reference_reads_only_visited_key_blocks_and_equals_masked_sdpa(chunk):
+def test_reference_in_chunks_of_visited_key_blocks_equals_masked_sdpa(chunk):
     """The CPU path: query chunks (cut across block rows too) gather the key blocks they visit, per-head layouts
-    included, and still compute exactly masked attention."""
+    and chunks that see no key at all included, and still compute exactly masked attention."""
     q, k, v = random_qkv(2, 4, 2, 200, 200, 16)
+    first_rows_blind = torch.ones(1, 1, 13, 13, dtype=torch.bool).tril()
+    first_rows_blind[..., :2, :] = False  # query blocks 0-1 (rows 0-31) see nothing
     for layout in (sink_window_layout(200, 200, 8, 40, 16, 16),
-                   block_topk_layout(q, k, density=0.3, block_m=16, block_n=16)):
+                   block_topk_layout(q, k, density=0.3, block_m=16, block_n=16),
+                   from_block_masks(torch.zeros_like(first_rows_blind), first_rows_blind,
+                                    Geometry(200, 200, 16, 16, TokenMask(causal=True)))):
         out, lse = block_sparse_attention_reference(q, k, v, layout, chunk=chunk)
         mask = layout.to_dense_mask().expand(2, 4, -1, -1)
         torch.testing.assert_close(out, masked_sdpa(q, k, v, mask), atol=2e-5, rtol=2e-5)
