@@ -130,8 +130,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query
                                               enable_gqa=gqa).contiguous()
     if not causal and key_padding is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa).contiguous()
+    return _attention_over_visible_keys(q, k, v, key_padding, query_offset, causal, scale)
+
+
+def _attention_over_visible_keys(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None,
+                                 query_offset: Tensor | None, causal: bool, scale: float) -> Tensor:
+    """SDPA with :func:`visible_keys` materialised: the exact answer wherever no faster path applies."""
     mask = visible_keys(q, k, key_padding, query_offset, causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa).contiguous()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1]).contiguous()
 
 
 @attention.register_fake
@@ -149,9 +156,7 @@ def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_of
                    else torch.full((), k.shape[2], dtype=torch.int32, device=q.device))
         lengths = visible.expand(q.shape[0])
         return decode_kernels.decode_attention(q, k, v, lengths, scale, key_padding=key_padding)[0]
-    mask = visible_keys(q, k, key_padding, query_offset, causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1]).contiguous()
+    return _attention_over_visible_keys(q, k, v, key_padding, query_offset, causal, scale)
 
 
 @torch.library.custom_op("sparsify::prefill_guard", mutates_args=("out", "fallbacks"))
