@@ -61,6 +61,7 @@ def test_help_and_argument_mistakes_do_not_import_torch(argv, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["run", "--prompt", ""], "argument --prompt: the prompt is empty"),
     (["run", "--prompt", "  "], "argument --prompt: the prompt is empty"),
+    (["run", "--document-tokens", "0"], "argument --document-tokens: must be at least 1"),
     (["explain", "--seq-len", "-5"], "argument --seq-len: must be at least 1, got -5"),
     (["explain", "--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
     (["export", "--seq-len", "many"], "argument --seq-len: expected a whole number of at least 1, got 'many'"),
@@ -96,3 +97,11 @@ def test_run_builds_a_document_with_a_pass_key_and_asks_for_it():
     assert 2500 <= ids.shape[1] <= 3000  # bytes as tokens: about the asked length
     assert f"The pass key is {sample.answers[0]}." in text and text.rstrip().endswith(sample.question)
     assert sample.score(f"It is {sample.answers[0]}.") == 1 and sample.score("It is 12.") == 0
+
+
+def test_bench_e2e_refuses_zero_repeats(capsys):
+    from sparsify.benchmarks import e2e
+
+    with pytest.raises(SystemExit) as exit_info:
+        e2e.main(["--repeats", "0"])
+    assert exit_info.value.code == 2 and "--repeats: must be at least 1, got 0" in capsys.readouterr().err
