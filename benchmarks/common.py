@@ -87,6 +87,10 @@ def markdown_table(result: dict) -> str:
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     if result.get("interrupted"):
         lines[6:6] = ["**Interrupted**: the rows cover the samples that finished.", ""]
+    if result.get("parts"):  # a merge: the machine and command of each part, not of the merge
+        lines[6:6] = [f"- `{name}`: {part['date']} · {part['device']} · "
+                      + ", ".join(f"{k} {v}" for k, v in part["versions"].items()) + f" · `{part['command']}`"
+                      + (f" ({part['note']})" if part.get("note") else "") for name, part in result["parts"].items()] + [""]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
     meaning = result.get("ratio_meaning", "other's time / ours; > 1: ours faster")

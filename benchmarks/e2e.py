@@ -188,24 +188,37 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
 
 
 def ratios_of(rows: list[dict]) -> dict[str, float]:
-    """hf_eager's time / each implementation's, per length and phase (> 1: faster than plain transformers)."""
+    """hf_eager's time / each implementation's, per length and phase (> 1: faster than plain transformers), and
+    torch_compile's first-call cost / each sparsify implementation's (> 1: sparsify compiles faster)."""
     reference = {(r["case"], r["seq_len"]): r["ms"] for r in rows if r["impl"] == "hf_eager" and "ms" in r}
+    compile_cost = {r["seq_len"]: r["first_call_s"] for r in rows
+                    if r["impl"] == "torch_compile" and r["case"] == "prefill" and "first_call_s" in r}
     ratios = {}
     for row in rows:
         key = (row["case"], row["seq_len"])
         if row["impl"] != "hf_eager" and "ms" in row and key in reference:
             ratios[f"{row['case']}@{row['seq_len']} hf_eager/{row['impl']}"] = reference[key] / row["ms"]
+        if row["impl"].startswith(SPARSIFY_PREFIX) and row["case"] == "prefill" and row["seq_len"] in compile_cost:
+            ratios[f"first_call@{row['seq_len']} torch_compile/{row['impl']}"] = (compile_cost[row["seq_len"]]
+                                                                                 / row["first_call_s"])
     return ratios
 
 
 def merge(parts: list[str]) -> None:
-    rows, meta = [], {}
+    """One e2e.json from parts run in separate calls. Each row keeps its part's name, and ratios are taken within
+    a part only: two runs of the same implementation differ (eager's decode moved from 21 to 38 ms a token between
+    two runs), so a ratio across runs would measure the runs, not the implementations."""
+    rows, ratios, meta = [], {}, {}
     for part in parts:
         data = json.loads((results_dir() / f"{part}.json").read_text())
-        rows += data["rows"]
-        meta[part] = {key: data[key] for key in ("date", "device", "versions", "command")}
-    path = write_result("e2e", rows, ratios_of(rows), {"parts": meta, "layers": _layers_of(parts),
-                                                       "ratio_meaning": "hf_eager's time / this one's; > 1: faster"})
+        rows += [{"part": part, **row} for row in data["rows"]]
+        ratios |= {f"{part}: {key}": value for key, value in ratios_of(data["rows"]).items()}
+        meta[part] = {key: data[key] for key in ("date", "device", "versions", "command") if key in data}
+        meta[part] |= {key: data[key] for key in ("note",) if key in data}
+    devices = sorted({entry["device"] for entry in meta.values()})
+    path = write_result("e2e", rows, ratios, {"parts": meta, "layers": _layers_of(parts),
+                                              "ratio_meaning": "hf_eager's time / this one's, in one run; > 1: faster",
+                                              "measured_on": devices})
     print(f"wrote {path}")
 
 
@@ -236,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(0)
     for seq in args.seq:
-        ids = torch.randint(0, model.config.vocab_size, (1, seq), device="cuda", generator=generator)
+        # Never the pad token (0): generate() would read it as padding and mask that key, and every implementation
+        # would leave its causal fast path (at 128K, one such token made eager 3x slower and asked 32 GiB of mask).
+        ids = torch.randint(1, model.config.vocab_size, (1, seq), device="cuda", generator=generator)
         reference = None
         # hf_eager first: the others' tokens are compared with its tokens.
         for name in sorted(args.impls, key=lambda name: name != "hf_eager"):

@@ -105,3 +105,29 @@ def test_bench_e2e_refuses_zero_repeats(capsys):
     with pytest.raises(SystemExit) as exit_info:
         e2e.main(["--repeats", "0"])
     assert exit_info.value.code == 2 and "--repeats: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_e2e_merge_keeps_ratios_within_one_run(tmp_path, monkeypatch):
+    """Two runs of hf_eager differ (its decode moved from 21 to 38 ms a token between two here): a merged
+    result names each row's part and divides only times measured in the same run."""
+    import json
+
+    from sparsify.benchmarks import e2e
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+
+    def part(name, rows):
+        meta = {"date": "2026-12-01T00:00:00Z", "device": "GPU", "versions": {"torch": "x"}, "command": name}
+        (tmp_path / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps({"rows": rows, **meta}))
+
+    part("a", [{"seq_len": 8, "impl": "hf_eager", "case": "prefill", "ms": 100.0},
+               {"seq_len": 8, "impl": "sparsify_dense", "case": "prefill", "ms": 50.0, "first_call_s": 10.0}])
+    part("b", [{"seq_len": 8, "impl": "sparsify_dense", "case": "prefill", "ms": 1.0, "first_call_s": 20.0},
+               {"seq_len": 8, "impl": "torch_compile", "case": "prefill", "ms": 70.0, "first_call_s": 30.0}])
+    e2e.main(["--merge", "a", "b"])
+    merged = json.loads((tmp_path / "benchmarks" / "results" / "e2e.json").read_text())
+    assert merged["ratios"] == {"a: prefill@8 hf_eager/sparsify_dense": 2.0,
+                                "b: first_call@8 torch_compile/sparsify_dense": 1.5}
+    assert [row["part"] for row in merged["rows"]] == ["a", "a", "b", "b"]
+    assert "- `b`: 2026-12-01T00:00:00Z · GPU" in (tmp_path / "benchmarks" / "results" / "e2e.md").read_text()
