@@ -29,6 +29,7 @@ class HeadSegment:
     rule: str
     fallback: str | None = None
     config: Any = None  # the kernel's launch config, set by the cost model
+    intended: MethodSpec | None = None  # with a fallback: the method the rule named
     predicted: str = ""  # the cost model's prediction, for explain
 
 
@@ -86,10 +87,19 @@ def _segment(attention: AttentionInfo, start: int, stop: int, rule: str, spec: M
             f"{rule}.when.heads: query heads {start}-{stop - 1} of {attention.module_path or attention.name} split a "
             f"GQA group of {group} query heads sharing one KV head; give whole groups (multiples of {group})"
         )
-    reason = spec.method.unsupported_reason(spec.params, attention)
+    reason = _missing_state(spec, attention) or spec.method.unsupported_reason(spec.params, attention)
     if reason is not None:
-        return HeadSegment(start, stop, parse_method_spec(DENSE, rule), rule, fallback=reason)
+        return HeadSegment(start, stop, parse_method_spec(DENSE, rule), rule, fallback=reason, intended=spec)
     return HeadSegment(start, stop, spec, rule)
+
+
+def _missing_state(spec: MethodSpec, attention: AttentionInfo) -> str | None:
+    """Why a method that keeps sequence state cannot have it here: only the ``sparsify`` attention implementation
+    (transformers models under ``sparsify.compile``) carries the state into the graph."""
+    if spec.method.state_specs(spec.params) and not attention.match.state:
+        return (f"{spec.name} keeps sequence state across forwards, which reaches the graph only through "
+                "transformers models compiled by sparsify.compile (its attention implementation)")
+    return None
 
 
 def apply_policy(

@@ -163,7 +163,8 @@ class CostModel:
             # The reason names the threshold, not this length's numbers: it is part of the variant's key.
             where = "at every length" if plan.threshold is None else f"below N={plan.threshold}"
             return dataclasses.replace(
-                segment, spec=parse_method_spec(DENSE, segment.rule), config=None, predicted=predicted,
+                segment, spec=parse_method_spec(DENSE, segment.rule), intended=segment.spec, config=None,
+                predicted=predicted,
                 fallback=f"cost model: dense is cheaper {where} on {self.ceilings.name}",
             )
         return dataclasses.replace(segment, config=plan.config, predicted=predicted)

@@ -36,7 +36,8 @@ class AttentionMatch:
     ``unsupported`` says why the call must stay exactly as it is (then it is reported, not rewritten).
     ``key_padding`` (B, kv_len) and ``query_offset`` (0-d) are the mask description of the ``sparsify.attention``
     op (transformers models under ``sparsify.compile``): there causality is known from the graph and no mask
-    tensor exists; ``is_causal`` then means aligned to the query positions, not SDPA's top-left alignment.
+    tensor exists; ``is_causal`` then means aligned to the query positions, not SDPA's top-left alignment. ``state``
+    holds that op's sequence-state tensors, in the order of ``StateLayout.names(layer)``.
     """
 
     pattern: str
@@ -51,6 +52,7 @@ class AttentionMatch:
     unsupported: str | None = None
     key_padding: torch.fx.Node | None = None
     query_offset: torch.fx.Node | None = None
+    state: tuple[torch.fx.Node, ...] = ()  # the layer's sequence-state tensors (``sparsify.state``), as graph inputs
 
     @property
     def causal_by_position(self) -> bool:
@@ -132,11 +134,11 @@ def match_described_mask(node: torch.fx.Node) -> AttentionMatch | None:
     if node.op != "call_function" or node.target not in (torch.ops.sparsify.attention,
                                                           torch.ops.sparsify.attention.default):
         return None
-    args = bind(node, ("q", "k", "v", "key_padding", "query_offset", "plain", "causal", "scale"), {})
+    args = bind(node, ("q", "k", "v", "key_padding", "query_offset", "plain", "causal", "scale", "state"), {})
     return AttentionMatch(
         pattern="described_mask", output=node, q=args["q"], k=args["k"], v=args["v"], attn_mask=None,
         is_causal=bool(args["causal"]), scale=args["scale"], source=source_line(node),
-        key_padding=args["key_padding"], query_offset=args["query_offset"],
+        key_padding=args["key_padding"], query_offset=args["query_offset"], state=tuple(args["state"]),
     )
 
 

@@ -1,7 +1,8 @@
 """Rewrite: replace every decided attention by the nodes its method emits (``torch.ops.sparsify.*``).
 
 Methods emit through a :class:`RewriteContext`, which also gives them what stateful and cross-layer methods
-need: state buffers registered on the module (read and mutated by ops that declare the mutation), plan nodes
+need: the sequence state (``sparsify.state``: per-layer tensors that are graph inputs, owned by the KV cache, read
+and mutated by ops that declare the mutation), counters of the graph itself (module buffers), plan nodes
 shared by every attention with the same key (layouts built once per forward, not once per layer), and values
 published by one attention for later ones (a selection made in layer 2, read by layers 3-11).
 """
@@ -9,7 +10,7 @@ published by one attention for later ones (a selection made in layer 2, read by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import torch
 import torch.fx
@@ -18,6 +19,9 @@ from torch._dynamo.source import ConstantSource
 from .annotate import AttentionInfo
 from .apply_policy import PolicyReport
 from .fx_utils import tensor_shape
+
+if TYPE_CHECKING:
+    from ..state import StateLayout
 
 aten = torch.ops.aten
 
@@ -39,8 +43,11 @@ class RewriteContext:
     launch config the cost model chose.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, state_layout: StateLayout | None = None):
         self.gm = gm
+        self.state_layout = state_layout
+        self.method_name = ""  # the method emitting now: its sequence state is named "<method>.<tensor>"
+        self._sequence_state: dict[str, torch.fx.Node] = {}
         self.graph = gm.graph
         self._shared: dict[Hashable, torch.fx.Node] = {}
         self._published: dict[Hashable, torch.fx.Node] = {}
@@ -84,6 +91,15 @@ class RewriteContext:
                 sources[qualified] = ConstantSource(qualified)
         return self.graph.get_attr(qualified)
 
+    def sequence_state(self, name: str) -> torch.fx.Node:
+        """The node of this layer's sequence-state tensor ``name`` (one of the method's ``state_specs``), a graph
+        input. Ops that write it must declare the mutation (``mutates_args``)."""
+        qualified = f"{self.method_name}.{name}"
+        if qualified not in self._sequence_state:
+            raise KeyError(f"{self.method_name}: no sequence state {name!r} at this attention (it has "
+                           f"{', '.join(self._sequence_state) or 'none'}); declare it in state_specs()")
+        return self._sequence_state[qualified]
+
     def shared(self, key: Hashable, build: Callable[[], torch.fx.Node]) -> torch.fx.Node:
         """One node per ``key`` for the whole graph, built at its first use (which precedes all later ones)."""
         if key not in self._shared:
@@ -94,12 +110,17 @@ class RewriteContext:
         self._published[key] = node
 
     def published(self, key: Hashable) -> torch.fx.Node | None:
+        """The node an earlier attention published under ``key`` (the graph edge from producer to consumer), or
+        None. A method that declares ``needs(key)`` always finds it: the group planner (``plan_groups``) leaves it
+        sparse only where an earlier attention runs a method that ``provides`` it."""
         return self._published.get(key)
 
 
-def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tuple[torch.fx.GraphModule, RewriteReport]:
-    """Rewrite ``gm`` in place. Attentions left untouched keep their original nodes."""
-    ctx = RewriteContext(gm)
+def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_layout: StateLayout | None = None
+                      ) -> tuple[torch.fx.GraphModule, RewriteReport]:
+    """Rewrite ``gm`` in place. Attentions left untouched keep their original nodes. ``state_layout`` names the
+    sequence-state tensors each ``sparsify.attention`` call carries (None: the graph carries none)."""
+    ctx = RewriteContext(gm, state_layout)
     rewritten = untouched = 0
     replaced: list[torch.fx.Node] = []
     for decision in decisions.decisions:
@@ -110,6 +131,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
             continue
         ctx.attention = attention
         ctx.key_padding, ctx.query_offset = match.key_padding, match.query_offset
+        ctx._sequence_state = _state_nodes(state_layout, attention)
         group = attention.group_size
         with gm.graph.inserting_before(match.output):
             ctx.plain = _plain_prefill(ctx, attention)
@@ -118,6 +140,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
             for segment in decision.segments:
                 sparse = segment.spec.name != "dense"
                 ctx.heads = (segment.start, segment.stop)
+                ctx.method_name = segment.spec.name
                 ctx.config = segment.config
                 ctx.q = match.q if whole else ctx.call(aten.slice.Tensor, match.q, 1, segment.start, segment.stop)
                 ctx.k, ctx.v = all_k, all_v = tuple(
@@ -144,6 +167,16 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tupl
     gm.graph.lint()
     gm.recompile()
     return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers)
+
+
+def _state_nodes(layout: StateLayout | None, attention: AttentionInfo) -> dict[str, torch.fx.Node]:
+    """This attention's sequence-state nodes by name: the layout's names for its layer, in the op's order."""
+    nodes = attention.match.state
+    names = layout.names(attention.layer) if layout is not None and attention.layer is not None else ()
+    if len(names) != len(nodes):
+        raise RuntimeError(f"sparsify: {attention.module_path or attention.name} carries {len(nodes)} sequence-state "
+                           f"tensors, its layer's layout names {len(names)} ({', '.join(names) or 'none'})")
+    return dict(zip(names, nodes))
 
 
 def _erase_dead(graph: torch.fx.Graph, replaced: list[torch.fx.Node]) -> None:

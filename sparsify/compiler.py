@@ -14,6 +14,7 @@ transformers models are compiled through a private copy that uses the ``"sparsif
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import functools
@@ -37,6 +38,7 @@ from .passes.fx_utils import value_of
 from .passes.rewrite import fallback_counter_name
 from .pipeline import PipelineResult, analyse, copy_graph_module, decide, run_pipeline
 from .policy import Policy
+from .state import STATE_ATTRIBUTE, StateLayout, state_for_call
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,10 @@ class CompiledFrame:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, policy: Policy, options: CompileOptions,
-                 ceilings: Callable[[], DeviceCeilings], device: torch.device):
+                 ceilings: Callable[[], DeviceCeilings], device: torch.device, state_layout: StateLayout):
         self.original = gm
         self.policy = policy
+        self.state_layout = state_layout
         self.costs = CostModel(ceilings, options.cost_model_fallback)
         self.diffusion = options.phase == "diffusion"
         self._example_inputs = example_inputs
@@ -149,12 +152,17 @@ class CompiledFrame:
         self.calls = 0
         symbolic = {a.index: a.kv_len for a in self.annotations.attentions if not isinstance(a.kv_len, int)}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        # Key lengths pick the variant of a call, where variants differ by length.
-        keys = {self._decide(lengths).key: lengths for lengths in self._probe_lengths(symbolic)} if symbolic else {}
+        # Key lengths pick the variant of a call, where variants differ by length: decisions change only at the
+        # probed points, so a call's variant is the one of the largest probe at or below its length (a bisection,
+        # not the policy and cost model run again per call).
+        probes = [(lengths, self._decide(lengths).key) for lengths in self._probe_lengths(symbolic)] if symbolic else []
+        keys = {key: lengths for lengths, key in probes}
         self._selector = _LengthReader(placeholders, symbolic) if len(keys) > 1 else None
+        self._probe_starts = [max(lengths.values()) for lengths, _ in probes]
+        self._probe_keys = [key for _, key in probes]
         self._explain_reader = self._lengths_for_explain(placeholders)
         for lengths in keys.values() or [None]:
-            self._variant(lengths, at_capture=True)
+            self._variant(lengths)
         self._example_inputs = None  # only needed while Dynamo waits
 
     def _lengths_for_explain(self, placeholders: list[torch.fx.Node]) -> _LengthReader | None:
@@ -172,8 +180,9 @@ class CompiledFrame:
 
     def _probe_lengths(self, symbolic: dict[int, Any]) -> list[dict[int, int]]:
         """Lengths on each side of every point where a decision can change, the same for every symbolic attention:
-        at run time a frame's key lengths are equal (a decode frame gives each layer's cache its own symbol), and a
-        variant that lengths the probes missed would lead to is built when first needed, and said so."""
+        at run time a frame's key lengths are equal (a decode frame gives each layer's cache its own symbol). The
+        points are the rules' length bounds and the cost model's thresholds at the decisions those bounds lead to:
+        between two consecutive points nothing a decision depends on changes."""
         points = {1, 1 << 40}
         for rule in self.policy.rules:
             if rule.when.min_seq_len is not None:
@@ -190,22 +199,21 @@ class CompiledFrame:
                         points |= {threshold - 1, threshold}
         return [{index: max(length, 1) for index in symbolic} for length in sorted(points)]
 
-    def _variant(self, seq_lens: dict[int, int] | None, *, at_capture: bool = False) -> Variant:
+    def _variant(self, seq_lens: dict[int, int] | None) -> Variant:
+        """Build (at capture: Inductor needs Dynamo's shape environment) the variant for these lengths."""
         key = self._decide(seq_lens).key
         if key not in self.variants:
             result = run_pipeline(copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion,
-                                  seq_lens=seq_lens)
-            self.variants[key] = dataclasses.replace(self._compile(result, at_capture),
+                                  seq_lens=seq_lens, state_layout=self.state_layout)
+            self.variants[key] = dataclasses.replace(self._compile(result),
                                                      length_reader=self._explain_reader)
         self.current = self.variants[key]
         return self.current
 
-    def _compile(self, result: PipelineResult, at_capture: bool) -> Variant:
+    def _compile(self, result: PipelineResult) -> Variant:
         patches, label = self._backend
         if patches is None:
             return Variant(result, result.gm, label)
-        if not at_capture:
-            return Variant(result, result.gm, "runs as rewritten: built after capture, for lengths the probes missed")
         skips = counters["inductor"]["cudagraph_skips"]
         run = compile_fx(result.gm, self._example_inputs, config_patches=patches)
         if counters["inductor"]["cudagraph_skips"] > skips:
@@ -213,9 +221,16 @@ class CompiledFrame:
             label = "inductor (CUDA graphs requested, skipped by Inductor: its cudagraphs log says why)"
         return Variant(result, run, label)
 
+    def _variant_of_call(self, args: tuple) -> Variant:
+        """The variant for a call's lengths (the frame's key lengths are equal at run time; the longest is read)."""
+        length = max(self._selector(args).values())
+        key = self._probe_keys[max(bisect.bisect_right(self._probe_starts, length) - 1, 0)]
+        self.current = self.variants[key]
+        return self.current
+
     def __call__(self, *args: Any) -> Any:
         self.calls += 1
-        variant = self._variant(self._selector(args)) if self._selector is not None else self.current
+        variant = self._variant_of_call(args) if self._selector is not None else self.current
         variant.calls += 1
         if variant.length_reader is not None:
             variant.last_symbol_values = variant.length_reader.read(args)
@@ -267,9 +282,10 @@ def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
 class SparsifyBackend:
     """The Dynamo backend: every frame it is given becomes a :class:`CompiledFrame`."""
 
-    def __init__(self, policy: Policy, options: CompileOptions):
+    def __init__(self, policy: Policy, options: CompileOptions, state_layout: StateLayout):
         self.policy = policy
         self.options = options
+        self.state_layout = state_layout
         self.frames: list[CompiledFrame] = []
         self._ceilings: dict[torch.device, DeviceCeilings] = {}
 
@@ -282,7 +298,7 @@ class SparsifyBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         device = _graph_device(gm)
         frame = CompiledFrame(gm, example_inputs, self.policy, self.options,
-                              functools.partial(self.ceilings, device), device)
+                              functools.partial(self.ceilings, device), device, self.state_layout)
         self.frames.append(frame)
         if not any(f.annotations.attentions for f in self.frames) and self.policy.uses_sparse_methods:
             warnings.warn("sparsify: 0 attentions matched in a captured frame: it runs unchanged (no sparse method "
@@ -420,6 +436,19 @@ def _private_copy(model: torch.nn.Module, hf_attention: bool) -> torch.nn.Module
     return copied
 
 
+def _num_layers(model: torch.nn.Module) -> int:
+    return int(getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0)
+
+
+def _capacity(cache: Any, model: torch.nn.Module) -> int:
+    """The most tokens a sequence can hold: a static cache's length, else the model's context length."""
+    if cache is not None and hasattr(cache, "get_max_length"):  # transformers >= 5.16's name
+        length = cache.get_max_length()
+        if isinstance(length, int) and length > 0:
+            return length
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+
+
 def allocate_static_cache(cache: Any, model: torch.nn.Module, inputs: Any) -> None:
     """Allocate an empty static cache's tensors before the compiled forward runs, as transformers' ``generate()``
     does for a chunked prefill (its ``_get_static_cache_init_shape`` and the cache's ``early_initialization``).
@@ -468,16 +497,23 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     resolved = Policy.load(policy)
     compile_options = CompileOptions(**options)
     check_policy_against(model, resolved)
-    backend = SparsifyBackend(resolved, compile_options)
     compiled = _private_copy(model, compile_options.hf_attention)
+    # Sequence state reaches the graph through the sparsify attention implementation alone.
+    carries_state = hasattr(compiled, "sparsify_uncompiled_calls")
+    layout = StateLayout.for_policy(resolved, _num_layers(model)) if carries_state else StateLayout(())
+    backend = SparsifyBackend(resolved, compile_options, layout)
     dynamo_forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         inputs = args[0] if args else kwargs.get("input_ids")
-        allocate_static_cache(cache, compiled, inputs if inputs is not None else kwargs.get("inputs_embeds"))
+        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
+        allocate_static_cache(cache, compiled, inputs)
         mark_static_cache(cache)
+        if not layout.empty and isinstance(inputs, torch.Tensor):
+            kwargs[STATE_ATTRIBUTE] = state_for_call(cache, layout, inputs.shape[0], _capacity(cache, compiled),
+                                                     compiled.device)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return dynamo_forward(*args, **kwargs)
 

@@ -20,3 +20,8 @@ class ShapeError(SparsifyError, ValueError):
 class FallbackWarning(UserWarning):
     """Attention that ran densely where the policy asked for a sparse method, for a reason only known at run time
     (Dynamo running the model's own forward, a padded batch). ``explain`` counts every such call."""
+
+
+class StateError(SparsifyError):
+    """A sequence's sparse state that cannot follow what was done to its cache (a crop its method cannot follow,
+    a cache filled by another model)."""

@@ -21,6 +21,7 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
     from .compiler import runtime_fallbacks
 
     rows = []
+    names = {d.attention.index: d.attention.module_path or d.attention.name for d in result.decisions.decisions}
     for decision in result.decisions.decisions:
         attention = decision.attention
         base = {
@@ -42,6 +43,9 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
                 note = "; ".join(filter(None, [note, "mask tensor checked each call: causal, or dense with it"]))
             if attention.prefill_guard and segment.spec.name != "dense":
                 note = "; ".join(filter(None, [note, "dense on calls with padding or a non-empty cache"]))
+            reads = [f"reads {edge.key} from {names[edge.producer]}" for edge in result.groups.edges
+                     if edge.consumer == attention.index]
+            note = "; ".join(filter(None, [note, *reads]))
             row = {**base, "q_heads": heads, "rule": segment.rule, "method": segment.spec.describe(), "note": note}
             if variant is not None:
                 dense_calls = runtime_fallbacks(variant, attention, segment)
@@ -59,6 +63,20 @@ def _length(attention, name: str, variant) -> str:
     return str(lengths.get((attention.index, name), getattr(attention, name)))
 
 
+def _state_summary(layout) -> str:
+    """Which layers keep which sequence-state tensors (with the KV cache), runs of layers alike on one line."""
+    runs: list[tuple[int, int, tuple[str, ...]]] = []
+    for layer in range(len(layout.layers)):
+        names = layout.names(layer)
+        if runs and runs[-1][2] == names and runs[-1][1] == layer - 1:
+            runs[-1] = (runs[-1][0], layer, names)
+        else:
+            runs.append((layer, layer, names))
+    parts = [f"layers {a}-{b}: {', '.join(names)}" if a != b else f"layer {a}: {', '.join(names)}"
+             for a, b, names in runs if names]
+    return "sequence state (kept with the KV cache): " + "; ".join(parts) if parts else ""
+
+
 def explain(compiled) -> str:
     """A per-layer table for every frame captured so far (run the model once first)."""
     handle = getattr(compiled, "sparsify", None)
@@ -67,6 +85,9 @@ def explain(compiled) -> str:
     out = io.StringIO()
     console = Console(file=out, width=200, force_terminal=False)
     console.print(handle.policy.describe())
+    state_line = _state_summary(handle.backend.state_layout)
+    if state_line:
+        console.print(state_line)
     if not handle.frames:
         console.print("no frame captured yet: call the compiled model once, then explain it")
     if handle.frames:

@@ -42,6 +42,7 @@ from transformers.masking_utils import (
 
 from .errors import FallbackWarning
 from .ops import visible_keys
+from .state import STATE_ATTRIBUTE
 
 ATTN_IMPLEMENTATION = "sparsify"
 
@@ -102,6 +103,7 @@ def sparsify_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
                        is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, Dv), None)."""
+    state = kwargs.pop(STATE_ATTRIBUTE, None)  # the sequence state the compiled forward passes down
     changes_semantics = any(kwargs.get(name) is not None for name in _SEMANTIC_KWARGS)
     if not isinstance(attention_mask, MaskDescription) or dropout or changes_semantics:
         if isinstance(attention_mask, MaskDescription):
@@ -112,8 +114,9 @@ def sparsify_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         count_uncompiled_call(module)
     causal = attention_mask.causal and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    layer_state = state.layer(module.layer_idx) if state is not None and hasattr(module, "layer_idx") else []
     out = torch.ops.sparsify.attention(query, key, value, attention_mask.key_padding, attention_mask.query_offset,
-                                       None, causal, scale)
+                                       None, causal, scale, layer_state)
     return out.transpose(1, 2).contiguous(), None
 
 

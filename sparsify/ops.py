@@ -104,13 +104,15 @@ def _(q, k, key_padding, query_offset):
 
 @torch.library.custom_op("sparsify::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None,
-              plain: Tensor | None, causal: bool, scale: float) -> Tensor:
+              plain: Tensor | None, causal: bool, scale: float, state: list[Tensor]) -> Tensor:
     """Exact attention with the mask given by its description (what a transformers model means by its mask).
 
     q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv), Hq a multiple of Hkv. Query i sits at position
     ``query_offset + i`` (a 0-d integer tensor: static caches, whose Lk is the cache's capacity) or ``Lk - Lq + i``
     (the keys end with the queries). Key j is visible when ``key_padding[b, j]`` (B, Lk) holds (if given) and, if
     ``causal``, ``j <= position(i)``. ``plain`` is :func:`prefill_is_plain`'s answer, computed here when None.
+    ``state``: the layer's sequence state (``sparsify.state``), carried into the captured graph for the methods that
+    replace this op; exact attention does not read it.
 
     Decode (Lq == 1) never synchronises with the host: split-KV flash decoding over the visible prefix on CUDA.
     A plain causal prefill runs SDPA with ``is_causal`` over the first Lq keys (the flash kernel); anything else
@@ -142,7 +144,7 @@ def _attention_over_visible_keys(q: Tensor, k: Tensor, v: Tensor, key_padding: T
 
 
 @attention.register_fake
-def _(q, k, v, key_padding, query_offset, plain, causal, scale):
+def _(q, k, v, key_padding, query_offset, plain, causal, scale, state):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -167,7 +169,7 @@ def prefill_guard(out: Tensor, plain: Tensor, q: Tensor, k: Tensor, v: Tensor, k
     the described mask and count the call in ``fallbacks`` (a 0-d int64 CPU tensor, read by ``explain``).
     ``plain`` is a CPU tensor: no synchronisation here."""
     if not bool(plain):
-        out.copy_(attention(q, k, v, key_padding, query_offset, plain, causal, scale))
+        out.copy_(attention(q, k, v, key_padding, query_offset, plain, causal, scale, []))
         fallbacks.add_(1)
 
 

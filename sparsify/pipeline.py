@@ -10,8 +10,10 @@ from .passes.annotate import AnnotateReport, annotate_attention
 from .passes.apply_policy import PolicyReport, apply_policy
 from .passes.cost_model import CostModel, CostReport, cost_model
 from .passes.match import MatchReport, match_attention
+from .passes.plan_groups import GroupReport, plan_groups
 from .passes.rewrite import RewriteReport, rewrite_attention
 from .policy import Policy
+from .state import StateLayout
 
 
 @dataclass
@@ -22,6 +24,7 @@ class PipelineResult:
     decisions: PolicyReport
     costs: CostReport
     rewrite: RewriteReport
+    groups: GroupReport
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -50,18 +53,22 @@ def analyse(gm: torch.fx.GraphModule, *, diffusion: bool = False) -> tuple[Match
 
 
 def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy, costs: CostModel,
-           seq_lens: dict[int, int] | None) -> tuple[PolicyReport, CostReport]:
+           seq_lens: dict[int, int] | None) -> tuple[PolicyReport, CostReport, GroupReport]:
+    """Every attention of the frame decided: the policy's method, the cost model's configs and fallbacks, then the
+    groups of attentions that share a value decided together. Returns the final decisions and each pass's report."""
     gm, decisions = apply_policy(gm, annotations, policy, seq_lens)
     gm, report = cost_model(gm, decisions, costs, seq_lens)
-    return report.decisions, report
+    gm, groups = plan_groups(gm, report.decisions)
+    return groups.decisions, report, groups
 
 
 def run_pipeline(
     gm: torch.fx.GraphModule, policy: Policy, costs: CostModel, *, diffusion: bool = False,
-    seq_lens: dict[int, int] | None = None,
+    seq_lens: dict[int, int] | None = None, state_layout: StateLayout | None = None,
 ) -> PipelineResult:
-    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic."""
+    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic;
+    ``state_layout`` names the sequence state the graph's attentions carry."""
     matches, annotations = analyse(gm, diffusion=diffusion)
-    decisions, cost_report = decide(gm, annotations, policy, costs, seq_lens)
-    gm, rewrite = rewrite_attention(gm, decisions)
-    return PipelineResult(gm, matches, annotations, decisions, cost_report, rewrite)
+    decisions, cost_report, groups = decide(gm, annotations, policy, costs, seq_lens)
+    gm, rewrite = rewrite_attention(gm, decisions, state_layout)
+    return PipelineResult(gm, matches, annotations, decisions, cost_report, rewrite, groups)

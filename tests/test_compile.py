@@ -394,3 +394,22 @@ def test_cost_model_fallback_does_not_build_a_graph_per_length():
     # length here is below it, so one variant ran all four calls.
     assert len(frame.variants) == 2
     assert sorted(variant.calls for variant in frame.variants.values()) == [0, 4]
+
+
+def test_a_call_picks_its_variant_without_deciding_again(monkeypatch):
+    """Decisions change only at the probed lengths: a call's variant is looked up, not planned again per call."""
+    import sparsify.compiler
+
+    policy = {"rules": [{"when": {"max_seq_len": 40}, "use": "dense"}, {"use": "sink_window"}]}
+    compiled = sparsify.compile(tiny_model("llama"), policy, dynamic=True, cost_model_fallback=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 30)))
+        decided = []
+        monkeypatch.setattr(sparsify.compiler, "decide", lambda *args: decided.append(args))
+        for length in (40, 41, 60):
+            compiled(torch.randint(0, 256, (1, length)))
+    frame = compiled.sparsify.frames[0]
+    assert decided == [] and compiled.sparsify.backend.compilations == 1
+    calls = {variant.result.decisions.decisions[0].segments[0].spec.name: variant.calls
+             for variant in frame.variants.values()}
+    assert calls == {"dense": 2, "sink_window": 2}  # 30 and 40 dense, 41 and 60 sparse

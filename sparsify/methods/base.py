@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from ..passes.annotate import AttentionInfo
     from ..passes.rewrite import RewriteContext
+    from ..state import StateSpec
 
 PHASES = ("prefill", "decode", "diffusion")
 
@@ -88,6 +89,22 @@ class AttentionMethod:
         """How the emitted nodes are organised under launch ``config``, for ``explain`` (e.g. what is fused);
         empty when there is nothing to say."""
         return ""
+
+    def state_specs(self, params: Any) -> tuple["StateSpec", ...]:
+        """The tensors this method keeps per layer across forwards (``sparsify.state``), which :meth:`emit` reads
+        and updates through ``ctx.sequence_state(name)``; none by default."""
+        return ()
+
+    def provides(self, params: Any) -> str | None:
+        """The name of a value this method publishes (``ctx.publish``) for later attentions of the same forward
+        to read, e.g. a token selection; None by default."""
+        return None
+
+    def needs(self, params: Any) -> str | None:
+        """The name of a value this method reads (``ctx.published``) from an earlier attention of the same forward;
+        None by default. Where no earlier attention runs a method that provides it (its producer fell back to
+        dense, or none exists), this attention runs dense too, with that reason (``passes/plan_groups``)."""
+        return None
 
     def emit(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> "torch.fx.Node":
         """Insert the nodes computing this attention; return the node whose value replaces its output.

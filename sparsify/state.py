@@ -1,0 +1,200 @@
+"""Sequence state: the tensors sparse methods carry from one forward to the next, owned by the sequence's KV cache.
+
+A method declares the tensors it keeps per layer (:class:`StateSpec`: a shape from the batch size and the cache's
+capacity, a dtype, what cropping the cache does to it). Before capture, :meth:`StateLayout.for_policy` collects
+every layer's tensors from the methods its rules can pick. At each forward of a compiled transformers model the
+compiler finds the cache's :class:`SequenceState` (made at the first forward over an empty cache, zeroed when the
+cache is reset) and passes it down the model as the keyword ``sparsify_state``; the attention implementation hands
+each layer's tensors to ``sparsify.attention``, so they are inputs of the captured graph, never module buffers. The
+rewrite gives them to the methods (``RewriteContext.sequence_state``), whose ops update them in place and declare
+it (``mutates_args``): the prefill frame and every decode frame read and write the same tensors.
+
+Why beside the cache rather than a cache subclass: ``generate()`` makes its own cache (a DynamicCache, or a
+StaticCache from ``cache_implementation``) and users pass theirs; a subclass would have to replace each of them.
+The state rides on whatever cache the sequence has, as an attribute, and follows the cache's own ``reset``,
+``crop``, ``reorder_cache``, ``batch_select_indices`` and ``batch_repeat_interleave`` (wrapped on that cache
+object), so it is fresh for every ``generate()`` (a new cache, or a reset one) and never describes tokens the
+cache no longer holds. Every tensor has the batch as its first dimension, which is what reordering relies on.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .errors import StateError
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+STATE_ATTRIBUTE = "sparsify_state"  # on the cache object; also the keyword the model's forward passes down
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One tensor a method keeps per layer.
+
+    ``shape(batch, capacity)`` gives its shape, batch first (``capacity``: the most tokens the cache can hold: a
+    static cache's length, else the model's ``max_position_embeddings``). ``crop(tensor, kept)`` updates it in place
+    when the cache is cropped to its first ``kept`` tokens; None: the method cannot follow a crop, which is refused.
+    Tensors start as zeros, at every new sequence.
+    """
+
+    name: str
+    shape: Callable[[int, int], tuple[int, ...]]
+    dtype: torch.dtype
+    crop: Callable[[torch.Tensor, int], None] | None = None
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Per layer, the tensors of the sequence state, as ``(method.tensor name, spec)`` pairs in a fixed order."""
+
+    layers: tuple[tuple[tuple[str, StateSpec], ...], ...]
+
+    @classmethod
+    def for_policy(cls, policy: "Policy", num_layers: int) -> "StateLayout":
+        """Every tensor that a method some rule (or the default) can pick for a layer keeps. Over-provisioned where a
+        rule's other conditions (phase, length, modules) would keep the method off a layer: unused state is zeros.
+        One tensor per method and name and layer, whatever rule picks the method."""
+        layers = []
+        for layer in range(num_layers):
+            specs: dict[str, StateSpec] = {}
+            candidates = [rule.spec for rule in policy.rules
+                          if rule.when.layers is None or layer in rule.when.layers] + [policy.default]
+            for spec in candidates:
+                for state in spec.method.state_specs(spec.params):
+                    specs.setdefault(f"{spec.name}.{state.name}", state)
+            layers.append(tuple(specs.items()))
+        return cls(tuple(layers))
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.layers)
+
+    def names(self, layer: int) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.layers[layer]) if 0 <= layer < len(self.layers) else ()
+
+
+class SequenceState:
+    """The state of one sequence (a batch of rows): per layer, the tensors of its :class:`StateLayout`."""
+
+    def __init__(self, layout: StateLayout, batch: int, capacity: int, device: torch.device):
+        self.layout = layout
+        self.batch = batch
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.tensors = [[self._zeros(spec, batch) for _, spec in layer] for layer in layout.layers]
+
+    def _zeros(self, spec: StateSpec, batch: int) -> torch.Tensor:
+        tensor = torch.zeros(spec.shape(batch, self.capacity), dtype=spec.dtype, device=self.device)
+        if tensor.dim() == 0 or tensor.shape[0] != batch:
+            raise ValueError(f"sequence state {spec.name}: shape {tuple(tensor.shape)} must start with the batch "
+                             f"({batch})")
+        # Decode frames mutate it and replay as CUDA graphs only if its address stays (as a static cache's does).
+        torch._dynamo.mark_static_address(tensor, guard=False)
+        return tensor
+
+    def layer(self, index: int) -> list[torch.Tensor]:
+        """Layer ``index``'s tensors in :meth:`StateLayout.names` order (empty for a layer without state)."""
+        return self.tensors[index] if 0 <= index < len(self.tensors) else []
+
+    def get(self, layer: int, name: str) -> torch.Tensor:
+        """One tensor, by layer and ``method.tensor`` name."""
+        names = self.layout.names(layer)
+        if name not in names:
+            raise KeyError(f"sequence state: layer {layer} has no {name!r}; it has {', '.join(names) or 'nothing'}")
+        return self.tensors[layer][names.index(name)]
+
+    def reset(self) -> None:
+        for layer in self.tensors:
+            for tensor in layer:
+                tensor.zero_()
+
+    def crop(self, kept: int) -> None:
+        """The cache now holds its first ``kept`` tokens (in place, addresses kept)."""
+        for layer, tensors in zip(self.layout.layers, self.tensors):
+            for (name, spec), tensor in zip(layer, tensors):
+                if spec.crop is None:
+                    raise StateError(f"sequence state {name}: its method cannot follow a cropped cache (no crop rule "
+                                     "in its StateSpec); generate without cropping (assisted decoding, contrastive "
+                                     "search) or use a policy without this method")
+                spec.crop(tensor, kept)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """The cache kept (and reordered) these batch rows: beam search's reordering, or a selection of rows."""
+        if rows.numel() == self.batch:  # a reordering: same shapes, so in place (addresses kept)
+            for tensors in self.tensors:
+                for tensor in tensors:
+                    tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
+            return
+        self.tensors = [[tensor.index_select(0, rows.to(tensor.device)) for tensor in tensors]
+                        for tensors in self.tensors]
+        self.batch = rows.numel()
+
+    def repeat_rows(self, repeats: int) -> None:
+        """The cache repeated each row ``repeats`` times (beam search's or sampling's expansion)."""
+        self.tensors = [[tensor.repeat_interleave(repeats, dim=0) for tensor in tensors] for tensors in self.tensors]
+        self.batch *= repeats
+
+
+def state_of(cache: Any) -> SequenceState | None:
+    """The sequence state a cache carries (None before the first compiled forward over it)."""
+    return getattr(cache, STATE_ATTRIBUTE, None)
+
+
+def state_for_call(cache: Any, layout: StateLayout, batch: int, capacity: int, device: torch.device
+                   ) -> SequenceState:
+    """The sequence state of a forward over ``cache`` (None: no cache, a state for this call alone).
+
+    Made, and attached to the cache, when the cache is empty; a cache that already holds tokens this state never
+    saw (filled by another model) is refused, since the state would describe the wrong sequence."""
+    if cache is None:
+        return SequenceState(layout, batch, capacity, device)
+    state = state_of(cache)
+    if state is not None and state.layout is layout and state.batch == batch and state.device == torch.device(device):
+        return state
+    held = cache.get_seq_length()
+    held = int(held) if isinstance(held, torch.Tensor) else held  # a static cache's length: once per new state
+    if held:
+        raise StateError(f"sparsify: the cache already holds {held} tokens that this model's sequence state did not "
+                         "see (the cache was filled by another model, or its batch changed); start the sequence "
+                         "with the compiled model, from an empty cache")
+    state = SequenceState(layout, batch, capacity, device)
+    setattr(cache, STATE_ATTRIBUTE, state)
+    _follow_cache(cache)
+    return state
+
+
+_FOLLOWED = "_sparsify_state_follows"
+
+
+def _follow_cache(cache: Any) -> None:
+    """Wrap this cache object's own reset, crop and batch operations so that its state follows them."""
+    if getattr(cache, _FOLLOWED, False):
+        return
+
+    def after(name: str, update: Callable[..., None]) -> None:
+        original = getattr(cache, name, None)
+        if original is None:
+            return
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            result = original(*args, **kwargs)
+            state = state_of(cache)
+            if state is not None:
+                update(state, *args, **kwargs)
+            return result
+
+        setattr(cache, name, wrapped)
+
+    after("reset", lambda state: state.reset())
+    after("crop", lambda state, *_: state.crop(int(cache.get_seq_length())))
+    after("reorder_cache", lambda state, beam_idx: state.select_rows(beam_idx))
+    after("batch_select_indices", lambda state, indices: state.select_rows(torch.as_tensor(indices)))
+    after("batch_repeat_interleave", lambda state, repeats: state.repeat_rows(repeats))
+    setattr(cache, _FOLLOWED, True)

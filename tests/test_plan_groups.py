@@ -1,0 +1,101 @@
+"""Group planning (``passes/plan_groups``): a consumer attention reading a value an earlier one publishes is
+decided with its producer. Test-only methods: ``pick_keys`` (prefill only) publishes its keys' mean, and
+``reuse_keys`` adds 0 x that mean to exact attention, so its output depends on the producer's node."""
+
+import torch
+from conftest import tiny_model
+
+import sparsify
+from sparsify.explain import explain_rows
+from sparsify.methods.base import METHODS, AttentionMethod, register_method
+from sparsify.methods.dense import DenseParams
+from sparsify.passes.apply_policy import apply_policy
+from sparsify.passes.plan_groups import plan_groups
+
+aten = torch.ops.aten
+KEY = "test.key_mean"
+
+
+@register_method
+class PickKeys(AttentionMethod):
+    name = "pick_keys"
+    Params = DenseParams
+    phases = ("prefill",)
+    summary = "test only: exact attention that publishes the mean of its keys"
+
+    def provides(self, params):
+        return KEY
+
+    def emit(self, params, attn, ctx):
+        ctx.publish(KEY, ctx.call(aten.mean.dim, ctx.k, [1, 2]))
+        return METHODS.get("dense").emit(params, attn, ctx)
+
+
+@register_method
+class ReuseKeys(AttentionMethod):
+    name = "reuse_keys"
+    Params = DenseParams
+    summary = "test only: exact attention that reads what pick_keys published"
+
+    def needs(self, params):
+        return KEY
+
+    def emit(self, params, attn, ctx):
+        out = METHODS.get("dense").emit(params, attn, ctx)
+        zero = ctx.call(aten.mul.Tensor, ctx.call(aten.sum.default, ctx.published(KEY)), 0.0)
+        return ctx.call(aten.add.Tensor, out, zero)
+
+
+PAIR = {"rules": [{"when": {"layers": 1}, "use": "pick_keys"}, {"when": {"layers": 2}, "use": "reuse_keys"}]}
+
+
+def methods_by_phase(compiled) -> dict[str, list[str]]:
+    ran = {}
+    for frame in compiled.sparsify.frames:
+        decisions = frame.last.decisions.decisions
+        ran[decisions[0].attention.phase] = [s.spec.name for d in decisions for s in d.segments]
+    return ran
+
+
+def test_a_consumer_runs_with_its_producer_and_falls_back_with_it():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, PAIR)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        out = compiled.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(out, model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False))
+    # Prefill: both methods. Decode: pick_keys serves prefill only, so its consumer runs dense too, and says why.
+    assert methods_by_phase(compiled) == {"prefill": ["dense", "pick_keys", "reuse_keys"],
+                                          "decode": ["dense", "dense", "dense"]}
+    notes = {(frame.last.decisions.decisions[0].attention.phase, row["layer"]): row["note"]
+             for frame in compiled.sparsify.frames for row in explain_rows(frame.last, frame.current)}
+    assert notes[("prefill", 2)] == "reads test.key_mean from model.layers.1.self_attn"  # the edge
+    assert notes[("decode", 2)] == ("fallback: reads test.key_mean from model.layers.1.self_attn, which runs dense "
+                                    "(pick_keys serves phases prefill, not decode)")
+    prefill = compiled.sparsify.frames[0].last
+    edge, = prefill.groups.edges
+    assert (edge.key, edge.producer, edge.consumer) == (KEY, 1, 2)
+    mean = [n for n in prefill.gm.graph.nodes if n.target is aten.mean.dim]
+    assert len(mean) == 1 and any(user.target is aten.sum.default for user in mean[0].users)  # the graph edge
+
+
+def test_a_consumer_without_a_producer_runs_dense_with_the_reason():
+    compiled = sparsify.compile(tiny_model("llama"), {"rules": [{"when": {"layers": 2}, "use": "reuse_keys"}]})
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 12)))
+    decision = compiled.sparsify.frames[0].last.decisions.decisions[2]
+    segment, = decision.segments
+    assert segment.spec.name == "dense" and segment.intended.name == "reuse_keys"
+    assert segment.fallback == "reads test.key_mean, which no earlier attention computes (no rule gives one its producer)"
+
+
+def test_group_planning_leaves_the_decisions_it_was_given_unchanged():
+    compiled = sparsify.compile(tiny_model("llama"), PAIR)
+    with torch.no_grad():
+        compiled.generate(torch.randint(0, 256, (1, 12)), max_new_tokens=2, do_sample=False)
+    decode = compiled.sparsify.frames[1]
+    _, decisions = apply_policy(decode.original, decode.annotations, compiled.sparsify.policy)
+    before = decisions.key
+    _, groups = plan_groups(decode.original, decisions)
+    assert decisions.key == before and [s.spec.name for d in decisions.decisions for s in d.segments][2] == "reuse_keys"
+    assert groups.fallbacks == 1 and groups.decisions.decisions[2].segments[0].spec.name == "dense"
