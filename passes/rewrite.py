@@ -9,6 +9,7 @@ published by one attention for later ones (a selection made in layer 2, read by 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
@@ -134,7 +135,9 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
         ctx._sequence_state = _state_nodes(state_layout, attention)
         group = attention.group_size
         with gm.graph.inserting_before(match.output):
-            ctx.plain = _plain_prefill(ctx, attention)
+            # The plain-prefill check, where a segment reads it (segments that shift padded rows check padding).
+            shifting = [s.spec.name != "dense" and shifts_padded_rows(attention, s) for s in decision.segments]
+            ctx.plain = _plain_prefill(ctx, attention) if not all(shifting) else None
             outputs = []
             whole = len(decision.segments) == 1
             for segment in decision.segments:
@@ -151,11 +154,22 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                     # A static cache's k/v span its capacity; the method reads the first q_len keys (guarded below).
                     ctx.k, ctx.v = (ctx.call(aten.slice.Tensor, node, 2, 0, ctx.size(ctx.q, 2)) for node in (ctx.k, ctx.v))
                 ctx.attn_mask = _mask_for_heads(ctx, match.attn_mask, attention, segment.start, segment.stop, whole)
+                query = ctx.q  # the guard's exact attention reads the call's own rows
+                padded = sparse and shifts_padded_rows(attention, segment)
+                if padded:
+                    # Each left-padded row moved to start at position 0, as if alone; its output moved back.
+                    starts, guard = _left_padding(ctx, attention)
+                    ctx.q, ctx.k, ctx.v = (ctx.call(torch.ops.sparsify.shift_rows.default, node, starts, True)
+                                           for node in (ctx.q, ctx.k, ctx.v))
+                else:
+                    guard = ctx.plain
                 output = segment.spec.method.emit(segment.spec.params, attention, ctx)
+                if padded:
+                    output = ctx.call(torch.ops.sparsify.shift_rows.default, output, starts, False)
                 if attention.mask_guard and sparse:
                     output = _guard_mask(ctx, attention, output, fallback_counter(ctx, attention, segment.start))
                 if attention.prefill_guard and sparse:
-                    ctx.call(torch.ops.sparsify.prefill_guard.default, output, ctx.plain, ctx.q, all_k, all_v,
+                    ctx.call(torch.ops.sparsify.prefill_guard.default, output, guard, query, all_k, all_v,
                              ctx.key_padding, ctx.query_offset, attention.causal, match.scale,
                              fallback_counter(ctx, attention, segment.start))
                 outputs.append(output)
@@ -212,6 +226,26 @@ def _plain_prefill(ctx: RewriteContext, attention: AttentionInfo) -> torch.fx.No
            str(attention.q_len))
     return ctx.shared(key, lambda: ctx.call(torch.ops.sparsify.prefill_is_plain.default, match.q, match.k,
                                             match.key_padding, match.query_offset))
+
+
+def shifts_padded_rows(attention: AttentionInfo, segment) -> bool:
+    """Whether a guarded prefill segment serves left-padded batches by shifting rows (a method that allows it, on
+    a call whose batch may hold more than one row: a single row is never padded on the left in practice, and the
+    shifts would only cost it two copies)."""
+    return (attention.prefill_guard and segment.spec.method.serves_left_padding
+            and not (isinstance(attention.batch, int) and attention.batch == 1))
+
+
+def _left_padding(ctx: RewriteContext, attention: AttentionInfo) -> tuple[torch.fx.Node, torch.fx.Node]:
+    """The shared ``sparsify.left_padding`` of a guarded prefill: (each row's start, whether the call is left padding
+    from position 0). One per mask description and length."""
+    match = attention.match
+    key = ("left_padding", getattr(match.key_padding, "name", None), getattr(match.query_offset, "name", None),
+           str(attention.q_len))
+    both = ctx.shared(key, lambda: ctx.call(torch.ops.sparsify.left_padding.default, match.q, match.k,
+                                            match.key_padding, match.query_offset))
+    return (ctx.shared(key + (0,), lambda: ctx.call(operator.getitem, both, 0)),
+            ctx.shared(key + (1,), lambda: ctx.call(operator.getitem, both, 1)))
 
 
 def fallback_counter_name(attention: AttentionInfo, start: int) -> str:

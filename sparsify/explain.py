@@ -19,6 +19,7 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
     ``result``'s graph, each row also says how many calls ran it, on how many a run-time guard ran dense
     attention instead of the method, and the lengths of its last call."""
     from .compiler import runtime_fallbacks
+    from .passes.rewrite import shifts_padded_rows
 
     rows = []
     names = {d.attention.index: d.attention.module_path or d.attention.name for d in result.decisions.decisions}
@@ -42,7 +43,10 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
             if attention.mask_guard and segment.spec.name != "dense":
                 note = "; ".join(filter(None, [note, "mask tensor checked each call: causal, or dense with it"]))
             if attention.prefill_guard and segment.spec.name != "dense":
-                note = "; ".join(filter(None, [note, "dense on calls with padding or a non-empty cache"]))
+                guard = ("left-padded rows served sparsely (each shifted to start at 0); dense on calls with other "
+                         "padding or a non-empty cache" if shifts_padded_rows(attention, segment)
+                         else "dense on calls with padding or a non-empty cache")
+                note = "; ".join(filter(None, [note, guard]))
             reads = [f"reads {edge.key} from {names[edge.producer]}" for edge in result.groups.edges
                      if edge.consumer == attention.index]
             note = "; ".join(filter(None, [note, *reads]))

@@ -97,6 +97,53 @@ def prefill_is_plain(q: Tensor, k: Tensor, key_padding: Tensor | None, query_off
     return plain.cpu()  # the one synchronisation
 
 
+@torch.library.custom_op("sparsify::left_padding", mutates_args=())
+def left_padding(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset: Tensor | None
+                 ) -> tuple[Tensor, Tensor]:
+    """Whether a prefill call is a left-padded batch from position 0, and where each row starts.
+
+    Returns ``(starts, left_padded)``: ``starts`` (B,) int64 on q's device, the padded keys before row b's first
+    real one; ``left_padded`` a 0-d bool ON THE CPU (one host synchronisation per forward, as
+    :func:`prefill_is_plain`): the queries start at position 0 and, over the first Lq keys, row b is ``starts[b]``
+    padded keys then only real ones. A plain call is left-padded with every start 0."""
+    batch, length = q.shape[0], q.shape[2]
+    if key_padding is None:
+        starts = torch.zeros(batch, dtype=torch.int64, device=q.device)
+        return starts, prefill_is_plain(q, k, None, query_offset)
+    padding = key_padding[:, :length].to(torch.bool)
+    starts = (~padding).sum(dim=1)
+    positions = torch.arange(length, device=q.device)
+    ok = (padding == (positions[None, :] >= starts[:, None])).all()
+    if query_offset is not None:
+        ok = ok & (query_offset == 0)
+    elif k.shape[2] != length:
+        ok = torch.zeros((), dtype=torch.bool, device=q.device)
+    return starts, ok.cpu()  # the one synchronisation
+
+
+@left_padding.register_fake
+def _(q, k, key_padding, query_offset):
+    return q.new_empty((q.shape[0],), dtype=torch.int64), torch.empty((), dtype=torch.bool, device="cpu")
+
+
+@torch.library.custom_op("sparsify::shift_rows", mutates_args=())
+def shift_rows(x: Tensor, starts: Tensor, toward_start: bool) -> Tensor:
+    """Move each batch row of x (B, H, L, D) along L by ``starts[b]`` (B,): toward the start (``out[b, :, i] =
+    x[b, :, i + starts[b]]``, so a left-padded row begins at position 0) or back (``out[b, :, i] =
+    x[b, :, i - starts[b]]``). Positions with no source are zeros. Returns a new contiguous tensor."""
+    batch, heads, length, dim = x.shape
+    positions = torch.arange(length, device=x.device)
+    source = positions[None, :] + starts[:, None] if toward_start else positions[None, :] - starts[:, None]
+    valid = (source >= 0) & (source < length)
+    index = source.clamp(0, length - 1)[:, None, :, None].expand(batch, heads, length, dim)
+    return x.gather(2, index).masked_fill(~valid[:, None, :, None], 0)
+
+
+@shift_rows.register_fake
+def _(x, starts, toward_start):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @prefill_is_plain.register_fake
 def _(q, k, key_padding, query_offset):
     return torch.empty((), dtype=torch.bool, device="cpu")

@@ -69,12 +69,61 @@ def test_static_cache_decode_is_one_graph_for_64_tokens_and_equals_the_model():
     assert decode[0].kv_len == 83  # the cache's capacity (prompt + new tokens - 1); the op reads its filled part
 
 
-def test_a_padded_batch_is_exact_and_explain_counts_the_dense_calls():
+def left_padded(ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask, position_ids) of a batch whose row b has its first ``pads[b]`` tokens padding, with
+    positions counted from each row's first real token, as generate() counts them."""
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_a_left_padded_batch_runs_sink_window_sparsely_each_row_as_if_alone():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, POLICIES["sink_window"], cost_model_fallback=False)
+    ids, mask, positions = left_padded(torch.randint(0, 256, (3, 160)), [9, 0, 70])
+    with torch.no_grad():
+        batched = compiled(ids, attention_mask=mask, position_ids=positions).logits
+        for row, pad in enumerate([9, 0, 70]):
+            alone = compiled(ids[row:row + 1, pad:]).logits  # one row: no padding, the plain path
+            torch.testing.assert_close(batched[row, pad:], alone[0], atol=1e-5, rtol=1e-5)
+    assert compiled.sparsify.fallback_calls() == {}  # the padded call ran the method, not the guard's dense attention
+    batched_frame = compiled.sparsify.frames[0]
+    assert all("left-padded rows served sparsely" in row["note"] and row["method"].startswith("sink_window")
+               for row in explain_rows(batched_frame.last, batched_frame.current))
+    ops = batched_frame.last.rewrite.ops
+    assert ops["sparsify.left_padding"] == 1 and ops["sparsify.shift_rows"] == 3 * 4  # q, k, v in; out back
+
+
+def test_generate_on_a_left_padded_batch_gives_each_row_its_own_tokens():
+    model = tiny_model("llama", layers=2)
+    compiled = sparsify.compile(model, POLICIES["sink_window"], cost_model_fallback=False)
+    ids, mask, _ = left_padded(torch.randint(1, 256, (2, 150)), [40, 0])
+    with torch.no_grad():
+        batched = compiled.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        for row, pad in enumerate([40, 0]):
+            alone = compiled.generate(ids[row:row + 1, pad:], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            assert torch.equal(batched[row, 150:], alone[0, 150 - pad:])
+    assert compiled.sparsify.fallback_calls() == {} and compiled.sparsify.applied()[0] == {"sink_window"}
+
+
+def test_padding_that_is_not_on_the_left_gets_exact_dense_attention_from_a_shifting_method():
     model = tiny_model("llama")
     compiled = sparsify.compile(model, POLICIES["sink_window"], cost_model_fallback=False)
     ids = torch.randint(0, 256, (2, 96))
-    mask = torch.ones(2, 96, dtype=torch.long)
-    mask[0, :9] = 0
+    mask = torch.ones_like(ids)
+    mask[0, 40:45] = 0  # a hole: no shift makes this row start a plain sequence
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        actual = compiled(ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)  # the guard: exact attention, both rows
+    assert compiled.sparsify.fallback_calls() == {RUNTIME_FALLBACK: 3}
+
+
+def test_a_padded_batch_a_method_cannot_shift_is_exact_and_explain_counts_the_dense_calls():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, POLICIES["block_topk"], cost_model_fallback=False)
+    ids, mask, _ = left_padded(torch.randint(0, 256, (2, 96)), [9, 0])
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
         actual = compiled(ids, attention_mask=mask).logits
@@ -85,7 +134,7 @@ def test_a_padded_batch_is_exact_and_explain_counts_the_dense_calls():
     rows = explain_rows(frame.last, frame.current)
     assert all(row["calls"] == 2 and "ran dense on 1 of 2 calls" in row["note"] for row in rows)
     methods, reasons = compiled.sparsify.applied()
-    assert methods == {"sink_window"} and RUNTIME_FALLBACK in reasons
+    assert methods == {"block_topk"} and RUNTIME_FALLBACK in reasons
     assert compiled.sparsify.fallback_calls() == {RUNTIME_FALLBACK: 3}  # one call, three layers
 
 

@@ -49,3 +49,28 @@ def test_ops_reject_mixed_dtypes():
     q, k, v = qkv()
     with pytest.raises(ShapeError, match="share a dtype"):
         torch.ops.sparsify.dense_attention(q, k.double(), v, None, False, 1.0)
+
+
+def test_left_padding_finds_each_rows_start_and_refuses_other_padding():
+    q = torch.randn(3, 2, 6, 4)
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    starts, ok = torch.ops.sparsify.left_padding(q, q, padding, None)
+    assert starts.tolist() == [2, 0, 5] and bool(ok) and ok.device.type == "cpu"
+    hole = padding.clone()
+    hole[1, 3] = False
+    assert not bool(torch.ops.sparsify.left_padding(q, q, hole, None)[1])  # a hole is not left padding
+    assert not bool(torch.ops.sparsify.left_padding(q, q, padding, torch.tensor(4))[1])  # nor a non-empty cache
+    assert bool(torch.ops.sparsify.left_padding(q, q, None, None)[1])  # no padding at all: every start 0
+    torch.library.opcheck(torch.ops.sparsify.left_padding.default, (q, q, padding, None))
+
+
+def test_shift_rows_moves_each_row_by_its_start_and_back():
+    x = torch.randn(2, 3, 5, 4)
+    starts = torch.tensor([2, 0])
+    left = torch.ops.sparsify.shift_rows(x, starts, True)
+    torch.testing.assert_close(left[0, :, :3], x[0, :, 2:], rtol=0, atol=0)
+    assert left[0, :, 3:].abs().sum() == 0 and torch.equal(left[1], x[1])
+    back = torch.ops.sparsify.shift_rows(left, starts, False)
+    torch.testing.assert_close(back[0, :, 2:], x[0, :, 2:], rtol=0, atol=0)
+    assert back[0, :, :2].abs().sum() == 0
+    torch.library.opcheck(torch.ops.sparsify.shift_rows.default, (x, starts, True))

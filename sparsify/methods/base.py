@@ -67,6 +67,11 @@ class AttentionMethod:
     Params: ClassVar[type]
     phases: ClassVar[tuple[str, ...]] = PHASES
     summary: ClassVar[str] = ""
+    # True when a row's output depends only on positions relative to its first real token, so that a left-padded
+    # row, shifted to start at position 0, gets the answer it would get alone (sink + window does; a method whose
+    # pattern depends on the whole length, like block top-k's share of blocks or Delta's last rows, does not).
+    # Such methods serve left-padded batches sparsely; the others fall back to dense attention on those calls.
+    serves_left_padding: ClassVar[bool] = False
     params_validator: "ParamsValidator"  # set by register_method
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:

@@ -30,6 +30,7 @@ class SinkWindow(BlockSparseMethod):
     Params = SinkWindowParams
     phases = ("prefill",)
     summary = "sink + sliding window (StreamingLLM), token-exact block-sparse prefill"
+    serves_left_padding = True  # sink and window are relative to a row's first token
 
     def unsupported_reason(self, params, attn):
         reason = super().unsupported_reason(params, attn)
