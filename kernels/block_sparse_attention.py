@@ -107,9 +107,10 @@ def _load_kv(k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_head, kv_block, offs_n, o
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_head, kv_block, offs_m_pos,
-                  offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn, stride_vn,
-                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr):
+                  offs_n_base, offs_d, kv_len, qk_scale, sink, window, limit, stride_kn, stride_vn,
+                  MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                  USE_TMA: tl.constexpr):
     offs_n = kv_block * BLOCK_N + offs_n_base
     k, v = _load_kv(k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_head, kv_block, offs_n, offs_d, kv_len, stride_kn,
                     stride_vn, MASKED, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
@@ -123,6 +124,8 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, batch, kv_he
             visible = visible & (offs_n[None, :] <= offs_m_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (((offs_m_pos[:, None] - offs_n[None, :]) < window) | (offs_n[None, :] < sink))
+        if HAS_LIMIT:
+            visible = visible & ((offs_m_pos[:, None] - offs_n[None, :]) < limit)
         qk = tl.where(visible, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen only masked keys keeps m = -inf; shift by 0 then, so exp2 gives 0, not NaN.
@@ -179,10 +182,11 @@ def _block_sparse_fwd(
     stride_lb, stride_lh, stride_lm,
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im,
-    q_heads, group, q_len, kv_len, qk_scale, sink, window,
+    q_heads, group, q_len, kv_len, qk_scale, sink, window, limit,
     ROW_OUT, stride_rb, stride_rh, stride_rm, stride_rd, n_strided, tail_start,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_LIMIT: tl.constexpr, IEEE: tl.constexpr,
+    USE_TMA: tl.constexpr,
     HAS_Q_POS: tl.constexpr, GAMMA: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -224,19 +228,21 @@ def _block_sparse_fwd(
     for i in range(0, n_head):
         kv_block = tl.load(FULL_IDX + index_row + i)
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, kv_block,
-                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
-                                      stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
+                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, limit,
+                                      stride_kn, stride_vn, False, CAUSAL, HAS_WINDOW, HAS_LIMIT, BLOCK_N, HEAD_DIM,
+                                      BLOCK_D, IEEE, USE_TMA)
     for i in range(n_head, n_full):
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head,
                                       run_first + (i - n_head), offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale,
-                                      sink, window, stride_kn, stride_vn, False, CAUSAL, HAS_WINDOW, BLOCK_N,
-                                      HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
+                                      sink, window, limit, stride_kn, stride_vn, False, CAUSAL, HAS_WINDOW,
+                                      HAS_LIMIT, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
     n_partial = tl.load(KV_NUM + row)
     for i in range(0, n_partial):
         kv_block = tl.load(KV_IDX + index_row + i)
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, K_DESC, V_DESC, batch, kv_head, kv_block,
-                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, stride_kn,
-                                      stride_vn, True, CAUSAL, HAS_WINDOW, BLOCK_N, HEAD_DIM, BLOCK_D, IEEE, USE_TMA)
+                                      offs_m_pos, offs_n_base, offs_d, kv_len, qk_scale, sink, window, limit,
+                                      stride_kn, stride_vn, True, CAUSAL, HAS_WINDOW, HAS_LIMIT, BLOCK_N, HEAD_DIM,
+                                      BLOCK_D, IEEE, USE_TMA)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -393,12 +399,13 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, scale: float | None = N
         broadcast_stride(n, 0), broadcast_stride(n, 1), n.stride(2),
         broadcast_stride(idx, 0), broadcast_stride(idx, 1), idx.stride(2),
         q_heads, q_heads // k.shape[1], q_len, k.shape[2], scale * LOG2E,
-        layout.mask.sink, layout.mask.window,
+        layout.mask.sink, layout.mask.window, layout.mask.limit,
         row_out, *row_strides, correction.n_strided if correction else 0,
         q_len - correction.tail if correction else q_len,
         GAMMA=correction.gamma if correction else 0,
         HEAD_DIM=dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
+        CAUSAL=layout.mask.causal, HAS_WINDOW=layout.mask.window > 0, HAS_LIMIT=layout.mask.limit > 0,
+        IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
         HAS_Q_POS=layout.q_positions is not None,
         num_warps=config.num_warps, num_stages=num_stages,
     )

@@ -32,18 +32,21 @@ class TokenMask:
     """Token-level rule applied inside partial blocks (and guaranteed by the builders for full blocks).
 
     Key j is visible to the query at position p when: ``j < kv_len``; if ``causal``, ``j <= p``; if ``window`` > 0,
-    ``p - j < window`` or ``j < sink``.
+    ``p - j < window`` or ``j < sink``; if ``limit`` > 0, ``p - j < limit`` (a hard window, sink or not: the model's
+    own sliding window, e.g. Mistral's, intersected with a method's pattern).
     """
 
     causal: bool = True
     sink: int = 0
     window: int = 0
+    limit: int = 0
 
     def __post_init__(self):
-        if self.sink < 0 or self.window < 0:
-            raise ShapeError(f"TokenMask: sink and window must be >= 0, got sink={self.sink}, window={self.window}")
-        if self.window and not self.causal:
-            raise ShapeError("TokenMask: a window needs causal=True (it counts back from the query)")
+        if self.sink < 0 or self.window < 0 or self.limit < 0:
+            raise ShapeError(f"TokenMask: sink, window and limit must be >= 0, got sink={self.sink}, "
+                             f"window={self.window}, limit={self.limit}")
+        if (self.window or self.limit) and not self.causal:
+            raise ShapeError("TokenMask: a window or limit needs causal=True (it counts back from the query)")
 
     def visible(self, positions: torch.Tensor, keys: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Broadcasting predicate over query positions and key indices."""
@@ -52,6 +55,8 @@ class TokenMask:
             ok = ok & (keys <= positions)
         if self.window:
             ok = ok & ((positions - keys < self.window) | (keys < self.sink))
+        if self.limit:
+            ok = ok & (positions - keys < self.limit)
         return ok
 
 
@@ -216,6 +221,9 @@ def _rule_blocks(p0, p1, k0, k1, mask: TokenMask, kv_len: int, block_n: int) -> 
         # Every pair within the window or in the sink: the farthest pair is (p1, k0).
         far = (k1 < mask.sink) | (p1 - k0 < mask.window)
         any_visible, all_visible = any_visible & near, all_visible & far
+    if mask.limit:  # the same nearest and farthest pairs, with no sink exception
+        any_visible = any_visible & (torch.clamp(p0 - k1, min=0) < mask.limit)
+        all_visible = all_visible & (p1 - k0 < mask.limit)
     return any_visible, all_visible & ~tail
 
 
@@ -282,11 +290,12 @@ def dense_layout(q_len: int, kv_len: int, block_m: int, block_n: int, device="cp
 
 
 def sink_window_layout(q_len: int, kv_len: int, sink: int, window: int, block_m: int, block_n: int, *,
-                       device="cpu") -> BlockLayout:
-    """StreamingLLM: query p sees key j <= p when ``j < sink`` or ``p - j < window``. Token-exact."""
+                       limit: int = 0, device="cpu") -> BlockLayout:
+    """StreamingLLM: query p sees key j <= p when ``j < sink`` or ``p - j < window``, and ``p - j < limit`` if
+    ``limit`` > 0 (the model's own sliding window). Token-exact."""
     if window <= 0:
         raise ShapeError(f"window must be > 0, got {window}")
-    return _from_rule(Geometry(q_len, kv_len, block_m, block_n, TokenMask(True, sink, window)), None, device)
+    return _from_rule(Geometry(q_len, kv_len, block_m, block_n, TokenMask(True, sink, window, limit)), None, device)
 
 
 def rows_layout(positions: torch.Tensor, kv_len: int, block_m: int, block_n: int) -> BlockLayout:

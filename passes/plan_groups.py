@@ -22,11 +22,13 @@ from .apply_policy import DENSE, Decision, HeadSegment, PolicyReport
 
 @dataclass(frozen=True)
 class SharedEdge:
-    """Attention ``consumer`` reads the value ``key`` that attention ``producer`` (an earlier one) publishes."""
+    """The segment of attention ``consumer`` starting at query head ``consumer_start`` reads the value ``key`` that
+    attention ``producer`` (an earlier one) publishes."""
 
     key: str
     producer: int
     consumer: int
+    consumer_start: int
 
 
 @dataclass(frozen=True)
@@ -37,40 +39,56 @@ class GroupReport:
 
 
 def plan_groups(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tuple[torch.fx.GraphModule, GroupReport]:
-    running: dict[str, Decision] = {}  # value name -> the latest attention whose method publishes it
-    dense_instead: dict[str, tuple[Decision, HeadSegment]] = {}  # value name -> the latest would-be producer, dense
+    producers: dict[str, Decision] = {}  # value name -> the latest attention that publishes it
+    missing: dict[str, str] = {}  # value name -> why the latest attention meant to publish it does not
     edges, updated, fallbacks = [], [], 0
     for decision in decisions.decisions:
         segments = []
         for segment in decision.segments:
             needed = segment.spec.method.needs(segment.spec.params)
-            if needed is not None and needed not in running:
-                segment = _dense_consumer(segment, needed, dense_instead.get(needed))
+            if needed is not None and needed not in producers:
+                segment = _dense_consumer(segment, needed, missing.get(needed))
                 fallbacks += 1
             elif needed is not None:
-                edges.append(SharedEdge(needed, running[needed].attention.index, decision.attention.index))
+                edges.append(SharedEdge(needed, producers[needed].attention.index, decision.attention.index,
+                                        segment.start))
             segments.append(segment)
         # After the consumers: an attention never reads the value it publishes itself.
-        for segment in segments:
-            provided = segment.spec.method.provides(segment.spec.params)
-            intended = segment.intended.method.provides(segment.intended.params) if segment.intended else None
-            if provided is not None:
-                running[provided] = decision
-                dense_instead.pop(provided, None)
-            elif intended is not None:
-                running.pop(intended, None)
-                dense_instead[intended] = (decision, segment)
+        for key, reason in _published_by(decision, segments).items():
+            if reason is None:
+                producers[key] = decision
+                missing.pop(key, None)
+            else:
+                producers.pop(key, None)
+                missing[key] = reason
         updated.append(dataclasses.replace(decision, segments=tuple(segments)))
     return gm, GroupReport(PolicyReport(updated), tuple(edges), fallbacks)
 
 
-def _dense_consumer(segment: HeadSegment, needed: str, producer: tuple[Decision, HeadSegment] | None
-                    ) -> HeadSegment:
-    if producer is None:
-        reason = f"reads {needed}, which no earlier attention computes (no rule gives one its producer)"
-    else:
-        decision, dense_segment = producer
-        where = decision.attention.module_path or decision.attention.name
-        reason = f"reads {needed} from {where}, which runs dense ({dense_segment.fallback})"
+def _published_by(decision: Decision, segments: list[HeadSegment]) -> dict[str, str | None]:
+    """Each value this attention's rules meant it to publish: None where it does, else why not. A value is one
+    attention's, all heads of it: one segment running its producer method, and no other segment meant to."""
+    meant: dict[str, list[HeadSegment]] = {}
+    for segment in segments:
+        spec = segment.intended or segment.spec
+        key = spec.method.provides(spec.params)
+        if key is not None:
+            meant.setdefault(key, []).append(segment)
+    where = decision.attention.module_path or decision.attention.name
+    outcome = {}
+    for key, meaning in meant.items():
+        dense = [s for s in meaning if s.fallback]
+        if dense:
+            outcome[key] = f"reads {key} from {where}, which runs dense ({dense[0].fallback})"
+        elif len(meaning) > 1:
+            outcome[key] = (f"reads {key} from {where}, whose heads are split between {len(meaning)} rules that "
+                            "each would publish it (a value is one attention's, all heads)")
+        else:
+            outcome[key] = None
+    return outcome
+
+
+def _dense_consumer(segment: HeadSegment, needed: str, reason: str | None) -> HeadSegment:
+    reason = reason or f"reads {needed}, which no earlier attention computes (no rule gives one its producer)"
     return dataclasses.replace(segment, spec=parse_method_spec(DENSE, segment.rule), intended=segment.spec,
                                config=None, predicted="", fallback=reason)

@@ -184,8 +184,12 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
 
 
 def _state_nodes(layout: StateLayout | None, attention: AttentionInfo) -> dict[str, torch.fx.Node]:
-    """This attention's sequence-state nodes by name: the layout's names for its layer, in the op's order."""
+    """This attention's sequence-state nodes by name: the layout's names for its layer, in the op's order. None
+    carried (a module without ``layer_idx``, a graph from elsewhere): no state, and stateful methods stay dense
+    with the reason (``apply_policy``)."""
     nodes = attention.match.state
+    if not nodes:
+        return {}
     names = layout.names(attention.layer) if layout is not None and attention.layer is not None else ()
     if len(names) != len(nodes):
         raise RuntimeError(f"sparsify: {attention.module_path or attention.name} carries {len(nodes)} sequence-state "

@@ -18,6 +18,7 @@ import bisect
 import copy
 import dataclasses
 import functools
+import inspect
 import itertools
 import sys
 import warnings
@@ -31,7 +32,7 @@ import torch.fx
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
-from .errors import PolicyWarning
+from .errors import PolicyWarning, StateError
 from .passes.apply_policy import apply_policy
 from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
 from .passes.fx_utils import value_of
@@ -441,12 +442,28 @@ def _num_layers(model: torch.nn.Module) -> int:
 
 
 def _capacity(cache: Any, model: torch.nn.Module) -> int:
-    """The most tokens a sequence can hold: a static cache's length, else the model's context length."""
-    if cache is not None and hasattr(cache, "get_max_length"):  # transformers >= 5.16's name
-        length = cache.get_max_length()
+    """The most tokens a sequence can hold: a static cache's length, else the model's context length (a dynamic
+    cache's layers may report a sliding window's length, which is not the sequence's)."""
+    if cache is not None and getattr(cache, "is_compileable", False):
+        length = cache.get_max_length()  # transformers >= 5.16's name
         if isinstance(length, int) and length > 0:
             return length
-    return int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if length <= 0:
+        raise StateError("sparsify: the policy's methods keep sequence state sized by the context length, and "
+                         "neither the cache nor config.max_position_embeddings gives one; pass a StaticCache")
+    return length
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward's name for the cache: ``cache`` in transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _dynamic_cache(config: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
 
 
 def allocate_static_cache(cache: Any, model: torch.nn.Module, inputs: Any) -> None:
@@ -512,6 +529,10 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
         allocate_static_cache(cache, compiled, inputs)
         mark_static_cache(cache)
         if not layout.empty and isinstance(inputs, torch.Tensor):
+            if cache is None and kwargs.get("use_cache", compiled.config.use_cache):
+                # The cache the model would make itself, made here so that the state rides on it: a caller who
+                # passes the returned cache back continues the same sequence.
+                cache = kwargs[_cache_keyword(compiled)] = _dynamic_cache(compiled.config)
             kwargs[STATE_ATTRIBUTE] = state_for_call(cache, layout, inputs.shape[0], _capacity(cache, compiled),
                                                      compiled.device)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):

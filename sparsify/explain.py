@@ -48,7 +48,7 @@ def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
                          else "dense on calls with padding or a non-empty cache")
                 note = "; ".join(filter(None, [note, guard]))
             reads = [f"reads {edge.key} from {names[edge.producer]}" for edge in result.groups.edges
-                     if edge.consumer == attention.index]
+                     if (edge.consumer, edge.consumer_start) == (attention.index, segment.start)]
             note = "; ".join(filter(None, [note, *reads]))
             row = {**base, "q_heads": heads, "rule": segment.rule, "method": segment.spec.describe(), "note": note}
             if variant is not None:

@@ -19,7 +19,7 @@ cache no longer holds. Every tensor has the batch as its first dimension, which 
 
 from __future__ import annotations
 
-import functools
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -94,9 +94,7 @@ class SequenceState:
         if tensor.dim() == 0 or tensor.shape[0] != batch:
             raise ValueError(f"sequence state {spec.name}: shape {tuple(tensor.shape)} must start with the batch "
                              f"({batch})")
-        # Decode frames mutate it and replay as CUDA graphs only if its address stays (as a static cache's does).
-        torch._dynamo.mark_static_address(tensor, guard=False)
-        return tensor
+        return _fixed_address(tensor)
 
     def layer(self, index: int) -> list[torch.Tensor]:
         """Layer ``index``'s tensors in :meth:`StateLayout.names` order (empty for a layer without state)."""
@@ -115,13 +113,17 @@ class SequenceState:
                 tensor.zero_()
 
     def crop(self, kept: int) -> None:
-        """The cache now holds its first ``kept`` tokens (in place, addresses kept)."""
-        for layer, tensors in zip(self.layout.layers, self.tensors):
-            for (name, spec), tensor in zip(layer, tensors):
+        """The cache now holds its first ``kept`` tokens (in place, addresses kept). Refused, naming the tensor,
+        where a method cannot follow (checked before any tensor changes)."""
+        for layer in self.layout.layers:
+            for name, spec in layer:
                 if spec.crop is None:
                     raise StateError(f"sequence state {name}: its method cannot follow a cropped cache (no crop rule "
-                                     "in its StateSpec); generate without cropping (assisted decoding, contrastive "
-                                     "search) or use a policy without this method")
+                                     f"in its StateSpec), and the cache was cropped to {kept} tokens; generate "
+                                     "without cropping (assisted decoding, contrastive search) or use a policy "
+                                     "without this method")
+        for layer, tensors in zip(self.layout.layers, self.tensors):
+            for (_, spec), tensor in zip(layer, tensors):
                 spec.crop(tensor, kept)
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -131,14 +133,22 @@ class SequenceState:
                 for tensor in tensors:
                     tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
             return
-        self.tensors = [[tensor.index_select(0, rows.to(tensor.device)) for tensor in tensors]
+        self.tensors = [[_fixed_address(tensor.index_select(0, rows.to(tensor.device))) for tensor in tensors]
                         for tensors in self.tensors]
         self.batch = rows.numel()
 
     def repeat_rows(self, repeats: int) -> None:
         """The cache repeated each row ``repeats`` times (beam search's or sampling's expansion)."""
-        self.tensors = [[tensor.repeat_interleave(repeats, dim=0) for tensor in tensors] for tensors in self.tensors]
+        self.tensors = [[_fixed_address(tensor.repeat_interleave(repeats, dim=0)) for tensor in tensors]
+                        for tensors in self.tensors]
         self.batch *= repeats
+
+
+def _fixed_address(tensor: torch.Tensor) -> torch.Tensor:
+    """Decode frames mutate state tensors and replay as CUDA graphs only if their addresses stay (as a static
+    cache's do): tell Dynamo so, without a guard (a new sequence's state does not recompile)."""
+    torch._dynamo.mark_static_address(tensor, guard=False)
+    return tensor
 
 
 def state_of(cache: Any) -> SequenceState | None:
@@ -169,32 +179,54 @@ def state_for_call(cache: Any, layout: StateLayout, batch: int, capacity: int, d
     return state
 
 
-_FOLLOWED = "_sparsify_state_follows"
-
-
 def _follow_cache(cache: Any) -> None:
-    """Wrap this cache object's own reset, crop and batch operations so that its state follows them."""
-    if getattr(cache, _FOLLOWED, False):
-        return
+    """Make this cache object's own reset, crop and batch operations carry its state along.
 
-    def after(name: str, update: Callable[..., None]) -> None:
-        original = getattr(cache, name, None)
-        if original is None:
-            return
+    Bound to the cache object (``types.MethodType``), each calling its class's method: a deep copy of the cache
+    (transformers' prompt-reuse recipe) rebinds them to the copy, which then updates its own copied state."""
+    for name, follow in _FOLLOWERS.items():
+        if hasattr(type(cache), name) and not isinstance(cache.__dict__.get(name), types.MethodType):
+            cache.__dict__[name] = types.MethodType(follow, cache)
 
-        @functools.wraps(original)
-        def wrapped(*args, **kwargs):
-            result = original(*args, **kwargs)
-            state = state_of(cache)
-            if state is not None:
-                update(state, *args, **kwargs)
-            return result
 
-        setattr(cache, name, wrapped)
+def _reset(cache, *args, **kwargs):
+    result = type(cache).reset(cache, *args, **kwargs)
+    if state_of(cache) is not None:
+        state_of(cache).reset()
+    return result
 
-    after("reset", lambda state: state.reset())
-    after("crop", lambda state, *_: state.crop(int(cache.get_seq_length())))
-    after("reorder_cache", lambda state, beam_idx: state.select_rows(beam_idx))
-    after("batch_select_indices", lambda state, indices: state.select_rows(torch.as_tensor(indices)))
-    after("batch_repeat_interleave", lambda state, repeats: state.repeat_rows(repeats))
-    setattr(cache, _FOLLOWED, True)
+
+def _crop(cache, *args, **kwargs):
+    # Compared by the cache's own count before and after: what a crop's argument means changed across versions
+    # (5.17 keeps that many tokens, 5.2x removes that many), and a crop that removes nothing is no crop.
+    before = int(cache.get_seq_length())
+    result = type(cache).crop(cache, *args, **kwargs)
+    kept = int(cache.get_seq_length())
+    if state_of(cache) is not None and kept != before:
+        state_of(cache).crop(kept)
+    return result
+
+
+def _reorder_cache(cache, beam_idx, *args, **kwargs):
+    result = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
+    if state_of(cache) is not None:
+        state_of(cache).select_rows(beam_idx)
+    return result
+
+
+def _batch_select_indices(cache, indices, *args, **kwargs):
+    result = type(cache).batch_select_indices(cache, indices, *args, **kwargs)
+    if state_of(cache) is not None:
+        state_of(cache).select_rows(torch.as_tensor(indices))
+    return result
+
+
+def _batch_repeat_interleave(cache, repeats, *args, **kwargs):
+    result = type(cache).batch_repeat_interleave(cache, repeats, *args, **kwargs)
+    if state_of(cache) is not None:
+        state_of(cache).repeat_rows(repeats)
+    return result
+
+
+_FOLLOWERS = {"reset": _reset, "crop": _crop, "reorder_cache": _reorder_cache,
+              "batch_select_indices": _batch_select_indices, "batch_repeat_interleave": _batch_repeat_interleave}

@@ -67,6 +67,14 @@ def test_kernel_sink_window(length, sink, window, block_n):
     check_against_references(q, k, v, layout, KernelConfig(16, block_n, 4, 1))
 
 
+@pytest.mark.parametrize("sink,window,limit", [(20, 64, 40), (16, 30, 100), (0, 300, 50), (5, 8, 8)])
+def test_kernel_sink_window_under_a_model_limit(sink, window, limit):
+    """A model's own sliding window (``limit``) intersected with sink + window: the sink falls out of reach."""
+    q, k, v = random_qkv(1, 4, 2, 300, 300, 16)
+    layout = sink_window_layout(300, 300, sink, window, 16, 16, limit=limit)
+    check_against_references(q, k, v, layout, KernelConfig(16, 16, 4, 1))
+
+
 def test_kernel_random_layouts_with_empty_rows():
     n_q, n_kv = 4, 5
     q, k, v = random_qkv(2, 2, 1, 60, 75, 16)
@@ -147,6 +155,20 @@ def test_sink_window_layout_definition(sink, window, block_m, block_n):
         for n in range(layout.n_kv_blocks):
             tile = token_blocks[m * block_m:(m + 1) * block_m, n * block_n:(n + 1) * block_n]
             assert bool(full[0, 0, m, n]) == bool(tile.all() and (n + 1) * block_n <= 90)
+            assert bool(full[0, 0, m, n] | partial[0, 0, m, n]) == bool(tile.any())
+
+
+@pytest.mark.parametrize("sink,window,limit,block", [(4, 10, 7, 8), (20, 50, 30, 16), (8, 5, 40, 4)])
+def test_sink_window_layout_with_a_limit_is_the_intersection(sink, window, limit, block):
+    positions, keys = positions_and_keys(90, 90)
+    layout = sink_window_layout(90, 90, sink, window, block, block, limit=limit)
+    expected = (keys <= positions) & ((positions - keys < window) | (keys < sink)) & (positions - keys < limit)
+    assert torch.equal(layout.to_dense_mask()[0, 0], expected)
+    full, partial = layout.block_masks()
+    for m in range(layout.n_q_blocks):
+        for n in range(layout.n_kv_blocks):
+            tile = expected[m * block:(m + 1) * block, n * block:(n + 1) * block]
+            assert bool(full[0, 0, m, n]) == bool(tile.all() and (n + 1) * block <= 90)
             assert bool(full[0, 0, m, n] | partial[0, 0, m, n]) == bool(tile.any())
 
 

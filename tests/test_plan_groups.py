@@ -2,6 +2,7 @@
 decided with its producer. Test-only methods: ``pick_keys`` (prefill only) publishes its keys' mean, and
 ``reuse_keys`` adds 0 x that mean to exact attention, so its output depends on the producer's node."""
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -16,7 +17,6 @@ aten = torch.ops.aten
 KEY = "test.key_mean"
 
 
-@register_method
 class PickKeys(AttentionMethod):
     name = "pick_keys"
     Params = DenseParams
@@ -31,7 +31,6 @@ class PickKeys(AttentionMethod):
         return METHODS.get("dense").emit(params, attn, ctx)
 
 
-@register_method
 class ReuseKeys(AttentionMethod):
     name = "reuse_keys"
     Params = DenseParams
@@ -44,6 +43,16 @@ class ReuseKeys(AttentionMethod):
         out = METHODS.get("dense").emit(params, attn, ctx)
         zero = ctx.call(aten.mul.Tensor, ctx.call(aten.sum.default, ctx.published(KEY)), 0.0)
         return ctx.call(aten.add.Tensor, out, zero)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _test_methods():
+    """Registered for this module's tests only: other tests list the registry's methods."""
+    for method in (PickKeys, ReuseKeys):
+        register_method(method)
+    yield
+    for method in (PickKeys, ReuseKeys):
+        METHODS.unregister(method.name)
 
 
 PAIR = {"rules": [{"when": {"layers": 1}, "use": "pick_keys"}, {"when": {"layers": 2}, "use": "reuse_keys"}]}

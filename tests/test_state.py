@@ -25,7 +25,6 @@ def _(seen, q):
     return None
 
 
-@register_method
 class CountTokens(AttentionMethod):
     """Exact attention that also counts, in its sequence state, the query tokens each layer has seen."""
 
@@ -45,6 +44,14 @@ class CountTokens(AttentionMethod):
             return ctx.call(torch.ops.sparsify.attention.default, ctx.q, ctx.k, ctx.v, None, None, None, True,
                             attn.match.scale, [])
         return METHODS.get("dense").emit(params, attn, ctx)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _count_tokens_method():
+    """Registered for this module's tests only: other tests list the registry's methods."""
+    register_method(CountTokens)
+    yield
+    METHODS.unregister("count_tokens")
 
 
 COUNT_ALL = {"rules": [{"when": {"layers": "1-2"}, "use": "count_tokens"}]}
@@ -178,3 +185,29 @@ def test_explain_says_which_layers_keep_which_state():
     with torch.no_grad():
         compiled(torch.randint(0, 256, (1, 8)))
     assert "sequence state (kept with the KV cache): layers 1-2: count_tokens.seen" in sparsify.explain(compiled)
+
+
+def test_a_deep_copied_cache_carries_its_own_state():
+    """transformers' prompt-reuse recipe deep-copies a filled cache and continues each copy separately."""
+    import copy
+
+    _, compiled, ids, cache = with_dynamic_cache()
+    with torch.no_grad():
+        compiled(ids, past_key_values=cache, use_cache=True)
+        copied = copy.deepcopy(cache)
+        copied.crop(-5)
+        compiled(ids[:, :1], past_key_values=cache, use_cache=True)
+    assert seen(copied, 1) == [PROMPT - 5] and copied.get_seq_length() == PROMPT - 5
+    assert seen(cache, 1) == [PROMPT + 1] and cache.get_seq_length() == PROMPT + 1
+
+
+def test_a_forward_without_a_cache_returns_one_that_carries_the_state():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, COUNT_ALL)
+    ids = torch.randint(0, 256, (1, PROMPT))
+    with torch.no_grad():
+        first = compiled(ids, use_cache=True)
+        returned = first.past_key_values
+        assert seen(returned, 1) == [PROMPT]
+        compiled(ids[:, :1], past_key_values=returned, use_cache=True)  # a hand-written decode loop
+    assert seen(returned, 1) == [PROMPT + 1]
