@@ -53,6 +53,7 @@ class AttentionMatch:
     key_padding: torch.fx.Node | None = None
     query_offset: torch.fx.Node | None = None
     state: tuple[torch.fx.Node, ...] = ()  # the layer's sequence-state tensors (``sparsify.state``), as graph inputs
+    model_window: int = 0  # the model's own sliding window (a described mask), 0 for none
 
     @property
     def causal_by_position(self) -> bool:
@@ -134,11 +135,13 @@ def match_described_mask(node: torch.fx.Node) -> AttentionMatch | None:
     if node.op != "call_function" or node.target not in (torch.ops.sparsify.attention,
                                                           torch.ops.sparsify.attention.default):
         return None
-    args = bind(node, ("q", "k", "v", "key_padding", "query_offset", "plain", "causal", "scale", "state"), {})
+    args = bind(node, ("q", "k", "v", "key_padding", "query_offset", "plain", "causal", "scale", "state", "window"),
+                {"window": 0})
     return AttentionMatch(
         pattern="described_mask", output=node, q=args["q"], k=args["k"], v=args["v"], attn_mask=None,
         is_causal=bool(args["causal"]), scale=args["scale"], source=source_line(node),
         key_padding=args["key_padding"], query_offset=args["query_offset"], state=tuple(args["state"]),
+        model_window=int(args["window"]),
     )
 
 

@@ -171,7 +171,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                 if attention.prefill_guard and sparse:
                     ctx.call(torch.ops.sparsify.prefill_guard.default, output, guard, query, all_k, all_v,
                              ctx.key_padding, ctx.query_offset, attention.causal, match.scale,
-                             fallback_counter(ctx, attention, segment.start))
+                             fallback_counter(ctx, attention, segment.start), match.model_window)
                 outputs.append(output)
             output = outputs[0] if whole else ctx.call(aten.cat.default, outputs, 1)
         match.output.replace_all_uses_with(output)

@@ -63,9 +63,15 @@ class MaskDescription:
     causal: bool
     key_padding: torch.Tensor | None
     query_offset: torch.Tensor | None
+    # The model's sliding window (``local_size``), when transformers asked for its plain sliding causal mask; the
+    # attention confirms it (its ``sliding_window``), else ``exact_mask`` gives transformers' own mask.
+    window: int = 0
+    exact_mask: Any = None
 
     def materialise(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """The (B or 1, 1, q_len, kv_len) boolean mask transformers would have built (for fallbacks)."""
+        if self.exact_mask is not None:
+            return self.exact_mask()
         return visible_keys(query, key, self.key_padding, self.query_offset, self.causal)
 
 
@@ -73,14 +79,22 @@ def sparsify_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any 
                   mask_function: Any = causal_mask_function, attention_mask: torch.Tensor | None = None,
                   local_size: int | None = None, **kwargs: Any) -> MaskDescription | torch.Tensor | None:
     """transformers' mask interface (the arguments of ``masking_utils.sdpa_mask``)."""
-    understood = mask_function in (causal_mask_function, bidirectional_mask_function) and local_size is None
-    if not understood or not isinstance(kv_offset, int) or kv_offset != 0:
-        kwargs.pop("allow_is_causal_skip", None)
+    def exact_mask():  # transformers' own (materialised) mask: where the description does not apply
+        rest = {key: value for key, value in kwargs.items() if key != "allow_is_causal_skip"}
         return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                          kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                         local_size=local_size, allow_is_causal_skip=False, **kwargs)
+                         local_size=local_size, allow_is_causal_skip=False, **rest)
+
+    # transformers' sliding-window causal mask, with nothing or'ed or and'ed onto it (those set use_vmap, packed
+    # sequences and a static cache's decode clear allow_is_causal_skip): described by its window, confirmed by the
+    # attention's own ``sliding_window`` (a chunked mask also passes local_size; it never passes that).
+    sliding = (local_size is not None and not kwargs.get("use_vmap") and kwargs.get("allow_is_causal_skip", False)
+               and mask_function is not bidirectional_mask_function)
+    understood = mask_function in (causal_mask_function, bidirectional_mask_function) and local_size is None
+    if not (understood or sliding) or not isinstance(kv_offset, int) or kv_offset != 0:
+        return exact_mask()
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    causal = mask_function is causal_mask_function
+    causal = mask_function is causal_mask_function or sliding
     if not causal:
         query_offset = None  # every key is seen: positions do not matter
     elif isinstance(q_offset, torch.Tensor):
@@ -96,6 +110,8 @@ def sparsify_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any 
         causal=causal,
         key_padding=None if padding is None else padding.to(torch.bool),
         query_offset=query_offset,
+        window=int(local_size) if sliding else 0,
+        exact_mask=exact_mask if sliding else None,
     )
 
 
@@ -104,7 +120,12 @@ def sparsify_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, Dv), None)."""
     state = kwargs.pop(STATE_ATTRIBUTE, None)  # the sequence state the compiled forward passes down
-    changes_semantics = any(kwargs.get(name) is not None for name in _SEMANTIC_KWARGS)
+    window = attention_mask.window if isinstance(attention_mask, MaskDescription) else 0
+    # The model's sliding window is understood where the description carries that same window.
+    understood = {"sliding_window"} if window and kwargs.get("sliding_window") == window else set()
+    changes_semantics = any(kwargs.get(name) is not None for name in _SEMANTIC_KWARGS if name not in understood)
+    if window and not understood:
+        changes_semantics = True  # a local mask that is not this attention's sliding window: transformers' own
     if not isinstance(attention_mask, MaskDescription) or dropout or changes_semantics:
         if isinstance(attention_mask, MaskDescription):
             attention_mask = attention_mask.materialise(query, key)
@@ -116,7 +137,7 @@ def sparsify_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     layer_state = state.layer(module.layer_idx) if state is not None and hasattr(module, "layer_idx") else []
     out = torch.ops.sparsify.attention(query, key, value, attention_mask.key_padding, attention_mask.query_offset,
-                                       None, causal, scale, layer_state)
+                                       None, causal, scale, layer_state, window)
     return out.transpose(1, 2).contiguous(), None
 
 

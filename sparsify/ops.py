@@ -67,15 +67,19 @@ def _query_positions(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tenso
     return torch.arange(q.shape[2], device=q.device, dtype=torch.int64) + start
 
 
-def visible_keys(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool
-                 ) -> Tensor:
+def visible_keys(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool,
+                 window: int = 0) -> Tensor:
     """The boolean visibility (B or 1, 1, Lq, Lk) that :func:`attention` describes: key j is seen by query i when
-    ``key_padding[b, j]`` and, if ``causal``, ``j <= position(i)``. Materialised only where a padded batch or a
-    cache offset needs it (and by the tests, as the definition)."""
+    ``key_padding[b, j]``, if ``causal``, ``j <= position(i)``, and if ``window`` > 0, ``position(i) - j <
+    window``. Materialised only where a padded batch or a cache offset needs it (and by the tests, as the
+    definition)."""
     keys = torch.arange(k.shape[2], device=q.device)
     visible = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    positions = _query_positions(q, k, query_offset)[:, None]
     if causal:
-        visible = visible & (keys[None, :] <= _query_positions(q, k, query_offset)[:, None])
+        visible = visible & (keys[None, :] <= positions)
+    if window:
+        visible = visible & (positions - keys[None, :] < window)
     if key_padding is not None:
         visible = visible & key_padding[:, None, None, :].to(torch.bool)
     return visible
@@ -151,7 +155,7 @@ def _(q, k, key_padding, query_offset):
 
 @torch.library.custom_op("sparsify::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None,
-              plain: Tensor | None, causal: bool, scale: float, state: list[Tensor]) -> Tensor:
+              plain: Tensor | None, causal: bool, scale: float, state: list[Tensor], window: int = 0) -> Tensor:
     """Exact attention with the mask given by its description (what a transformers model means by its mask).
 
     q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv), Hq a multiple of Hkv. Query i sits at position
@@ -159,7 +163,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query
     (the keys end with the queries). Key j is visible when ``key_padding[b, j]`` (B, Lk) holds (if given) and, if
     ``causal``, ``j <= position(i)``. ``plain`` is :func:`prefill_is_plain`'s answer, computed here when None.
     ``state``: the layer's sequence state (``sparsify.state``), carried into the captured graph for the methods that
-    replace this op; exact attention does not read it.
+    replace this op; exact attention does not read it. ``window`` > 0: the model's own sliding window (Mistral's
+    ``sliding_window``): key j is also seen only when ``position(i) - j < window``.
 
     Decode (Lq == 1) never synchronises with the host: split-KV flash decoding over the visible prefix on CUDA.
     A plain causal prefill runs SDPA with ``is_causal`` over the first Lq keys (the flash kernel); anything else
@@ -172,26 +177,50 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query
                          f"got {tuple(key_padding.shape)}")
     gqa = q.shape[1] != k.shape[1]
     if q.shape[2] == 1:
+        if window:  # the window as key padding: O(Lk) values, and the decode kernel reads padding
+            key_padding = _within_window(q, k, key_padding, query_offset, window)
         return decode(q, k, v, key_padding, query_offset, causal, scale)
     if causal and bool(plain if plain is not None else prefill_is_plain(q, k, key_padding, query_offset)):
         length = q.shape[2]
+        if window and window < length:
+            return _sliding_window_prefill(q, k[:, :, :length], v[:, :, :length], window, scale)
         return F.scaled_dot_product_attention(q, k[:, :, :length], v[:, :, :length], is_causal=True, scale=scale,
                                               enable_gqa=gqa).contiguous()
     if not causal and key_padding is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa).contiguous()
-    return _attention_over_visible_keys(q, k, v, key_padding, query_offset, causal, scale)
+    return _attention_over_visible_keys(q, k, v, key_padding, query_offset, causal, scale, window)
+
+
+def _within_window(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, window: int
+                   ) -> Tensor:
+    """(B or 1, Lk) bool: the keys a single query row sees under the model's sliding window, and the padding."""
+    position = _query_positions(q, k, query_offset)[-1]
+    keys = torch.arange(k.shape[2], device=q.device)
+    within = (position - keys < window)[None, :]
+    return within if key_padding is None else within & key_padding.to(torch.bool)
+
+
+def _sliding_window_prefill(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> Tensor:
+    """Exact causal attention under a sliding window (Lq == Lk): the block-sparse kernel over the window's blocks
+    (its CPU reference elsewhere), O(N x window) instead of a materialised N x N mask."""
+    config = kernel.KernelConfig()
+    layout = layouts.sink_window_layout(q.shape[2], k.shape[2], 0, window, config.block_m, config.block_n,
+                                        device=q.device)
+    if q.is_cuda:
+        return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)[0]
+    return kernel.block_sparse_attention_reference(q, k, v, layout, scale)[0].contiguous()
 
 
 def _attention_over_visible_keys(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None,
-                                 query_offset: Tensor | None, causal: bool, scale: float) -> Tensor:
+                                 query_offset: Tensor | None, causal: bool, scale: float, window: int = 0) -> Tensor:
     """SDPA with :func:`visible_keys` materialised: the exact answer wherever no faster path applies."""
-    mask = visible_keys(q, k, key_padding, query_offset, causal)
+    mask = visible_keys(q, k, key_padding, query_offset, causal, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1]).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, key_padding, query_offset, plain, causal, scale, state):
+def _(q, k, v, key_padding, query_offset, plain, causal, scale, state, window=0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -210,13 +239,13 @@ def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_of
 
 @torch.library.custom_op("sparsify::prefill_guard", mutates_args=("out", "fallbacks"))
 def prefill_guard(out: Tensor, plain: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None,
-                  query_offset: Tensor | None, causal: bool, scale: float, fallbacks: Tensor) -> None:
+                  query_offset: Tensor | None, causal: bool, scale: float, fallbacks: Tensor, window: int = 0) -> None:
     """A sparse method computed ``out`` over the first Lq keys as a plain causal prefill; where :func:`prefill_is_plain`
     says the call was not plain (a padded batch, a cache that was not empty), overwrite it with exact attention under
     the described mask and count the call in ``fallbacks`` (a 0-d int64 CPU tensor, read by ``explain``).
     ``plain`` is a CPU tensor: no synchronisation here."""
     if not bool(plain):
-        out.copy_(attention(q, k, v, key_padding, query_offset, plain, causal, scale, []))
+        out.copy_(attention(q, k, v, key_padding, query_offset, plain, causal, scale, [], window))
         fallbacks.add_(1)
 
 
@@ -254,9 +283,9 @@ def causal_mask_guard(out: Tensor, is_causal: Tensor, q: Tensor, k: Tensor, v: T
 
 
 def _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal,
-                  sink, window) -> layouts.BlockLayout:
+                  sink, window, limit) -> layouts.BlockLayout:
     return layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                               q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window))
+                               q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window, limit))
 
 
 @torch.library.custom_op("sparsify::block_sparse_attention", mutates_args=())
@@ -264,15 +293,16 @@ def block_sparse_attention(
     q: Tensor, k: Tensor, v: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
     block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
-    use_tma: bool,
+    use_tma: bool, limit: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Attention over the key blocks of a layout. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D).
+    """Attention over the key blocks of a layout. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). ``limit`` > 0: keys
+    farther than that from a query are never seen (the model's own sliding window), sink or not.
 
     Returns out (B, Hq, Lq, D) and lse (B, Hq, Lq) float32. Triton on CUDA, the PyTorch reference elsewhere.
     """
     check_attention_inputs(q, k, v, "sparsify.block_sparse_attention")
     layout = _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                           causal, sink, window)
+                           causal, sink, window, limit)
     if q.is_cuda:
         config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
         return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)
@@ -282,7 +312,7 @@ def block_sparse_attention(
 
 @block_sparse_attention.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
-      window, scale, num_warps, num_stages, use_tma):
+      window, scale, num_warps, num_stages, use_tma, limit=0):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -298,15 +328,16 @@ def _fake_layout(heads_grid: tuple, q: Tensor, k: Tensor, block_m: int, block_n:
 
 
 @torch.library.custom_op("sparsify::sink_window_layout", mutates_args=())
-def sink_window_layout(q: Tensor, k: Tensor, sink: int, window: int, block_m: int, block_n: int
+def sink_window_layout(q: Tensor, k: Tensor, sink: int, window: int, block_m: int, block_n: int, limit: int = 0
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The sink + sliding-window layout for q's and k's lengths (on their device), shared by all heads."""
+    """The sink + sliding-window layout for q's and k's lengths (on their device), shared by all heads; within the
+    model's own sliding window ``limit`` where that is > 0."""
     return _layout_tensors(layouts.sink_window_layout(q.shape[2], k.shape[2], sink, window, block_m, block_n,
-                                                      device=q.device))
+                                                      limit=limit, device=q.device))
 
 
 @sink_window_layout.register_fake
-def _(q, k, sink, window, block_m, block_n):
+def _(q, k, sink, window, block_m, block_n, limit=0):
     return _fake_layout((1, 1), q, k, block_m, block_n)
 
 
@@ -417,13 +448,13 @@ def block_sparse_attention_delta(
     q: Tensor, k: Tensor, v: Tensor,
     kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
     block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
-    use_tma: bool, row_out: Tensor, gamma: int, tail: int,
+    use_tma: bool, row_out: Tensor, gamma: int, tail: int, limit: int = 0,
 ) -> Tensor:
     """:func:`block_sparse_attention` followed by :func:`delta_correction`, fused into the kernel's epilogue on
     CUDA (``gamma`` a power of 2 dividing ``block_m``). Returns the corrected output (B, Hq, Lq, D)."""
     check_attention_inputs(q, k, v, "sparsify.block_sparse_attention_delta")
     layout = _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                           causal, sink, window)
+                           causal, sink, window, limit)
     correction = _correction(q, row_out, gamma, tail)
     if q.is_cuda:
         config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
@@ -434,7 +465,7 @@ def block_sparse_attention_delta(
 
 @block_sparse_attention_delta.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
-      window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail):
+      window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail, limit=0):
     return q.new_empty(q.shape)
 
 

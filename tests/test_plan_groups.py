@@ -78,7 +78,7 @@ def test_a_consumer_runs_with_its_producer_and_falls_back_with_it():
                                           "decode": ["dense", "dense", "dense"]}
     notes = {(frame.last.decisions.decisions[0].attention.phase, row["layer"]): row["note"]
              for frame in compiled.sparsify.frames for row in explain_rows(frame.last, frame.current)}
-    assert notes[("prefill", 2)] == "reads test.key_mean from model.layers.1.self_attn"  # the edge
+    assert "reads test.key_mean from model.layers.1.self_attn" in notes[("prefill", 2)]  # the edge
     assert notes[("decode", 2)] == ("fallback: reads test.key_mean from model.layers.1.self_attn, which runs dense "
                                     "(pick_keys serves phases prefill, not decode)")
     prefill = compiled.sparsify.frames[0].last

@@ -72,6 +72,9 @@ class AttentionMethod:
     # pattern depends on the whole length, like block top-k's share of blocks or Delta's last rows, does not).
     # Such methods serve left-padded batches sparsely; the others fall back to dense attention on those calls.
     serves_left_padding: ClassVar[bool] = False
+    # True when the method intersects its pattern with the model's own sliding window (Mistral's), so it can serve
+    # such layers; the others leave them to exact (windowed) dense attention.
+    serves_model_window: ClassVar[bool] = False
     params_validator: "ParamsValidator"  # set by register_method
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:
@@ -81,6 +84,9 @@ class AttentionMethod:
                     f"which {self.name} cannot honour")
         if attn.phase not in self.phases:
             return f"{self.name} serves phases {', '.join(self.phases)}, not {attn.phase}"
+        if attn.match.model_window and not self.serves_model_window:
+            return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
+                    f"{self.name}'s pattern")
         if attn.causal and attn.q_len != attn.kv_len and not attn.match.causal_by_position:
             return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
         return None

@@ -26,13 +26,14 @@ class BlockSparseMethod(AttentionMethod):
         raise NotImplementedError
 
     def emit(self, params, attn, ctx):
-        result = ctx.call(torch.ops.sparsify.block_sparse_attention.default, *self._arguments(params, attn, ctx))
+        result = ctx.call(torch.ops.sparsify.block_sparse_attention.default, *self._arguments(params, attn, ctx),
+                          attn.match.model_window)
         return ctx.call(operator.getitem, result, 0)
 
     def emit_corrected(self, params, attn, ctx, row_out: torch.fx.Node, gamma: int, tail: int) -> torch.fx.Node:
         """The same attention with Delta's correction in the epilogue (``row_out``: the strided then tail rows)."""
         return ctx.call(torch.ops.sparsify.block_sparse_attention_delta.default,
-                        *self._arguments(params, attn, ctx), row_out, gamma, tail)
+                        *self._arguments(params, attn, ctx), row_out, gamma, tail, attn.match.model_window)
 
     def _arguments(self, params, attn, ctx) -> tuple:
         config = ctx.config

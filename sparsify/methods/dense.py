@@ -30,6 +30,7 @@ class Dense(AttentionMethod):
     def emit(self, params, attn, ctx):
         if attn.match.causal_by_position:  # a described mask: the op that computes exactly that
             return ctx.call(torch.ops.sparsify.attention.default, ctx.q, ctx.k, ctx.v, ctx.key_padding,
-                            ctx.query_offset, ctx.plain, attn.match.is_causal, attn.match.scale, [])
+                            ctx.query_offset, ctx.plain, attn.match.is_causal, attn.match.scale, [],
+                            attn.match.model_window)
         return ctx.call(torch.ops.sparsify.dense_attention.default, ctx.q, ctx.k, ctx.v, ctx.attn_mask,
                         attn.match.is_causal, attn.match.scale)

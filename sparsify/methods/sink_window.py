@@ -31,6 +31,7 @@ class SinkWindow(BlockSparseMethod):
     phases = ("prefill",)
     summary = "sink + sliding window (StreamingLLM), token-exact block-sparse prefill"
     serves_left_padding = True  # sink and window are relative to a row's first token
+    serves_model_window = True  # its layout and kernel take the model's window as a hard limit
 
     def unsupported_reason(self, params, attn):
         reason = super().unsupported_reason(params, attn)
@@ -49,9 +50,10 @@ class SinkWindow(BlockSparseMethod):
     def layout_node(self, params, attn, ctx):
         config = ctx.config
         return ctx.shared(
-            ("sink_window_layout", params, str(attn.q_len), str(attn.kv_len), config.block_m, config.block_n),
+            ("sink_window_layout", params, str(attn.q_len), str(attn.kv_len), config.block_m, config.block_n,
+             attn.match.model_window),
             lambda: ctx.call(torch.ops.sparsify.sink_window_layout.default, ctx.q, ctx.k, params.sink,
-                             params.window, config.block_m, config.block_n),
+                             params.window, config.block_m, config.block_n, attn.match.model_window),
         )
 
     def token_mask(self, params, attn):
