@@ -1,5 +1,5 @@
 """Group planning (``passes/plan_groups``): a consumer attention reading a value an earlier one publishes is
-decided with its producer. Test-only methods: ``pick_keys`` (prefill only) publishes its keys' mean, and
+decided with its producer. Test-only methods: ``pick_keys`` (16 query tokens or more) publishes its keys' mean, and
 ``reuse_keys`` adds 0 x that mean to exact attention, so its output depends on the producer's node."""
 
 import pytest
@@ -20,11 +20,14 @@ KEY = "test.key_mean"
 class PickKeys(AttentionMethod):
     name = "pick_keys"
     Params = DenseParams
-    phases = ("prefill",)
     summary = "test only: exact attention that publishes the mean of its keys"
 
     def provides(self, params):
         return KEY
+
+    def unsupported_reason(self, params, attn):
+        known = isinstance(attn.q_len, int)  # a frame Dynamo made dynamic has a symbolic length: refused too
+        return None if known and attn.q_len >= 16 else "pick_keys serves 16 query tokens or more"
 
     def emit(self, params, attn, ctx):
         ctx.publish(KEY, ctx.call(aten.mean.dim, ctx.k, [1, 2]))
@@ -58,34 +61,24 @@ def _test_methods():
 PAIR = {"rules": [{"when": {"layers": 1}, "use": "pick_keys"}, {"when": {"layers": 2}, "use": "reuse_keys"}]}
 
 
-def methods_by_phase(compiled) -> dict[str, list[str]]:
-    ran = {}
-    for frame in compiled.sparsify.frames:
-        decisions = frame.last.decisions.decisions
-        ran[decisions[0].attention.phase] = [s.spec.name for d in decisions for s in d.segments]
-    return ran
-
-
 def test_a_consumer_runs_with_its_producer_and_falls_back_with_it():
     model = tiny_model("llama")
     compiled = sparsify.compile(model, PAIR)
-    ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
-        out = compiled.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-        assert torch.equal(out, model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False))
-    # Prefill: both methods. Decode: pick_keys serves prefill only, so its consumer runs dense too, and says why.
-    assert methods_by_phase(compiled) == {"prefill": ["dense", "pick_keys", "reuse_keys"],
-                                          "decode": ["dense", "dense", "dense"]}
-    notes = {(frame.last.decisions.decisions[0].attention.phase, row["layer"]): row["note"]
-             for frame in compiled.sparsify.frames for row in explain_rows(frame.last, frame.current)}
-    assert "reads test.key_mean from model.layers.1.self_attn" in notes[("prefill", 2)]  # the edge
-    assert notes[("decode", 2)] == ("fallback: reads test.key_mean from model.layers.1.self_attn, which runs dense "
-                                    "(pick_keys serves phases prefill, not decode)")
-    prefill = compiled.sparsify.frames[0].last
-    edge, = prefill.groups.edges
+        for length in (20, 12):  # two frames: pick_keys serves 16 tokens or more
+            ids = torch.randint(0, 256, (1, length))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    long, short = (frame.last for frame in compiled.sparsify.frames)
+    assert [s.spec.name for d in long.decisions.decisions for s in d.segments] == ["dense", "pick_keys", "reuse_keys"]
+    edge, = long.groups.edges
     assert (edge.key, edge.producer, edge.consumer) == (KEY, 1, 2)
-    mean = [n for n in prefill.gm.graph.nodes if n.target is aten.mean.dim]
+    mean = [n for n in long.gm.graph.nodes if n.target is aten.mean.dim]
     assert len(mean) == 1 and any(user.target is aten.sum.default for user in mean[0].users)  # the graph edge
+    assert "reads test.key_mean from model.layers.1.self_attn" in explain_rows(long)[2]["note"]
+    # The producer refused the short call, so its consumer runs dense too, and says why.
+    assert [s.spec.name for d in short.decisions.decisions for s in d.segments] == ["dense"] * 3
+    assert explain_rows(short)[2]["note"] == ("fallback: reads test.key_mean from model.layers.1.self_attn, which "
+                                              "runs dense (pick_keys serves 16 query tokens or more)")
 
 
 def test_a_consumer_without_a_producer_runs_dense_with_the_reason():
@@ -101,10 +94,11 @@ def test_a_consumer_without_a_producer_runs_dense_with_the_reason():
 def test_group_planning_leaves_the_decisions_it_was_given_unchanged():
     compiled = sparsify.compile(tiny_model("llama"), PAIR)
     with torch.no_grad():
-        compiled.generate(torch.randint(0, 256, (1, 12)), max_new_tokens=2, do_sample=False)
-    decode = compiled.sparsify.frames[1]
-    _, decisions = apply_policy(decode.original, decode.annotations, compiled.sparsify.policy)
+        for length in (20, 12):
+            compiled(torch.randint(0, 256, (1, length)))
+    short = compiled.sparsify.frames[1]  # pick_keys refuses it
+    _, decisions = apply_policy(short.original, short.annotations, compiled.sparsify.policy)
     before = decisions.key
-    _, groups = plan_groups(decode.original, decisions)
+    _, groups = plan_groups(short.original, decisions)
     assert decisions.key == before and [s.spec.name for d in decisions.decisions for s in d.segments][2] == "reuse_keys"
     assert groups.fallbacks == 1 and groups.decisions.decisions[2].segments[0].spec.name == "dense"
