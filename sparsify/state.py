@@ -189,13 +189,6 @@ def _follow_cache(cache: Any) -> None:
             cache.__dict__[name] = types.MethodType(follow, cache)
 
 
-def _reset(cache, *args, **kwargs):
-    result = type(cache).reset(cache, *args, **kwargs)
-    if state_of(cache) is not None:
-        state_of(cache).reset()
-    return result
-
-
 def _crop(cache, *args, **kwargs):
     # Compared by the cache's own count before and after: what a crop's argument means changed across versions
     # (5.17 keeps that many tokens, 5.2x removes that many), and a crop that removes nothing is no crop.
@@ -207,26 +200,24 @@ def _crop(cache, *args, **kwargs):
     return result
 
 
-def _reorder_cache(cache, beam_idx, *args, **kwargs):
-    result = type(cache).reorder_cache(cache, beam_idx, *args, **kwargs)
-    if state_of(cache) is not None:
-        state_of(cache).select_rows(beam_idx)
-    return result
+def _then(name: str, update: Callable[..., None]) -> Callable:
+    """The cache class's method ``name``, then ``update(state, *its arguments)`` where the cache has a state."""
+
+    def follow(cache, *args, **kwargs):
+        result = getattr(type(cache), name)(cache, *args, **kwargs)
+        if state_of(cache) is not None:
+            update(state_of(cache), *args, **kwargs)
+        return result
+
+    return follow
 
 
-def _batch_select_indices(cache, indices, *args, **kwargs):
-    result = type(cache).batch_select_indices(cache, indices, *args, **kwargs)
-    if state_of(cache) is not None:
-        state_of(cache).select_rows(torch.as_tensor(indices))
-    return result
-
-
-def _batch_repeat_interleave(cache, repeats, *args, **kwargs):
-    result = type(cache).batch_repeat_interleave(cache, repeats, *args, **kwargs)
-    if state_of(cache) is not None:
-        state_of(cache).repeat_rows(repeats)
-    return result
-
-
-_FOLLOWERS = {"reset": _reset, "crop": _crop, "reorder_cache": _reorder_cache,
-              "batch_select_indices": _batch_select_indices, "batch_repeat_interleave": _batch_repeat_interleave}
+_FOLLOWERS = {
+    "reset": _then("reset", lambda state: state.reset()),
+    "crop": _crop,
+    # Keyword names as transformers' own methods have them, so calls by keyword reach the state too.
+    "reorder_cache": _then("reorder_cache", lambda state, beam_idx: state.select_rows(beam_idx)),
+    "batch_select_indices": _then("batch_select_indices",
+                                  lambda state, indices: state.select_rows(torch.as_tensor(indices))),
+    "batch_repeat_interleave": _then("batch_repeat_interleave", lambda state, repeats: state.repeat_rows(repeats)),
+}

@@ -211,3 +211,18 @@ def test_a_forward_without_a_cache_returns_one_that_carries_the_state():
         assert seen(returned, 1) == [PROMPT]
         compiled(ids[:, :1], past_key_values=returned, use_cache=True)  # a hand-written decode loop
     assert seen(returned, 1) == [PROMPT + 1]
+
+
+def test_beam_reordering_of_the_cache_reorders_its_state():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, COUNT_ALL)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (2, PROMPT)), past_key_values=cache, use_cache=True)
+    state_of(cache).get(1, "count_tokens.seen").copy_(torch.tensor([5, 7]))
+    cache.reorder_cache(beam_idx=torch.tensor([1, 0]))  # by keyword, as some callers do
+    assert seen(cache, 1) == [7, 5]
+    cache.batch_repeat_interleave(2)
+    assert seen(cache, 1) == [7, 7, 5, 5]
