@@ -228,8 +228,12 @@ def test_layout_errors():
         causal_layout(9, 8, 4, 4)
     with pytest.raises(ShapeError, match="density"):
         block_topk_layout(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), density=0.0, block_m=4, block_n=4)
-    with pytest.raises(ShapeError, match="window needs causal"):
+    with pytest.raises(ShapeError, match="a window or limit needs causal=True"):
         TokenMask(causal=False, window=4)
+    with pytest.raises(ShapeError, match="a window or limit needs causal=True"):
+        TokenMask(causal=False, limit=4)
+    with pytest.raises(ShapeError, match="sink, window and limit must be >= 0"):
+        TokenMask(limit=-1)
 
 
 def test_layout_build_touches_no_token_mask():
