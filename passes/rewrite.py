@@ -44,11 +44,10 @@ class RewriteContext:
     launch config the cost model chose.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, state_layout: StateLayout | None = None):
+    def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
-        self.state_layout = state_layout
         self.method_name = ""  # the method emitting now: its sequence state is named "<method>.<tensor>"
-        self._sequence_state: dict[str, torch.fx.Node] = {}
+        self.state_nodes: dict[str, torch.fx.Node] = {}  # this attention's sequence state, "<method>.<tensor>"
         self.graph = gm.graph
         self._shared: dict[Hashable, torch.fx.Node] = {}
         self._published: dict[Hashable, torch.fx.Node] = {}
@@ -96,10 +95,10 @@ class RewriteContext:
         """The node of this layer's sequence-state tensor ``name`` (one of the method's ``state_specs``), a graph
         input. Ops that write it must declare the mutation (``mutates_args``)."""
         qualified = f"{self.method_name}.{name}"
-        if qualified not in self._sequence_state:
+        if qualified not in self.state_nodes:
             raise KeyError(f"{self.method_name}: no sequence state {name!r} at this attention (it has "
-                           f"{', '.join(self._sequence_state) or 'none'}); declare it in state_specs()")
-        return self._sequence_state[qualified]
+                           f"{', '.join(self.state_nodes) or 'none'}); declare it in state_specs()")
+        return self.state_nodes[qualified]
 
     def shared(self, key: Hashable, build: Callable[[], torch.fx.Node]) -> torch.fx.Node:
         """One node per ``key`` for the whole graph, built at its first use (which precedes all later ones)."""
@@ -121,7 +120,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                       ) -> tuple[torch.fx.GraphModule, RewriteReport]:
     """Rewrite ``gm`` in place. Attentions left untouched keep their original nodes. ``state_layout`` names the
     sequence-state tensors each ``sparsify.attention`` call carries (None: the graph carries none)."""
-    ctx = RewriteContext(gm, state_layout)
+    ctx = RewriteContext(gm)
     rewritten = untouched = 0
     replaced: list[torch.fx.Node] = []
     for decision in decisions.decisions:
@@ -132,7 +131,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
             continue
         ctx.attention = attention
         ctx.key_padding, ctx.query_offset = match.key_padding, match.query_offset
-        ctx._sequence_state = _state_nodes(state_layout, attention)
+        ctx.state_nodes = _state_nodes(state_layout, attention)
         group = attention.group_size
         with gm.graph.inserting_before(match.output):
             # The plain-prefill check, where a segment reads it (segments that shift padded rows check padding).
