@@ -162,8 +162,8 @@ class CompiledFrame:
         self._probe_starts = [max(lengths.values()) for lengths, _ in probes]
         self._probe_keys = [key for _, key in probes]
         self._explain_reader = self._lengths_for_explain(placeholders)
-        for lengths in keys.values() or [None]:
-            self._variant(lengths)
+        for key, lengths in keys.items() or [(self._decide(None).key, None)]:
+            self._variant(key, lengths)
         self._example_inputs = None  # only needed while Dynamo waits
 
     def _lengths_for_explain(self, placeholders: list[torch.fx.Node]) -> _LengthReader | None:
@@ -200,9 +200,9 @@ class CompiledFrame:
                         points |= {threshold - 1, threshold}
         return [{index: max(length, 1) for index in symbolic} for length in sorted(points)]
 
-    def _variant(self, seq_lens: dict[int, int] | None) -> Variant:
-        """Build (at capture: Inductor needs Dynamo's shape environment) the variant for these lengths."""
-        key = self._decide(seq_lens).key
+    def _variant(self, key: tuple, seq_lens: dict[int, int] | None) -> Variant:
+        """Build (at capture: Inductor needs Dynamo's shape environment) the variant of decisions ``key``, which
+        these lengths lead to."""
         if key not in self.variants:
             result = run_pipeline(copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion,
                                   seq_lens=seq_lens, state_layout=self.state_layout)

@@ -121,11 +121,12 @@ def sparsify_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     """transformers' attention interface: q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> ((B, Lq, Hq, Dv), None)."""
     state = kwargs.pop(STATE_ATTRIBUTE, None)  # the sequence state the compiled forward passes down
     window = attention_mask.window if isinstance(attention_mask, MaskDescription) else 0
-    # The model's sliding window is understood where the description carries that same window.
-    understood = {"sliding_window"} if window and kwargs.get("sliding_window") == window else set()
-    changes_semantics = any(kwargs.get(name) is not None for name in _SEMANTIC_KWARGS if name not in understood)
-    if window and not understood:
-        changes_semantics = True  # a local mask that is not this attention's sliding window: transformers' own
+    confirmed = bool(window) and kwargs.get("sliding_window") == window
+    if confirmed:
+        kwargs.pop("sliding_window")  # the description carries it
+    # A local mask that is not this attention's sliding window (a chunked one, say) gets transformers' own mask.
+    changes_semantics = (bool(window) and not confirmed) or any(kwargs.get(name) is not None
+                                                                for name in _SEMANTIC_KWARGS)
     if not isinstance(attention_mask, MaskDescription) or dropout or changes_semantics:
         if isinstance(attention_mask, MaskDescription):
             attention_mask = attention_mask.materialise(query, key)

@@ -91,14 +91,17 @@ def prefill_is_plain(q: Tensor, k: Tensor, key_padding: Tensor | None, query_off
     (``query_offset`` 0, or Lk == Lq) and no key among the first Lq is padding. A 0-d bool tensor ON THE CPU: one
     host synchronisation per forward (the node is shared by every layer), after which each layer reads it for free
     (transformers' eager SDPA path makes the same check)."""
-    plain = torch.ones((), dtype=torch.bool, device=q.device)
-    if query_offset is not None:
-        plain = plain & (query_offset == 0)
-    elif k.shape[2] != q.shape[2]:
-        return torch.tensor(False)
+    plain = _starts_at_zero(q, k, query_offset)
     if key_padding is not None:
         plain = plain & key_padding[:, : q.shape[2]].all()
     return plain.cpu()  # the one synchronisation
+
+
+def _starts_at_zero(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
+    """A 0-d bool on q's device: the queries start at position 0 (``query_offset`` 0, or Lk == Lq)."""
+    if query_offset is not None:
+        return query_offset == 0
+    return torch.full((), k.shape[2] == q.shape[2], dtype=torch.bool, device=q.device)
 
 
 @torch.library.custom_op("sparsify::left_padding", mutates_args=())
@@ -117,11 +120,7 @@ def left_padding(q: Tensor, k: Tensor, key_padding: Tensor | None, query_offset:
     padding = key_padding[:, :length].to(torch.bool)
     starts = (~padding).sum(dim=1)
     positions = torch.arange(length, device=q.device)
-    ok = (padding == (positions[None, :] >= starts[:, None])).all()
-    if query_offset is not None:
-        ok = ok & (query_offset == 0)
-    elif k.shape[2] != length:
-        ok = torch.zeros((), dtype=torch.bool, device=q.device)
+    ok = (padding == (positions[None, :] >= starts[:, None])).all() & _starts_at_zero(q, k, query_offset)
     return starts, ok.cpu()  # the one synchronisation
 
 
