@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -51,6 +52,15 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton.__version__, "sparsify": sparsify.__version__}
 
 
+def invocation() -> str:
+    """The command line that ran this process, as a user would type it again: ``python -m <module> ...`` for a
+    module run with ``-m`` (the device runs from a copied tree, so a file path would name that copy), else the
+    program's name (``sparsify bench ...``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else Path(sys.argv[0]).name
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])
+
+
 def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: dict | None = None,
                  folder: Path | None = None) -> Path:
     result = {
@@ -58,7 +68,7 @@ def write_result(name: str, rows: list[dict], ratios: dict[str, float], extra: d
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": versions(),
-        "command": "python " + " ".join(sys.argv),
+        "command": invocation(),
         "rows": rows,
         "ratios": ratios,
         **(extra or {}),

@@ -146,9 +146,11 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
     ``first_call_s`` is the first call's extra time over a timed call (capture, rewrite, Inductor, CUDA graph
     recording); ``second_call_s`` the second's (anything compiled again for a reused cache shows here)."""
     seq = ids.shape[1]
-    base = {"seq_len": seq, "impl": impl_name}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    # What is held before this implementation starts (the model's weights; anything an earlier row left behind
+    # would show here), so that a peak or an out-of-memory error can be told apart from leftovers.
+    base = {"seq_len": seq, "impl": impl_name, "start_gib": torch.cuda.memory_allocated() / 2**30}
     try:
         impl = Implementation(impl_name, model, seq)
         first, second = timed_generate(impl, ids), timed_generate(impl, ids)
@@ -179,7 +181,7 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
     ]
     print(f"{impl_name:>24} N={seq:>6}: prefill {prefill_ms:9.1f} ms  decode {decode_ms:7.2f} ms/token  "
           f"first call +{extra['first_call_s']:.1f} s  second +{extra['second_call_s']:.1f} s  "
-          f"peak {peak_gib:.1f} GiB  agreement {agreement}", flush=True)
+          f"start {base['start_gib']:.1f} GiB  peak {peak_gib:.1f} GiB  agreement {agreement}", flush=True)
     if profile:
         profile_steps(impl, ids, results_dir() / f"e2e-profile-{impl_name}-{seq}.txt")
     del impl
