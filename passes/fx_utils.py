@@ -70,3 +70,24 @@ def module_path(node: torch.fx.Node) -> str:
     # name) or L['self']._modules['model']...; export writes model.layers.3.
     path = re.sub(r"^(?:[LG]\['[^']+'\]|self)\.?", "", path)
     return path.replace("._modules['", ".").replace("['", ".").replace("']", "")
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node]]:
+    """A new GraphModule over a copy of ``gm``'s graph (node meta copied), sharing parameters and buffers, and the
+    map from each node of ``gm`` to its copy.
+
+    What Dynamo attaches to its graphs comes along (the module's ``meta``, ``_param_name_to_source``, each
+    placeholder's ``_dynamo_source``): AOT autograd reads them to know which inputs keep their addresses (parameters,
+    a static cache), without which Inductor will not replay a graph that mutates them as a CUDA graph."""
+    graph = torch.fx.Graph()
+    nodes: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, nodes)
+    graph.output(output)
+    copied = torch.fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = dict(gm._param_name_to_source)  # its own: the rewrite adds buffers
+    for old, new in zip(gm.graph.find_nodes(op="placeholder"), copied.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copied, nodes

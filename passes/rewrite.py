@@ -9,6 +9,7 @@ published by one attention for later ones (a selection made in layer 2, read by 
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Hashable
@@ -19,7 +20,7 @@ from torch._dynamo.source import ConstantSource
 
 from .annotate import AttentionInfo
 from .apply_policy import PolicyReport
-from .fx_utils import tensor_shape
+from .fx_utils import copy_graph_module, tensor_shape
 
 if TYPE_CHECKING:
     from ..state import StateLayout
@@ -118,13 +119,15 @@ class RewriteContext:
 
 def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_layout: StateLayout | None = None
                       ) -> tuple[torch.fx.GraphModule, RewriteReport]:
-    """Rewrite ``gm`` in place. Attentions left untouched keep their original nodes. ``state_layout`` names the
-    sequence-state tensors each ``sparsify.attention`` call carries (None: the graph carries none)."""
+    """A rewritten copy of ``gm`` (which, like ``decisions``, is left as it is): each decided attention replaced by
+    its method's nodes, those left untouched keeping theirs. ``state_layout`` names the sequence-state tensors each
+    ``sparsify.attention`` call carries (None: the graph carries none)."""
+    gm, copies = copy_graph_module(gm)
     ctx = RewriteContext(gm)
     rewritten = untouched = 0
     replaced: list[torch.fx.Node] = []
     for decision in decisions.decisions:
-        attention = decision.attention
+        attention = _on_copy(decision.attention, copies)
         match = attention.match
         if decision.untouched is not None:
             untouched += 1
@@ -180,6 +183,17 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
     gm.graph.lint()
     gm.recompile()
     return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers)
+
+
+def _on_copy(attention: AttentionInfo, copies: dict[torch.fx.Node, torch.fx.Node]) -> AttentionInfo:
+    """``attention`` with its match's nodes replaced by their copies in the graph being rewritten."""
+    def copied(value):
+        return torch.fx.node.map_arg(value, copies.__getitem__)
+
+    match = attention.match
+    nodes = {f.name: copied(getattr(match, f.name)) for f in dataclasses.fields(match)
+             if isinstance(getattr(match, f.name), (torch.fx.Node, tuple))}
+    return dataclasses.replace(attention, match=dataclasses.replace(match, **nodes))
 
 
 def _state_nodes(layout: StateLayout | None, attention: AttentionInfo) -> dict[str, torch.fx.Node]:

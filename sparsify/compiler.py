@@ -37,7 +37,7 @@ from .passes.apply_policy import apply_policy
 from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
 from .passes.fx_utils import value_of
 from .passes.rewrite import fallback_counter_name
-from .pipeline import PipelineResult, analyse, copy_graph_module, decide, run_pipeline
+from .pipeline import PipelineResult, analyse, decide, run_pipeline
 from .policy import Policy
 from .state import STATE_ATTRIBUTE, StateLayout, state_for_call
 
@@ -204,7 +204,7 @@ class CompiledFrame:
         """Build (at capture: Inductor needs Dynamo's shape environment) the variant of decisions ``key``, which
         these lengths lead to."""
         if key not in self.variants:
-            result = run_pipeline(copy_graph_module(self.original), self.policy, self.costs, diffusion=self.diffusion,
+            result = run_pipeline(self.original, self.policy, self.costs, diffusion=self.diffusion,
                                   seq_lens=seq_lens, state_layout=self.state_layout)
             self.variants[key] = dataclasses.replace(self._compile(result),
                                                      length_reader=self._explain_reader)

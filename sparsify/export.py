@@ -59,6 +59,12 @@ def export(
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
     costs = CostModel(lambda: load_ceilings(device), cost_model_fallback)
     result = run_pipeline(gm, resolved, costs, diffusion=diffusion)
+    # The program keeps its own module (its signature names its nodes): the rewritten graph and the buffers the
+    # rewrite added move into it.
+    for name in result.rewrite.state_buffers:
+        gm.register_buffer(name, getattr(result.gm, name), persistent=False)
+    gm.graph = result.gm.graph
+    gm.recompile()
     _refresh_fake_values(gm)
     program.sparsify_report = result  # for explain-style inspection in the exporting process
     return program

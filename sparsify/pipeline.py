@@ -27,25 +27,6 @@ class PipelineResult:
     groups: GroupReport
 
 
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph (node meta copied), sharing parameters and buffers.
-
-    What Dynamo attaches to its graphs comes along (the module's ``meta``, ``_param_name_to_source``, each
-    placeholder's ``_dynamo_source``): AOT autograd reads them to know which inputs keep their addresses (parameters,
-    a static cache), without which Inductor will not replay a graph that mutates them as a CUDA graph."""
-    graph = torch.fx.Graph()
-    output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
-    copied = torch.fx.GraphModule(gm, graph)
-    copied.meta.update(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        copied._param_name_to_source = dict(gm._param_name_to_source)  # its own: the rewrite adds state buffers
-    for old, new in zip(gm.graph.find_nodes(op="placeholder"), copied.graph.find_nodes(op="placeholder")):
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
-    return copied
-
-
 def analyse(gm: torch.fx.GraphModule, *, diffusion: bool = False) -> tuple[MatchReport, AnnotateReport]:
     gm, matches = match_attention(gm)
     gm, annotations = annotate_attention(gm, matches, diffusion=diffusion)
@@ -66,7 +47,7 @@ def run_pipeline(
     gm: torch.fx.GraphModule, policy: Policy, costs: CostModel, *, diffusion: bool = False,
     seq_lens: dict[int, int] | None = None, state_layout: StateLayout | None = None,
 ) -> PipelineResult:
-    """Rewrite ``gm`` in place. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic;
+    """The rewritten graph (a new module; ``gm`` is left as it is) and every pass's report. ``seq_lens`` gives concrete key lengths for attentions whose length is symbolic;
     ``state_layout`` names the sequence state the graph's attentions carry."""
     matches, annotations = analyse(gm, diffusion=diffusion)
     decisions, cost_report, groups = decide(gm, annotations, policy, costs, seq_lens)

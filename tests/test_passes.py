@@ -1,0 +1,65 @@
+"""Every pass is a function ``GraphModule -> (GraphModule, Report)`` that changes nothing it was given: not the
+graph, not its nodes' meta, not the module's attributes, not the reports of earlier passes."""
+
+import torch
+from conftest import tiny_model
+
+import sparsify
+from sparsify.passes.annotate import annotate_attention
+from sparsify.passes.apply_policy import apply_policy
+from sparsify.passes.cost_model import CostModel, cost_model, load_ceilings
+from sparsify.passes.match import match_attention
+from sparsify.passes.plan_groups import plan_groups
+from sparsify.passes.rewrite import rewrite_attention
+from sparsify.pipeline import run_pipeline
+
+POLICY = {"rules": [{"when": {"layers": "1-2"}, "use": "delta", "with": {"gamma": 8}}]}
+
+
+def _fingerprint(gm: torch.fx.GraphModule) -> tuple:
+    """What a pass could change in a graph module: its code, each node's target, arguments and meta, and its
+    attributes (a buffer registered by a rewrite shows here)."""
+    nodes = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs), tuple(sorted(n.meta)))
+                  for n in gm.graph.nodes)
+    return gm.code, nodes, tuple(sorted(vars(gm))), tuple(name for name, _ in gm.named_buffers())
+
+
+def test_each_pass_leaves_its_inputs_unchanged():
+    compiled = sparsify.compile(tiny_model("llama"), POLICY, cost_model_fallback=False)
+    with torch.no_grad():
+        compiled(torch.randint(1, 256, (1, 40)))
+    frame, = compiled.sparsify.frames
+    gm = frame.original
+    before = _fingerprint(gm)
+
+    out, matches = match_attention(gm)
+    out, annotations = annotate_attention(out, matches)
+    out, decisions = apply_policy(out, annotations, compiled.sparsify.policy)
+    decided = decisions.key
+    out, costs = cost_model(out, decisions, CostModel(lambda: load_ceilings(torch.device("cpu")), False), None)
+    costed = costs.decisions.key
+    out, groups = plan_groups(out, costs.decisions)
+    rewritten, report = rewrite_attention(out, groups.decisions, frame.state_layout)
+
+    assert _fingerprint(gm) == before
+    assert decisions.key == decided and costs.decisions.key == costed
+    assert rewritten is not gm and report.rewritten == 3
+    ops = {str(n.target) for n in rewritten.graph.nodes}
+    assert "sparsify.block_sparse_attention_delta.default" in ops
+    assert not any(target.startswith("sparsify.block_sparse") for target in (str(n.target) for n in gm.graph.nodes))
+    assert [s.spec.name for d in groups.decisions.decisions for s in d.segments] == ["dense", "delta", "delta"]
+
+
+def test_the_pipeline_rewrites_a_copy_that_computes_what_the_model_does():
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, POLICY, cost_model_fallback=False)
+    ids = torch.randint(1, 256, (1, 40))
+    with torch.no_grad():
+        compiled(ids)
+    frame, = compiled.sparsify.frames
+    before = _fingerprint(frame.original)
+    result = run_pipeline(frame.original, compiled.sparsify.policy, frame.costs, state_layout=frame.state_layout)
+    assert _fingerprint(frame.original) == before
+    assert result.rewrite.ops["sparsify.block_sparse_attention_delta"] == 2
+    # The variant the frame runs was built by the same pipeline from the same unchanged graph.
+    assert result.gm.code == frame.current.result.gm.code
