@@ -39,7 +39,7 @@ from sparsify.kernels.block_sparse_attention import DeltaCorrection
 from sparsify.kernels.delta import delta_correction_reference
 from sparsify.kernels.layout import TokenMask
 from sparsify.models import DEFAULT_MODEL, load_model
-from sparsify.ops import delta_tail
+from sparsify.methods.delta import delta_tail
 
 from .common import relative_error, write_result
 

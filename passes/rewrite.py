@@ -1,10 +1,12 @@
-"""Rewrite: replace every decided attention by the nodes its method emits (``torch.ops.sparsify.*``).
+"""Rewrite: a copy of the graph with every decided attention replaced by the nodes its method emits
+(``torch.ops.sparsify.*``): its plan, then its per-layer run.
 
 Methods emit through a :class:`RewriteContext`, which also gives them what stateful and cross-layer methods
 need: the sequence state (``sparsify.state``: per-layer tensors that are graph inputs, owned by the KV cache, read
-and mutated by ops that declare the mutation), counters of the graph itself (module buffers), plan nodes
-shared by every attention with the same key (layouts built once per forward, not once per layer), and values
-published by one attention for later ones (a selection made in layer 2, read by layers 3-11).
+and mutated by ops that declare the mutation), counters of the graph itself (module buffers), length plans (a
+layout that depends on lengths alone: built at capture where the lengths are static, else once per forward,
+shared by every layer), nodes shared by every attention with the same key, and values published by one attention
+for later ones (a selection made in layer 2, read by layers 3-11).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from torch._dynamo.source import ConstantSource
 
 from .annotate import AttentionInfo
 from .apply_policy import PolicyReport
-from .fx_utils import copy_graph_module, tensor_shape
+from .fx_utils import copy_graph_module, tensor_shape, value_of
 
 if TYPE_CHECKING:
     from ..state import StateLayout
 
 aten = torch.ops.aten
+_UNKNOWN = object()  # an argument of a length plan whose value is only known at run time
 
 
 @dataclass
@@ -34,6 +37,7 @@ class RewriteReport:
     untouched: int
     ops: dict[str, int]
     state_buffers: list[str]
+    plan_buffers: list[str]  # length plans built at capture (static lengths), kept as buffers of the module
 
 
 class RewriteContext:
@@ -50,9 +54,11 @@ class RewriteContext:
         self.method_name = ""  # the method emitting now: its sequence state is named "<method>.<tensor>"
         self.state_nodes: dict[str, torch.fx.Node] = {}  # this attention's sequence state, "<method>.<tensor>"
         self.graph = gm.graph
-        self._shared: dict[Hashable, torch.fx.Node] = {}
+        self._shared: dict[Hashable, Any] = {}
         self._published: dict[Hashable, torch.fx.Node] = {}
+        self._plan_values: dict[torch.fx.Node, torch.Tensor] = {}  # a length plan's buffer node -> its tensor
         self.state_buffers: list[str] = []
+        self.plan_buffers: list[str] = []
         self.ops_emitted: dict[str, int] = {}
         self.attention: AttentionInfo | None = None
         self.q = self.k = self.v = self.attn_mask = None
@@ -77,6 +83,23 @@ class RewriteContext:
     def size(self, node: torch.fx.Node, dim: int) -> torch.fx.Node:
         return self.call(aten.sym_size.int, node, dim)
 
+    def length(self, node: torch.fx.Node, dim: int, known: Any) -> int | torch.fx.Node:
+        """A length to pass to an op: ``known`` (the annotated length) where it is an int, else the node of
+        ``node``'s symbolic size ``dim``."""
+        return known if isinstance(known, int) else self.size(node, dim)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the attention being replaced (where its plans are built)."""
+        return value_of(self.attention.match.q).device
+
+    def _register_buffer(self, qualified: str, tensor: torch.Tensor) -> torch.fx.Node:
+        self.gm.register_buffer(qualified, tensor, persistent=False)
+        sources = getattr(self.gm, "_param_name_to_source", None)
+        if sources is not None:
+            # Dynamo's graphs name a source for every parameter and buffer, and AOT autograd checks it.
+            sources[qualified] = ConstantSource(qualified)
+        return self.graph.get_attr(qualified)
     def state(self, name: str, create: Callable[[], torch.Tensor]) -> torch.fx.Node:
         """A buffer of the rewritten module (created once by ``create``), as a ``get_attr`` node.
 
@@ -84,12 +107,8 @@ class RewriteContext:
         """
         qualified = f"sparsify_state_{name}"
         if not hasattr(self.gm, qualified):
-            self.gm.register_buffer(qualified, create(), persistent=False)
             self.state_buffers.append(qualified)
-            sources = getattr(self.gm, "_param_name_to_source", None)
-            if sources is not None:
-                # Dynamo's graphs name a source for every parameter and buffer, and AOT autograd checks it.
-                sources[qualified] = ConstantSource(qualified)
+            return self._register_buffer(qualified, create())
         return self.graph.get_attr(qualified)
 
     def sequence_state(self, name: str) -> torch.fx.Node:
@@ -106,6 +125,33 @@ class RewriteContext:
         if key not in self._shared:
             self._shared[key] = build()
         return self._shared[key]
+
+    def length_plan(self, key: Hashable, target: torch._ops.OpOverload, *args: Any
+                    ) -> torch.fx.Node | tuple[torch.fx.Node, ...]:
+        """``target(*args)`` for an op whose result depends on its arguments' values alone: lengths (ints, or
+        nodes of symbolic sizes from :meth:`length`), constants, a device, and other length plans. One per ``key``
+        for the whole graph. Where every argument is known now (a frame of static lengths) the op runs here, at
+        capture, and its result is kept as buffers of the rewritten module: every call reuses it, and the graph
+        holds no node building it. Otherwise it is one node per forward, shared by every attention that asks for
+        the same key. An op returning several tensors gives a tuple of nodes, one per tensor."""
+        if key in self._shared:
+            return self._shared[key]
+        known = [self._plan_values.get(a, _UNKNOWN) if isinstance(a, torch.fx.Node) else a for a in args]
+        outputs = len(target._schema.returns)
+        if any(value is _UNKNOWN for value in known):
+            node = self.call(target, *args)
+            result = tuple(self.call(operator.getitem, node, i) for i in range(outputs)) if outputs > 1 else node
+        else:
+            values = target(*known)
+            nodes = []
+            for value in values if outputs > 1 else (values,):
+                qualified = f"sparsify_plan_{target._opname}_{len(self.plan_buffers)}"
+                self.plan_buffers.append(qualified)
+                nodes.append(self._register_buffer(qualified, value))
+                self._plan_values[nodes[-1]] = value
+            result = tuple(nodes) if outputs > 1 else nodes[0]
+        self._shared[key] = result
+        return result
 
     def publish(self, key: Hashable, node: torch.fx.Node) -> None:
         self._published[key] = node
@@ -182,7 +228,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
     _erase_dead(gm.graph, replaced)
     gm.graph.lint()
     gm.recompile()
-    return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers)
+    return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers, ctx.plan_buffers)
 
 
 def _on_copy(attention: AttentionInfo, copies: dict[torch.fx.Node, torch.fx.Node]) -> AttentionInfo:

@@ -61,7 +61,7 @@ def export(
     result = run_pipeline(gm, resolved, costs, diffusion=diffusion)
     # The program keeps its own module (its signature names its nodes): the rewritten graph and the buffers the
     # rewrite added move into it.
-    for name in result.rewrite.state_buffers:
+    for name in result.rewrite.state_buffers + result.rewrite.plan_buffers:
         gm.register_buffer(name, getattr(result.gm, name), persistent=False)
     gm.graph = result.gm.graph
     gm.recompile()

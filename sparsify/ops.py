@@ -1,4 +1,6 @@
-"""The ``torch.ops.sparsify.*`` custom ops that rewritten graphs call.
+"""The ``torch.ops.sparsify.*`` custom ops every rewritten graph may call, whatever its methods: exact attention
+(over a materialised mask, or a described one), the checks and guards around a sparse method, the row shifts of a
+left-padded batch. Each method's own ops register from its own module (``sparsify/methods/<method>.py``).
 
 Every op has one registration with two implementations behind it: the Triton kernel on CUDA tensors and a
 vectorised PyTorch implementation on CPU (also the tests' reference), plus a fake kernel so that export and
@@ -14,7 +16,6 @@ from torch import Tensor
 from .errors import ShapeError, SparsifyError
 from .kernels import block_sparse_attention as kernel
 from .kernels import decode as decode_kernels
-from .kernels import delta as delta_kernels
 from .kernels import layout as layouts
 
 
@@ -276,198 +277,6 @@ def causal_mask_guard(out: Tensor, is_causal: Tensor, q: Tensor, k: Tensor, v: T
         fallbacks.add_(1)
 
 
-# -- block-sparse attention and the layouts it reads --------------------------------------------------------------
-# A layout travels between ops as its four index tensors (counts and indices, partial then full); block sizes and
-# the token mask travel as plain arguments.
-
-
-def _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal,
-                  sink, window, limit) -> layouts.BlockLayout:
-    return layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                               q.shape[2], k.shape[2], layouts.TokenMask(causal, sink, window, limit))
-
-
-@torch.library.custom_op("sparsify::block_sparse_attention", mutates_args=())
-def block_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor,
-    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
-    block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
-    use_tma: bool, limit: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """Attention over the key blocks of a layout. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). ``limit`` > 0: keys
-    farther than that from a query are never seen (the model's own sliding window), sink or not.
-
-    Returns out (B, Hq, Lq, D) and lse (B, Hq, Lq) float32. Triton on CUDA, the PyTorch reference elsewhere.
-    """
-    check_attention_inputs(q, k, v, "sparsify.block_sparse_attention")
-    layout = _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                           causal, sink, window, limit)
-    if q.is_cuda:
-        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
-        return kernel.block_sparse_attention(q, k, v, layout, scale, config=config)
-    out, lse = kernel.block_sparse_attention_reference(q, k, v, layout, scale)
-    return out.contiguous(), lse.contiguous()
-
-
-@block_sparse_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
-      window, scale, num_warps, num_stages, use_tma, limit=0):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-def _layout_tensors(layout) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices
-
-
-def _fake_layout(heads_grid: tuple, q: Tensor, k: Tensor, block_m: int, block_n: int):
-    n_q, n_kv = -(-q.shape[2] // block_m), -(-k.shape[2] // block_n)
-    counts = q.new_empty((*heads_grid, n_q), dtype=torch.int32)
-    indices = q.new_empty((*heads_grid, n_q, n_kv), dtype=torch.int32)
-    return counts, indices, counts.clone(), indices.clone()
-
-
-@torch.library.custom_op("sparsify::sink_window_layout", mutates_args=())
-def sink_window_layout(q: Tensor, k: Tensor, sink: int, window: int, block_m: int, block_n: int, limit: int = 0
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The sink + sliding-window layout for q's and k's lengths (on their device), shared by all heads; within the
-    model's own sliding window ``limit`` where that is > 0."""
-    return _layout_tensors(layouts.sink_window_layout(q.shape[2], k.shape[2], sink, window, block_m, block_n,
-                                                      limit=limit, device=q.device))
-
-
-@sink_window_layout.register_fake
-def _(q, k, sink, window, block_m, block_n, limit=0):
-    return _fake_layout((1, 1), q, k, block_m, block_n)
-
-
-@torch.library.custom_op("sparsify::block_topk_layout", mutates_args=())
-def block_topk_layout(q: Tensor, k: Tensor, density: float, block_m: int, block_n: int, sink_blocks: int
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks)."""
-    return _layout_tensors(layouts.block_topk_layout(q, k, density=density, block_m=block_m, block_n=block_n,
-                                                     sink_blocks=sink_blocks))
-
-
-@block_topk_layout.register_fake
-def _(q, k, density, block_m, block_n, sink_blocks):
-    return _fake_layout((q.shape[0], q.shape[1]), q, k, block_m, block_n)
-
-
-# -- Delta Attention: strided dense rows and the correction -------------------------------------------------------
-
-
-def delta_tail(length: int, gamma: int, tail: int) -> int:
-    """Rows at the end made exact: ``tail`` if given (>= 0), else ``length % gamma + max(128, gamma)``; at most
-    ``length``."""
-    rows = tail if tail >= 0 else length % gamma + max(128, gamma)
-    return min(length, rows) if isinstance(rows, int) and isinstance(length, int) else torch.sym_min(length, rows)
-
-
-@torch.library.custom_op("sparsify::delta_rows", mutates_args=())
-def delta_rows(q: Tensor, gamma: int, tail: int, strided: bool) -> Tensor:
-    """Query rows Delta computes densely, int64: every ``gamma``-th row (``i % gamma == 0``; left out when not
-    ``strided``, the ablation without correction), then the tail rows (``tail`` -1: the default for ``gamma``)."""
-    length = q.shape[2]
-    exact = torch.arange(length - delta_tail(length, gamma, tail), length, device=q.device)
-    if not strided:
-        return exact
-    return torch.cat([torch.arange(0, length, gamma, device=q.device), exact])
-
-
-@delta_rows.register_fake
-def _(q, gamma, tail, strided):
-    length = q.shape[2]
-    rows = (length + gamma - 1) // gamma if strided else 0
-    return q.new_empty((rows + delta_tail(length, gamma, tail),), dtype=torch.int64)
-
-
-@torch.library.custom_op("sparsify::row_layout", mutates_args=())
-def row_layout(q: Tensor, k: Tensor, rows: Tensor, block_m: int, block_n: int
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The layout :func:`row_attention` reads for query ``rows`` of q: its four index tensors, then the packed
-    rows' key positions (``rows + kv_len - q_len``, repeated for each query head of a GQA group). Shared by
-    every layer with the same shapes."""
-    positions = rows + (k.shape[2] - q.shape[2])
-    layout = delta_kernels.packed_rows_layout(positions, q.shape[1] // k.shape[1], k.shape[2], block_m, block_n)
-    return (*_layout_tensors(layout), layout.q_positions)
-
-
-@row_layout.register_fake
-def _(q, k, rows, block_m, block_n):
-    packed_rows = rows.shape[0] * (q.shape[1] // k.shape[1])
-    n_q, n_kv = -(-packed_rows // block_m), -(-k.shape[2] // block_n)
-    counts = q.new_empty((1, 1, n_q), dtype=torch.int32)
-    indices = q.new_empty((1, 1, n_q, n_kv), dtype=torch.int32)
-    return counts, indices, counts.clone(), indices.clone(), rows.new_empty((packed_rows,))
-
-
-@torch.library.custom_op("sparsify::row_attention", mutates_args=())
-def row_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor,
-                  kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
-                  positions: Tensor, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
-                  use_tma: bool) -> Tensor:
-    """Query-sparse, key-dense causal attention: the query ``rows`` of q, each over every key up to its own
-    position, a GQA group's heads sharing each K/V load; the layout and ``positions`` come from
-    :func:`row_layout`. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) -> (B, Hq, R, D)."""
-    check_attention_inputs(q, k, v, "sparsify.row_attention")
-    layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                                 positions.shape[0], k.shape[2], layouts.TokenMask(causal=True), q_positions=positions)
-    config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma) if q.is_cuda else None
-    return delta_kernels.row_attention(q[:, :, rows], k, v, layout, scale, config=config).contiguous()
-
-
-@row_attention.register_fake
-def _(q, k, v, rows, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, positions, scale, block_m,
-      block_n, num_warps, num_stages, use_tma):
-    return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], v.shape[-1]))
-
-
-def _correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int) -> kernel.DeltaCorrection:
-    return kernel.DeltaCorrection(row_out, gamma, delta_tail(sparse_out.shape[2], gamma, tail))
-
-
-@torch.library.custom_op("sparsify::delta_correction", mutates_args=())
-def delta_correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int) -> Tensor:
-    """Delta's correction: ``O[j] = O_sparse[j] + (O_dense[i] - O_sparse[i])`` with ``i = j - j % gamma``, then
-    the tail rows replaced by their exact values. ``row_out`` holds the rows of :func:`delta_rows` in order.
-    Computed in float32, returned in ``sparse_out``'s dtype."""
-    correction = _correction(sparse_out, row_out, gamma, tail)
-    if sparse_out.is_cuda:
-        return delta_kernels.delta_correction(sparse_out, correction)
-    return delta_kernels.delta_correction_reference(sparse_out, correction).contiguous()
-
-
-@delta_correction.register_fake
-def _(sparse_out, row_out, gamma, tail):
-    return sparse_out.new_empty(sparse_out.shape)
-
-
-@torch.library.custom_op("sparsify::block_sparse_attention_delta", mutates_args=())
-def block_sparse_attention_delta(
-    q: Tensor, k: Tensor, v: Tensor,
-    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
-    block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
-    use_tma: bool, row_out: Tensor, gamma: int, tail: int, limit: int = 0,
-) -> Tensor:
-    """:func:`block_sparse_attention` followed by :func:`delta_correction`, fused into the kernel's epilogue on
-    CUDA (``gamma`` a power of 2 dividing ``block_m``). Returns the corrected output (B, Hq, Lq, D)."""
-    check_attention_inputs(q, k, v, "sparsify.block_sparse_attention_delta")
-    layout = _block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
-                           causal, sink, window, limit)
-    correction = _correction(q, row_out, gamma, tail)
-    if q.is_cuda:
-        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
-        return kernel.block_sparse_attention(q, k, v, layout, scale, config=config, correction=correction)[0]
-    out = kernel.block_sparse_attention_reference(q, k, v, layout, scale)[0]
-    return delta_kernels.delta_correction_reference(out, correction).contiguous()
-
-
-@block_sparse_attention_delta.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
-      window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail, limit=0):
-    return q.new_empty(q.shape)
-
-
 # -- inference only -------------------------------------------------------------------------------------------------
 
 
@@ -478,6 +287,11 @@ def _no_backward(ctx, *grads):
         "copy that shares its weights)")
 
 
-for _op in (dense_attention, attention, block_sparse_attention, row_attention, delta_correction,
-            block_sparse_attention_delta):
-    _op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+def inference_only(*ops) -> None:
+    """Give each custom op a backward that says sparsify computes inference only (instead of autograd's generic
+    "no autograd formula" error)."""
+    for op in ops:
+        op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+inference_only(dense_attention, attention)

@@ -18,12 +18,12 @@ def default_tail(length, gamma):
 
 
 def test_rows_are_strided_then_tail():
-    q = torch.zeros(1, 1, 300, 8)
-    rows = torch.ops.sparsify.delta_rows(q, 16, -1, True)
+    cpu = torch.device("cpu")
+    rows = torch.ops.sparsify.delta_rows(300, 16, -1, True, cpu)
     tail = default_tail(300, 16)
     assert torch.equal(rows, torch.cat([torch.arange(0, 300, 16), torch.arange(300 - tail, 300)]))
-    assert torch.equal(torch.ops.sparsify.delta_rows(q, 64, 10, True)[-10:], torch.arange(290, 300))
-    assert torch.equal(torch.ops.sparsify.delta_rows(q, 16, -1, False), torch.arange(300 - tail, 300))
+    assert torch.equal(torch.ops.sparsify.delta_rows(300, 64, 10, True, cpu)[-10:], torch.arange(290, 300))
+    assert torch.equal(torch.ops.sparsify.delta_rows(300, 16, -1, False, cpu), torch.arange(300 - tail, 300))
 
 
 @pytest.mark.parametrize("length,gamma,tail", [(100, 8, -1), (37, 5, 3), (64, 64, 0), (20, 1, -1)])
@@ -48,8 +48,8 @@ def test_strided_and_tail_rows_are_exact_for_any_base():
     q, k, v = torch.randn(1, 4, 400, 16), torch.randn(1, 1, 400, 16), torch.randn(1, 1, 400, 16)
     layout = torch.ops.sparsify.block_topk_layout(q, k, 0.2, 16, 16, 1)
     sparse, _ = torch.ops.sparsify.block_sparse_attention(q, k, v, *layout, 16, 16, True, 0, 0, 0.25, 4, 1, False)
-    rows = torch.ops.sparsify.delta_rows(q, 8, 20, True)
-    layout = torch.ops.sparsify.row_layout(q, k, rows, 16, 16)
+    rows = torch.ops.sparsify.delta_rows(400, 8, 20, True, q.device)
+    layout = torch.ops.sparsify.row_layout(rows, 400, 400, 4, 16, 16)
     out = torch.ops.sparsify.delta_correction(
         sparse, torch.ops.sparsify.row_attention(q, k, v, rows, *layout, 0.25, 16, 16, 4, 1, False), 8, 20)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25, enable_gqa=True)
@@ -60,12 +60,12 @@ def test_strided_and_tail_rows_are_exact_for_any_base():
 
 def test_row_attention_op_passes_opcheck():
     q, k, v = torch.randn(1, 4, 50, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
-    rows = torch.ops.sparsify.delta_rows(q, 8, 6, True)
-    layout = torch.ops.sparsify.row_layout(q, k, rows, 16, 16)
-    torch.library.opcheck(torch.ops.sparsify.row_layout.default, (q, k, rows, 16, 16))
+    rows = torch.ops.sparsify.delta_rows(50, 8, 6, True, q.device)
+    layout = torch.ops.sparsify.row_layout(rows, 50, 50, 2, 16, 16)
+    torch.library.opcheck(torch.ops.sparsify.row_layout.default, (rows, 50, 50, 2, 16, 16))
     torch.library.opcheck(torch.ops.sparsify.row_attention.default,
                           (q, k, v, rows, *layout, 0.25, 16, 16, 4, 1, False))
-    torch.library.opcheck(torch.ops.sparsify.delta_rows.default, (q, 8, 6, True))
+    torch.library.opcheck(torch.ops.sparsify.delta_rows.default, (50, 8, 6, True, q.device))
 
 
 def delta_policy(gamma=16, window=16, sink=2, tail=None, first_dense="0", **options):
@@ -110,8 +110,9 @@ def tail_only_definition(*args, **kwargs):
     return delta_definition(*args, correct=False, **kwargs)
 
 
-DELTA_OPS = {"sparsify.attention": 1, "sparsify.sink_window_layout": 1, "sparsify.delta_rows": 1,
-             "sparsify.row_layout": 1, "sparsify.row_attention": 2}
+# The frame's lengths are static: the layout and the rows are planned at capture (buffers), not graph nodes.
+DELTA_OPS = {"sparsify.attention": 1, "sparsify.row_attention": 2}
+DELTA_PLANS = ["sparsify_plan_delta_rows_0", *(f"sparsify_plan_row_layout_{i}" for i in range(1, 6))]
 
 
 @pytest.mark.parametrize("options,ops,note", [
@@ -135,6 +136,7 @@ def test_model_equals_the_plain_definition(heads, kv_heads, options, ops, note):
         assert (compiled(ids).logits - model(ids).logits).abs().max() > 1e-3
     result = compiled.sparsify.frames[0].last
     assert result.rewrite.ops == {**DELTA_OPS, **ops}
+    assert result.rewrite.plan_buffers == DELTA_PLANS + [f"sparsify_plan_sink_window_layout_{i}" for i in range(6, 10)]
     rows = explain_rows(result)
     assert rows[1]["method"].startswith("delta(base=sink_window") and "gamma=16" in rows[1]["method"]
     assert rows[1]["note"].startswith(note)

@@ -64,7 +64,7 @@ class CausalStack(torch.nn.Module):
         return x
 
 
-def test_export_with_a_sparse_method_shows_the_plan_and_kernel_nodes():
+def test_export_with_a_sparse_method_shows_the_kernel_nodes_and_keeps_the_plan():
     torch.manual_seed(0)
     model = CausalStack().eval()
     x = torch.randn(1, 40, 32)
@@ -72,7 +72,8 @@ def test_export_with_a_sparse_method_shows_the_plan_and_kernel_nodes():
     program = sparsify.export(model, (x,), policy, cost_model_fallback=False)
     targets = op_targets(program)
     assert targets.count("sparsify.block_sparse_attention.default") == 2
-    assert targets.count("sparsify.sink_window_layout.default") == 1
+    assert targets.count("sparsify.sink_window_layout.default") == 0  # static lengths: planned at export, a buffer
+    assert sum(name.startswith("sparsify_plan_sink_window_layout") for name, _ in program.graph_module.named_buffers()) == 4
     assert targets.count("sparsify.dense_attention.default") == 1
     compiled = sparsify.compile(model, policy, cost_model_fallback=False)
     with torch.no_grad():

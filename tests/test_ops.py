@@ -23,7 +23,7 @@ def test_dense_attention_op_passes_opcheck_and_matches_sdpa():
 
 def test_layout_and_block_sparse_ops_pass_opcheck():
     q, k, v = qkv()
-    layout_args = (q, k, 2, 8, 8, 8)
+    layout_args = (24, 24, 2, 8, 8, 8, 0, q.device)
     torch.library.opcheck(torch.ops.sparsify.sink_window_layout.default, layout_args)
     parts = torch.ops.sparsify.sink_window_layout(*layout_args)
     reference = sink_window_layout(24, 24, 2, 8, 8, 8)

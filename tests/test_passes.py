@@ -2,6 +2,7 @@
 graph, not its nodes' meta, not the module's attributes, not the reports of earlier passes."""
 
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 
 import sparsify
@@ -63,3 +64,35 @@ def test_the_pipeline_rewrites_a_copy_that_computes_what_the_model_does():
     assert result.rewrite.ops["sparsify.block_sparse_attention_delta"] == 2
     # The variant the frame runs was built by the same pipeline from the same unchanged graph.
     assert result.gm.code == frame.current.result.gm.code
+
+
+def sink_window_from_layer_1(module, q, k, v, mask, dropout=0.0, scaling=None, **kwargs):
+    """The definition: layer 0 causal, later layers causal with 2 sink tokens and a window of 8."""
+    positions, keys = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    visible = keys <= positions
+    if module.layer_idx >= 1:
+        visible = visible & ((positions - keys < 8) | (keys < 2))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def test_length_plans_are_built_at_capture_for_static_lengths_and_once_per_forward_otherwise():
+    """sink_window's layout depends on lengths alone. The first frame has static lengths: the layout is a buffer
+    built at capture and the graph has no node building it. A second length makes Dynamo capture a frame of
+    symbolic lengths: one layout node per forward, shared by both sparse layers."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sink_window_from_layer_1", sink_window_from_layer_1)
+    policy = {"rules": [{"when": {"layers": "1-"}, "use": "sink_window", "with": {"sink": 2, "window": 8}}]}
+    compiled = sparsify.compile(tiny_model("llama"), policy, cost_model_fallback=False)
+    reference = tiny_model("llama", "sink_window_from_layer_1")
+    with torch.no_grad():
+        for length in (40, 47):
+            ids = torch.randint(1, 256, (1, length))
+            torch.testing.assert_close(compiled(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    static, symbolic = (frame.current.result for frame in compiled.sparsify.frames)
+    assert static.rewrite.plan_buffers == [f"sparsify_plan_sink_window_layout_{i}" for i in range(4)]
+    assert "sparsify.sink_window_layout" not in static.rewrite.ops
+    assert static.rewrite.ops["sparsify.block_sparse_attention"] == 2
+    assert symbolic.rewrite.plan_buffers == [] and symbolic.rewrite.ops["sparsify.sink_window_layout"] == 1
+    assert symbolic.rewrite.ops["sparsify.block_sparse_attention"] == 2

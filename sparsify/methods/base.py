@@ -1,9 +1,17 @@
 """The base of every attention method and the method registry.
 
-A method is one file under ``sparsify/methods``: a frozen, validated parameter dataclass and a subclass of
-:class:`AttentionMethod` that registers itself with :func:`register_method`. The rewrite pass asks the method
-whether it can serve a matched attention (:meth:`AttentionMethod.unsupported_reason`) and then lets it emit the
-graph nodes that replace it (:meth:`AttentionMethod.emit`).
+A method is one file under ``sparsify/methods``: a frozen, validated parameter dataclass, a subclass of
+:class:`AttentionMethod` that registers itself with :func:`register_method`, and the custom ops only it calls
+(registered by that module; the Triton kernels behind them live in ``kernels/``). Adding a method is that file, its
+kernel file and its tests.
+
+The contract, as the passes use it: the policy asks the method whether it can serve a matched attention
+(:meth:`~AttentionMethod.unsupported_reason`, for the phases it declares), the cost model how many (query, key)
+pairs it visits (``visited_pairs``), the runtime which sequence state it keeps (:meth:`~AttentionMethod.state_specs`)
+and the group planner what it publishes or reads (:meth:`~AttentionMethod.provides`,
+:meth:`~AttentionMethod.needs`). The rewrite then emits its nodes in two parts, like FlashInfer's plan/run: what it
+builds before it runs (:meth:`~AttentionMethod.plan`: layouts, row sets, selections) and what it runs per layer
+(:meth:`~AttentionMethod.run`).
 """
 
 from __future__ import annotations
@@ -117,12 +125,22 @@ class AttentionMethod:
         dense, or none exists), this attention runs dense too, with that reason (``passes/plan_groups``)."""
         return None
 
-    def emit(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> "torch.fx.Node":
-        """Insert the nodes computing this attention; return the node whose value replaces its output.
+    def plan(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> Any:
+        """What this method builds before it runs, handed to :meth:`run`: nodes (or tuples of them). What depends
+        on lengths alone goes through ``ctx.length_plan`` (built once per length: at capture when the frame's
+        lengths are static, so every call reuses it; else once per forward, shared by every layer that asks for
+        the same key); a selection that reads this layer's tensors is emitted with ``ctx.call``. None by default."""
+        return None
 
-        The output has the attention's output shape ``(B, Hq, q_len, Dv)`` and dtype.
-        """
+    def run(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext", plan: Any) -> "torch.fx.Node":
+        """Insert the per-layer nodes computing this attention from its ``plan``; return the node whose value
+        replaces its output, of the attention's output shape ``(B, Hq, q_len, Dv)`` and dtype."""
         raise NotImplementedError
+
+    def emit(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> "torch.fx.Node":
+        """The attention's replacement: :meth:`run` over :meth:`plan` (what the rewrite calls, and a composite
+        method calls on its base)."""
+        return self.run(params, attn, ctx, self.plan(params, attn, ctx))
 
 
 METHODS: Registry[AttentionMethod] = Registry("method")

@@ -7,16 +7,31 @@ depends on that layer's q and k).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Annotated
 
 import sympy
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from ..kernels.layout import block_topk_layout
 from .base import register_method
-from .block_sparse import BlockSparseMethod
+from .block_sparse import BlockSparseMethod, fake_layout, layout_tensors
+
+
+@torch.library.custom_op("sparsify::block_topk_layout", mutates_args=())
+def block_topk_layout_op(q: Tensor, k: Tensor, density: float, block_m: int, block_n: int, sink_blocks: int
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks)."""
+    return layout_tensors(block_topk_layout(q, k, density=density, block_m=block_m, block_n=block_n,
+                                            sink_blocks=sink_blocks))
+
+
+@block_topk_layout_op.register_fake
+def _(q, k, density, block_m, block_n, sink_blocks):
+    return fake_layout((q.shape[0], q.shape[1]), q.shape[2], k.shape[2], block_m, block_n, q.device)
 
 
 @dataclass(frozen=True)
@@ -40,10 +55,12 @@ class BlockTopk(BlockSparseMethod):
         return block_topk_layout(q, k, density=params.density, block_m=config.block_m, block_n=config.block_n,
                                  sink_blocks=params.sink_blocks)
 
-    def layout_node(self, params, attn, ctx):
+    def plan(self, params, attn, ctx):
+        """A selection, not a length plan: it reads this layer's q and k, so it is built per layer and call."""
         config = ctx.config
-        return ctx.call(torch.ops.sparsify.block_topk_layout.default, ctx.q, ctx.k, params.density,
-                        config.block_m, config.block_n, params.sink_blocks)
+        layout = ctx.call(torch.ops.sparsify.block_topk_layout.default, ctx.q, ctx.k, params.density,
+                          config.block_m, config.block_n, params.sink_blocks)
+        return tuple(ctx.call(operator.getitem, layout, i) for i in range(4))
 
     def token_mask(self, params, attn):
         return attn.causal, 0, 0

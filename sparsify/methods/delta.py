@@ -2,8 +2,9 @@
 outputs' distribution; exact key-dense attention for every ``gamma``-th query row measures the shift, and each
 row adds the difference measured at the start of its group. The last rows are made exact.
 
-Emitted as graph nodes: ``sparsify.delta_rows`` and ``sparsify.row_layout`` (plans shared by all layers),
-``sparsify.row_attention`` (the strided and tail rows, key-dense), then the base with the correction fused into its kernel's epilogue
+Planned: ``sparsify.delta_rows`` and ``sparsify.row_layout`` (length plans, shared by all layers: built at capture
+for a frame of static lengths, else once per forward). Run per layer: ``sparsify.row_attention`` (the strided and
+tail rows, key-dense), then the base with the correction fused into its kernel's epilogue
 (``sparsify.block_sparse_attention_delta``) when the base is block-sparse and ``gamma`` a power of 2 dividing the
 tile rows; otherwise the base's own nodes and ``sparsify.delta_correction``. ``correct: false`` is the ablation
 without the correction: only the exact tail, by slicing and concatenation.
@@ -19,13 +20,136 @@ from typing import Annotated
 import sympy
 import torch
 from pydantic import BeforeValidator, Field
+from torch import Tensor
 
+from ..kernels import block_sparse_attention as kernel
+from ..kernels import delta as delta_kernels
+from ..kernels import layout as layouts
 from ..kernels.block_sparse_attention import fits_epilogue
+from ..ops import check_attention_inputs, inference_only
 from . import sink_window  # noqa: F401  (the default base must be registered first)
 from .base import AttentionMethod, MethodSpec, parse_method_spec, register_method
-from .block_sparse import BlockSparseMethod
+from .block_sparse import BlockSparseMethod, block_layout, layout_tensors
 
 aten = torch.ops.aten
+
+
+# -- the ops: strided dense rows and the correction ---------------------------------------------------------------
+
+
+def delta_tail(length: int, gamma: int, tail: int) -> int:
+    """Rows at the end made exact: ``tail`` if given (>= 0), else ``length % gamma + max(128, gamma)``; at most
+    ``length``."""
+    rows = tail if tail >= 0 else length % gamma + max(128, gamma)
+    return min(length, rows) if isinstance(rows, int) and isinstance(length, int) else torch.sym_min(length, rows)
+
+
+@torch.library.custom_op("sparsify::delta_rows", mutates_args=())
+def delta_rows(q_len: int, gamma: int, tail: int, strided: bool, device: torch.device) -> Tensor:
+    """Query rows Delta computes densely among ``q_len``, int64 on ``device``: every ``gamma``-th row
+    (``i % gamma == 0``; left out when not ``strided``, the ablation without correction), then the tail rows
+    (``tail`` -1: the default for ``gamma``). A function of lengths alone (a length plan)."""
+    exact = torch.arange(q_len - delta_tail(q_len, gamma, tail), q_len, device=device)
+    if not strided:
+        return exact
+    return torch.cat([torch.arange(0, q_len, gamma, device=device), exact])
+
+
+@delta_rows.register_fake
+def _(q_len, gamma, tail, strided, device):
+    rows = (q_len + gamma - 1) // gamma if strided else 0
+    return torch.empty((rows + delta_tail(q_len, gamma, tail),), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("sparsify::row_layout", mutates_args=())
+def row_layout(rows: Tensor, q_len: int, kv_len: int, group: int, block_m: int, block_n: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The layout :func:`row_attention` reads for query ``rows`` (of ``q_len``, over ``kv_len`` keys; ``group``
+    query heads per KV head): its four index tensors, then the packed rows' key positions (``rows + kv_len -
+    q_len``, repeated for each query head of a GQA group). A length plan: ``rows`` is one too."""
+    positions = rows + (kv_len - q_len)
+    layout = delta_kernels.packed_rows_layout(positions, group, kv_len, block_m, block_n)
+    return (*layout_tensors(layout), layout.q_positions)
+
+
+@row_layout.register_fake
+def _(rows, q_len, kv_len, group, block_m, block_n):
+    packed_rows = rows.shape[0] * group
+    n_q, n_kv = -(-packed_rows // block_m), -(-kv_len // block_n)
+    counts = rows.new_empty((1, 1, n_q), dtype=torch.int32)
+    indices = rows.new_empty((1, 1, n_q, n_kv), dtype=torch.int32)
+    return counts, indices, counts.clone(), indices.clone(), rows.new_empty((packed_rows,))
+
+
+@torch.library.custom_op("sparsify::row_attention", mutates_args=())
+def row_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor,
+                  kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+                  positions: Tensor, scale: float, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                  use_tma: bool) -> Tensor:
+    """Query-sparse, key-dense causal attention: the query ``rows`` of q, each over every key up to its own
+    position, a GQA group's heads sharing each K/V load; the layout and ``positions`` come from
+    :func:`row_layout`. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) -> (B, Hq, R, D)."""
+    check_attention_inputs(q, k, v, "sparsify.row_attention")
+    layout = layouts.BlockLayout(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                                 positions.shape[0], k.shape[2], layouts.TokenMask(causal=True), q_positions=positions)
+    config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma) if q.is_cuda else None
+    return delta_kernels.row_attention(q[:, :, rows], k, v, layout, scale, config=config).contiguous()
+
+
+@row_attention.register_fake
+def _(q, k, v, rows, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, positions, scale, block_m,
+      block_n, num_warps, num_stages, use_tma):
+    return q.new_empty((q.shape[0], q.shape[1], rows.shape[0], v.shape[-1]))
+
+
+def _correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int) -> kernel.DeltaCorrection:
+    return kernel.DeltaCorrection(row_out, gamma, delta_tail(sparse_out.shape[2], gamma, tail))
+
+
+@torch.library.custom_op("sparsify::delta_correction", mutates_args=())
+def delta_correction(sparse_out: Tensor, row_out: Tensor, gamma: int, tail: int) -> Tensor:
+    """Delta's correction: ``O[j] = O_sparse[j] + (O_dense[i] - O_sparse[i])`` with ``i = j - j % gamma``, then
+    the tail rows replaced by their exact values. ``row_out`` holds the rows of :func:`delta_rows` in order.
+    Computed in float32, returned in ``sparse_out``'s dtype."""
+    correction = _correction(sparse_out, row_out, gamma, tail)
+    if sparse_out.is_cuda:
+        return delta_kernels.delta_correction(sparse_out, correction)
+    return delta_kernels.delta_correction_reference(sparse_out, correction).contiguous()
+
+
+@delta_correction.register_fake
+def _(sparse_out, row_out, gamma, tail):
+    return sparse_out.new_empty(sparse_out.shape)
+
+
+@torch.library.custom_op("sparsify::block_sparse_attention_delta", mutates_args=())
+def block_sparse_attention_delta(
+    q: Tensor, k: Tensor, v: Tensor,
+    kv_num_blocks: Tensor, kv_indices: Tensor, full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+    block_m: int, block_n: int, causal: bool, sink: int, window: int, scale: float, num_warps: int, num_stages: int,
+    use_tma: bool, row_out: Tensor, gamma: int, tail: int, limit: int = 0,
+) -> Tensor:
+    """``sparsify.block_sparse_attention`` followed by :func:`delta_correction`, fused into the kernel's epilogue on
+    CUDA (``gamma`` a power of 2 dividing ``block_m``). Returns the corrected output (B, Hq, Lq, D)."""
+    check_attention_inputs(q, k, v, "sparsify.block_sparse_attention_delta")
+    layout = block_layout(q, k, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n,
+                          causal, sink, window, limit)
+    correction = _correction(q, row_out, gamma, tail)
+    if q.is_cuda:
+        config = kernel.KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
+        return kernel.block_sparse_attention(q, k, v, layout, scale, config=config, correction=correction)[0]
+    out = kernel.block_sparse_attention_reference(q, k, v, layout, scale)[0]
+    return delta_kernels.delta_correction_reference(out, correction).contiguous()
+
+
+@block_sparse_attention_delta.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_m, block_n, causal, sink,
+      window, scale, num_warps, num_stages, use_tma, row_out, gamma, tail, limit=0):
+    return q.new_empty(q.shape)
+
+
+
+inference_only(row_attention, delta_correction, block_sparse_attention_delta)
 
 
 def _base(value) -> MethodSpec:
@@ -80,19 +204,28 @@ class Delta(AttentionMethod):
         strided = n * n / (2 * params.gamma) if params.correct else 0
         return params.base.method.visited_pairs(params.base.params, n, config) + strided + tail * n
 
-    def emit(self, params: DeltaParams, attn, ctx):
+    def plan(self, params: DeltaParams, attn, ctx) -> tuple[torch.fx.Node, tuple[torch.fx.Node, ...]]:
+        """The exact rows and their layout: length plans, shared by every layer of the same lengths. (The base
+        plans its own layout when it runs.)"""
+        tail = -1 if params.tail is None else params.tail
+        q_len, kv_len = ctx.length(ctx.q, 2, attn.q_len), ctx.length(ctx.k, 2, attn.kv_len)
+        rows = ctx.length_plan(("delta_rows", params.gamma, tail, params.correct, str(attn.q_len)),
+                               torch.ops.sparsify.delta_rows.default, q_len, params.gamma, tail, params.correct,
+                               ctx.device)
+        tile = row_launch(ctx.config, attn.dtype)
+        layout = ctx.length_plan(("delta_row_layout", params.gamma, tail, params.correct, str(attn.q_len),
+                                  str(attn.kv_len), attn.group_size, tile.block_m, tile.block_n),
+                                 torch.ops.sparsify.row_layout.default, rows, q_len, kv_len, attn.group_size,
+                                 tile.block_m, tile.block_n)
+        return rows, layout
+
+    def run(self, params: DeltaParams, attn, ctx, plan):
+        rows, layout = plan
         config, tail = ctx.config, -1 if params.tail is None else params.tail
-        rows = ctx.shared(("delta_rows", params.gamma, tail, params.correct, str(attn.q_len)),
-                          lambda: ctx.call(torch.ops.sparsify.delta_rows.default, ctx.q, params.gamma, tail,
-                                           params.correct))
         tile = row_launch(config, attn.dtype)
-        layout = ctx.shared(("delta_row_layout", params.gamma, tail, params.correct, str(attn.q_len),
-                             str(attn.kv_len), attn.group_size),
-                            lambda: ctx.call(torch.ops.sparsify.row_layout.default, ctx.q, ctx.k, rows, tile.block_m,
-                                             tile.block_n))
-        row_out = ctx.call(torch.ops.sparsify.row_attention.default, ctx.q, ctx.k, ctx.v, rows,
-                           *(ctx.call(operator.getitem, layout, i) for i in range(5)), attn.match.scale,
-                           tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, tile.use_tma)
+        row_out = ctx.call(torch.ops.sparsify.row_attention.default, ctx.q, ctx.k, ctx.v, rows, *layout,
+                           attn.match.scale, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
+                           tile.use_tma)
         base = params.base.method
         if not params.correct:
             kept = ctx.call(operator.sub, ctx.size(ctx.q, 2), ctx.size(row_out, 2))

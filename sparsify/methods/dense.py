@@ -27,7 +27,7 @@ class Dense(AttentionMethod):
     def layout(self, params, q, k, config):
         return causal_layout(q.shape[2], k.shape[2], config.block_m, config.block_n, device=q.device)
 
-    def emit(self, params, attn, ctx):
+    def run(self, params, attn, ctx, plan):
         if attn.match.causal_by_position:  # a described mask: the op that computes exactly that
             return ctx.call(torch.ops.sparsify.attention.default, ctx.q, ctx.k, ctx.v, ctx.key_padding,
                             ctx.query_offset, ctx.plain, attn.match.is_causal, attn.match.scale, [],

@@ -1,7 +1,8 @@
 """``sink_window`` (StreamingLLM): query p sees key j <= p when ``j < sink`` or ``p - j < window``.
 
 Token-exact: the kernel skips key blocks outside the pattern and masks inside the partial ones. One layout per
-length serves every layer and head (a shared plan node).
+length serves every layer and head (a length plan: built at capture for a frame of static lengths, else once per
+forward).
 """
 
 from __future__ import annotations
@@ -12,10 +13,26 @@ from typing import Annotated
 import sympy
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from ..kernels.layout import sink_window_layout
 from .base import register_method
-from .block_sparse import BlockSparseMethod
+from .block_sparse import BlockSparseMethod, fake_layout, layout_tensors
+
+
+@torch.library.custom_op("sparsify::sink_window_layout", mutates_args=())
+def sink_window_layout_op(q_len: int, kv_len: int, sink: int, window: int, block_m: int, block_n: int, limit: int,
+                          device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sink + sliding-window layout of ``q_len`` queries over ``kv_len`` keys, on ``device``, shared by all
+    heads; within the model's own sliding window ``limit`` where that is > 0. A function of lengths alone: a plan
+    built once per length (``RewriteContext.length_plan``)."""
+    return layout_tensors(sink_window_layout(q_len, kv_len, sink, window, block_m, block_n, limit=limit,
+                                             device=device))
+
+
+@sink_window_layout_op.register_fake
+def _(q_len, kv_len, sink, window, block_m, block_n, limit, device):
+    return fake_layout((1, 1), q_len, kv_len, block_m, block_n, device)
 
 
 @dataclass(frozen=True)
@@ -47,14 +64,14 @@ class SinkWindow(BlockSparseMethod):
         return sink_window_layout(q.shape[2], k.shape[2], params.sink, params.window, config.block_m,
                                   config.block_n, device=q.device)
 
-    def layout_node(self, params, attn, ctx):
+    def plan(self, params, attn, ctx):
         config = ctx.config
-        return ctx.shared(
+        return ctx.length_plan(
             ("sink_window_layout", params, str(attn.q_len), str(attn.kv_len), config.block_m, config.block_n,
              attn.match.model_window),
-            lambda: ctx.call(torch.ops.sparsify.sink_window_layout.default, ctx.q, ctx.k, params.sink,
-                             params.window, config.block_m, config.block_n, attn.match.model_window),
-        )
+            torch.ops.sparsify.sink_window_layout.default, ctx.length(ctx.q, 2, attn.q_len),
+            ctx.length(ctx.k, 2, attn.kv_len), params.sink, params.window, config.block_m, config.block_n,
+            attn.match.model_window, ctx.device)
 
     def token_mask(self, params, attn):
         return True, params.sink, params.window
