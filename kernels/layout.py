@@ -340,34 +340,55 @@ def strided_layout(q_len: int, kv_len: int, stride: int, block_m: int, block_n: 
 
 
 def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block_m: int, block_n: int,
-                      sink_blocks: int = 1, causal: bool = True, min_blocks: int = 1) -> BlockLayout:
+                      sink_blocks: int = 1, causal: bool = True, min_blocks: int = 1,
+                      lengths: torch.Tensor | None = None) -> BlockLayout:
     """Dynamic block sparsity (MInference / FlexPrefill style), per query head.
 
     q: (B, Hq, q_len, D), k: (B, Hkv, kv_len, D). Mean-pooled query blocks score mean-pooled key blocks
     (GQA: a query head scores its KV head's blocks); each query block keeps its top ``ceil(density * n_kv)``
     visible key blocks (at least ``min_blocks``), and on top of those its diagonal block and the first
     ``sink_blocks``.
+
+    ``lengths`` (B,) int64, causal with q_len == kv_len only: row b holds ``lengths[b]`` real tokens from position
+    0 and zeros after them (a left-padded row shifted to start at 0). Its blocks are then the ones it would get
+    alone: pooled over its own tokens, its own diagonal, and a budget from its own number of key blocks. No host
+    synchronisation either way.
     """
     if not 0.0 < density <= 1.0:
         raise ShapeError(f"density must be in (0, 1], got {density}")
     batch, q_heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
+    if lengths is not None and not (causal and q_len == kv_len):
+        raise ShapeError(f"block_topk_layout: lengths need a causal call with q_len == kv_len, got causal={causal}, "
+                         f"q_len {q_len}, kv_len {kv_len}")
     geometry = Geometry(q_len, kv_len, block_m, block_n, TokenMask(causal=causal))
-    q_pool = _mean_pool(q, block_m).float()                                   # (B, Hq, n_q, D)
-    k_pool = _mean_pool(k, block_n).float()                                   # (B, Hkv, n_kv, D)
+    q_pool = _mean_pool(q, block_m, lengths).float()                          # (B, Hq, n_q, D)
+    k_pool = _mean_pool(k, block_n, lengths).float()                          # (B, Hkv, n_kv, D)
     group = q_heads // kv_heads
     scores = torch.matmul(q_pool.view(batch, kv_heads, group, -1, dim), k_pool[:, :, None].transpose(-1, -2))
     scores = scores.view(batch, q_heads, q_pool.shape[2], k_pool.shape[2])
-    any_visible, all_visible = geometry.rule_blocks(q.device)
+    any_visible, all_visible = geometry.rule_blocks(q.device)                 # (n_q, n_kv)
     _, p1, k0, _ = geometry.block_bounds(q.device)
-    forced = (k0 // block_n < sink_blocks) | (k0 // block_n == p1 // block_n)
+    last_query = p1
+    if lengths is not None:
+        rows = lengths.view(batch, 1, 1, 1)
+        any_visible = any_visible & (k0 < rows)                               # (B, 1, n_q, n_kv)
+        last_query = torch.minimum(p1, rows - 1)
+    forced = (k0 // block_n < sink_blocks) | (k0 // block_n == last_query // block_n)
     scores = scores.masked_fill(~any_visible, float("-inf")).masked_fill(forced & any_visible, float("inf"))
     n_kv = scores.shape[-1]
     keep = max(min_blocks, math.ceil(density * n_kv))
     # The forced blocks (+inf) come on top of the ``keep`` best ones, not out of them.
-    top = scores.topk(min(n_kv, keep + sink_blocks + 1), dim=-1).indices          # (B, Hq, n_q, k)
+    candidates = min(n_kv, keep + sink_blocks + 1)
+    top = scores.topk(candidates, dim=-1).indices                             # (B, Hq, n_q, candidates)
     shape = (*top.shape[:-1], n_kv)
     visible = any_visible.expand(shape).gather(-1, top)
+    if lengths is not None:
+        # A row's own budget: the first candidates that it alone would have taken (topk sorts them).
+        row_blocks = (lengths + block_n - 1) // block_n
+        row_keep = torch.clamp(torch.ceil(density * row_blocks.double()).long(), min=min_blocks)
+        row_candidates = torch.minimum(row_blocks, row_keep + sink_blocks + 1)
+        visible = visible & (torch.arange(candidates, device=q.device) < row_candidates.view(batch, 1, 1, 1))
     full = visible & all_visible.expand(shape).gather(-1, top)
     # Compress the k candidates, not whole rows: sorting k indices per row instead of n_kv is most of the
     # builder's time at long lengths.
@@ -376,12 +397,16 @@ def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block
     return BlockLayout(part_num, part_idx, full_num, full_idx, block_m, block_n, q_len, kv_len, geometry.mask)
 
 
-def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, ceil(L / block), D): mean over each block (the tail block over its own rows)."""
+def _mean_pool(x: torch.Tensor, block: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, ceil(L / block), D): mean over each block (the tail block over its own rows; with
+    ``lengths`` (B,), row b's blocks over its first ``lengths[b]`` positions, the zeros after them not counted)."""
     batch, heads, length, dim = x.shape
     n_blocks = _cdiv(length, block)
     padded = torch.nn.functional.pad(x, (0, 0, 0, n_blocks * block - length))
     sums = padded.view(batch, heads, n_blocks, block, dim).sum(3, dtype=torch.float32)
-    counts = torch.full((n_blocks,), block, device=x.device, dtype=torch.float32)
-    counts[-1] = length - (n_blocks - 1) * block
-    return sums / counts[:, None]
+    starts = torch.arange(n_blocks, device=x.device) * block
+    if lengths is None:
+        counts = torch.clamp(length - starts, max=block).to(torch.float32)
+        return sums / counts[:, None]
+    counts = torch.clamp(lengths[:, None] - starts[None, :], min=1, max=block).to(torch.float32)  # (B, n_blocks)
+    return sums / counts[:, None, :, None]

@@ -64,6 +64,8 @@ class RewriteContext:
         self.q = self.k = self.v = self.attn_mask = None
         # The mask description of a ``sparsify.attention`` match (else None), and its plain-prefill check node.
         self.key_padding = self.query_offset = self.plain = None
+        # Each row's shift (B,) where the rows of a left-padded batch were moved to start at position 0, else None.
+        self.row_starts: torch.fx.Node | None = None
         self.heads: tuple[int, int] = (0, 0)
         self.config = None  # the kernel launch config the cost model chose for this segment
 
@@ -211,6 +213,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                                            for node in (ctx.q, ctx.k, ctx.v))
                 else:
                     guard = ctx.plain
+                ctx.row_starts = starts if padded else None
                 output = segment.spec.method.emit(segment.spec.params, attention, ctx)
                 if padded:
                     output = ctx.call(torch.ops.sparsify.shift_rows.default, output, starts, False)

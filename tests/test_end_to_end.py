@@ -78,9 +78,10 @@ def left_padded(ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def test_a_left_padded_batch_runs_sink_window_sparsely_each_row_as_if_alone():
+@pytest.mark.parametrize("method", ["sink_window", "block_topk"])
+def test_a_left_padded_batch_runs_the_method_sparsely_each_row_as_if_alone(method):
     model = tiny_model("llama")
-    compiled = sparsify.compile(model, POLICIES["sink_window"], cost_model_fallback=False)
+    compiled = sparsify.compile(model, POLICIES[method], cost_model_fallback=False)
     ids, mask, positions = left_padded(torch.randint(0, 256, (3, 160)), [9, 0, 70])
     with torch.no_grad():
         batched = compiled(ids, attention_mask=mask, position_ids=positions).logits
@@ -89,7 +90,7 @@ def test_a_left_padded_batch_runs_sink_window_sparsely_each_row_as_if_alone():
             torch.testing.assert_close(batched[row, pad:], alone[0], atol=1e-5, rtol=1e-5)
     assert compiled.sparsify.fallback_calls() == {}  # the padded call ran the method, not the guard's dense attention
     batched_frame = compiled.sparsify.frames[0]
-    assert all("left-padded rows served sparsely" in row["note"] and row["method"].startswith("sink_window")
+    assert all("left-padded rows served sparsely" in row["note"] and row["method"].startswith(method)
                for row in explain_rows(batched_frame.last, batched_frame.current))
     ops = batched_frame.last.rewrite.ops
     assert ops["sparsify.left_padding"] == 1 and ops["sparsify.shift_rows"] == 3 * 4  # q, k, v in; out back
@@ -122,7 +123,7 @@ def test_padding_that_is_not_on_the_left_gets_exact_dense_attention_from_a_shift
 
 def test_a_padded_batch_a_method_cannot_shift_is_exact_and_explain_counts_the_dense_calls():
     model = tiny_model("llama")
-    compiled = sparsify.compile(model, POLICIES["block_topk"], cost_model_fallback=False)
+    compiled = sparsify.compile(model, POLICIES["delta"], cost_model_fallback=False)
     ids, mask, _ = left_padded(torch.randint(0, 256, (2, 96)), [9, 0])
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).logits
@@ -134,7 +135,7 @@ def test_a_padded_batch_a_method_cannot_shift_is_exact_and_explain_counts_the_de
     rows = explain_rows(frame.last, frame.current)
     assert all(row["calls"] == 2 and "ran dense on 1 of 2 calls" in row["note"] for row in rows)
     methods, reasons = compiled.sparsify.applied()
-    assert methods == {"block_topk"} and RUNTIME_FALLBACK in reasons
+    assert methods == {"delta"} and RUNTIME_FALLBACK in reasons
     assert compiled.sparsify.fallback_calls() == {RUNTIME_FALLBACK: 3}  # one call, three layers
 
 

@@ -196,6 +196,25 @@ def test_block_topk_keeps_diagonal_sink_and_best_blocks():
     assert not (visited & ~(causal[0] | causal[1])).any()
 
 
+@pytest.mark.parametrize("block_m,block_n", [(16, 8), (8, 16), (16, 16)])
+def test_block_topk_on_shifted_padded_rows_chooses_what_each_row_alone_would(block_m, block_n):
+    """Rows of a left-padded batch, shifted to start at 0 (zeros after their real tokens): each row's visible
+    (query, key) pairs over its own tokens are those of the row alone, and it sees no key past its length."""
+    length, lengths = 150, [150, 141, 80]
+    q, k, _ = random_qkv(3, 4, 2, length, length, 8)
+    for row, n in enumerate(lengths):
+        q[row, :, n:], k[row, :, n:] = 0, 0
+    batched = block_topk_layout(q, k, density=0.3, block_m=block_m, block_n=block_n, sink_blocks=1,
+                                lengths=torch.tensor(lengths)).to_dense_mask()
+    for row, n in enumerate(lengths):
+        alone = block_topk_layout(q[row:row + 1, :, :n], k[row:row + 1, :, :n], density=0.3, block_m=block_m,
+                                  block_n=block_n, sink_blocks=1).to_dense_mask()
+        assert torch.equal(batched[row, :, :n, :n], alone[0])
+        assert not batched[row, :, :n, n:].any()
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    assert batched[0].sum() < 0.8 * 4 * causal.sum()  # it is sparse: fewer pairs than causal attention
+
+
 def test_union_intersection_and_block_mask_round_trip():
     window = sink_window_layout(64, 64, 0, 16, 16, 16)
     strided = strided_layout(64, 64, 2, 16, 16, local_blocks=1)

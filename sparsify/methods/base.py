@@ -75,10 +75,11 @@ class AttentionMethod:
     Params: ClassVar[type]
     phases: ClassVar[tuple[str, ...]] = PHASES
     summary: ClassVar[str] = ""
-    # True when a row's output depends only on positions relative to its first real token, so that a left-padded
-    # row, shifted to start at position 0, gets the answer it would get alone (sink + window does; a method whose
-    # pattern depends on the whole length, like block top-k's share of blocks or Delta's last rows, does not).
-    # Such methods serve left-padded batches sparsely; the others fall back to dense attention on those calls.
+    # True when the method serves a left-padded batch sparsely: the rewrite shifts each row to start at position 0
+    # (``ctx.row_starts`` says by how much), and the method computes each row as it would alone. Sink + window is
+    # relative to a row's first token; block top-k pools and budgets each row over its own length. Delta's tail
+    # rows sit at each row's own end, which its row kernel cannot take per row: it falls back to exact attention
+    # on such calls, as the methods without this flag do.
     serves_left_padding: ClassVar[bool] = False
     # True when the method intersects its pattern with the model's own sliding window (Mistral's), so it can serve
     # such layers; the others leave them to exact (windowed) dense attention.

@@ -22,15 +22,18 @@ from .block_sparse import BlockSparseMethod, fake_layout, layout_tensors
 
 
 @torch.library.custom_op("sparsify::block_topk_layout", mutates_args=())
-def block_topk_layout_op(q: Tensor, k: Tensor, density: float, block_m: int, block_n: int, sink_blocks: int
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks)."""
+def block_topk_layout_op(q: Tensor, k: Tensor, density: float, block_m: int, block_n: int, sink_blocks: int,
+                         starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks).
+    ``starts`` (B,): the rows are left-padded ones shifted to start at 0, row b's last ``starts[b]`` positions
+    zeros; each row's blocks are then chosen as for that row alone."""
+    lengths = None if starts is None else q.shape[2] - starts
     return layout_tensors(block_topk_layout(q, k, density=density, block_m=block_m, block_n=block_n,
-                                            sink_blocks=sink_blocks))
+                                            sink_blocks=sink_blocks, lengths=lengths))
 
 
 @block_topk_layout_op.register_fake
-def _(q, k, density, block_m, block_n, sink_blocks):
+def _(q, k, density, block_m, block_n, sink_blocks, starts=None):
     return fake_layout((q.shape[0], q.shape[1]), q.shape[2], k.shape[2], block_m, block_n, q.device)
 
 
@@ -46,6 +49,7 @@ class BlockTopk(BlockSparseMethod):
     Params = BlockTopkParams
     phases = ("prefill", "diffusion")
     summary = "top-k key blocks per query block from pooled scores (MInference/FlexPrefill-style)"
+    serves_left_padding = True  # each shifted row is pooled, budgeted and selected over its own length
 
     def visited_pairs(self, params: BlockTopkParams, n: sympy.Symbol, config) -> sympy.Expr:
         kept_blocks = params.density * n / config.block_n + params.sink_blocks + 1
@@ -59,7 +63,7 @@ class BlockTopk(BlockSparseMethod):
         """A selection, not a length plan: it reads this layer's q and k, so it is built per layer and call."""
         config = ctx.config
         layout = ctx.call(torch.ops.sparsify.block_topk_layout.default, ctx.q, ctx.k, params.density,
-                          config.block_m, config.block_n, params.sink_blocks)
+                          config.block_m, config.block_n, params.sink_blocks, ctx.row_starts)
         return tuple(ctx.call(operator.getitem, layout, i) for i in range(4))
 
     def token_mask(self, params, attn):
