@@ -91,7 +91,7 @@ def cmd_explain(args) -> int:
         compiled(ids)
     print(sparsify.explain(compiled))
     if args.plot:
-        from .explain import plot_pattern
+        from .evaluation.patterns import plot_pattern
 
         print(f"wrote {plot_pattern(model, compiled, ids, args.layer, args.head, args.plot)}")
     return 0

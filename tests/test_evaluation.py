@@ -217,7 +217,7 @@ def test_eval_cli_one_line_errors(argv, message, capsys):
 
 
 def test_explain_plot_draws_the_method_pattern(tmp_path):
-    from sparsify.explain import plot_pattern
+    from sparsify.evaluation.patterns import plot_pattern
 
     model = tiny_model("llama")
     policy = {"rules": [{"when": {"layers": "1"}, "use": "block_topk", "with": {"density": 0.3}}]}
