@@ -1,6 +1,9 @@
 """GPU correctness in bf16: each kernel's error against a float32 reference must be no worse than 2x that of dense
-SDPA in bf16 against the same reference: the block-sparse prefill kernel per layout, and the split-KV decode
-kernel (a batch with per-row lengths and left padding). Writes benchmarks/results/gpu_correctness.json.
+SDPA in bf16 against the same reference: the block-sparse prefill kernel per layout (a model's own sliding window
+as the kernel's hard limit among them), block top-k over the shifted rows of a left-padded batch, exact attention
+under a model's sliding window (``sparsify.attention``, prefill and decode), and the split-KV decode kernel (a
+batch with per-row lengths and left padding). Also: the plan ops build their layouts without a host
+synchronisation. Writes benchmarks/results/gpu_correctness.json.
 
     python -m benchmarks.gpu_correctness
 """
@@ -32,6 +35,8 @@ def main(argv=None) -> None:
             "bidirectional": dense_layout(seq, seq, 128, 64, device=device),
             "sink_window_512": sink_window_layout(seq, seq, 64, 512, 128, 64, device=device),
             "topk_10pct": block_topk_layout(q, k, density=0.1, block_m=128, block_n=64),
+            # A model window of 1024 as the kernel's limit: the sink is cut off beyond it (Mistral + sink_window).
+            "sink_window_512_limit_1024": sink_window_layout(seq, seq, 64, 512, 128, 64, limit=1024, device=device),
         }
         for case, layout in layouts.items():
             expected, expected_lse = block_sparse_attention_reference(q, k, v, layout)
@@ -52,8 +57,94 @@ def main(argv=None) -> None:
                 print(f"{name:>40} {impl:>12}: {ours_error:.2e} (sdpa {sdpa_error:.2e}), lse {lse_error:.1e}",
                       flush=True)
                 assert ours_error <= 2 * sdpa_error and lse_error < 0.05, (name, impl)
+    padded_topk_rows(device, rows, ratios)
+    model_window_rows(device, rows, ratios)
     decode_rows(device, rows, ratios)
+    plans_without_sync(device, rows)
     write_result("gpu_correctness", rows, ratios)
+
+
+def _check(name: str, ours: torch.Tensor, sdpa: torch.Tensor, expected: torch.Tensor, rows: list, ratios: dict,
+           **extra) -> None:
+    sdpa_error, ours_error = relative_error(sdpa, expected), relative_error(ours, expected)
+    rows.append({"case": name, "impl": "sdpa", "rel_error": sdpa_error})
+    rows.append({"case": name, "impl": "sparsify", "rel_error": ours_error, **extra})
+    ratios[f"{name} error sparsify/sdpa"] = ours_error / sdpa_error
+    print(f"{name:>40} {'sparsify':>12}: {ours_error:.2e} (sdpa {sdpa_error:.2e})", flush=True)
+    assert ours_error <= 2 * sdpa_error, name
+
+
+def padded_topk_rows(device: torch.device, rows: list, ratios: dict) -> None:
+    """Block top-k over a left-padded batch's rows shifted to start at 0 (zeros after each row's tokens), as the
+    rewrite runs it: each row's real queries against a float32 reference of the same layout, and against SDPA
+    under that layout's mask."""
+    seq, heads, kv_heads, head_dim, lengths = 4096, 32, 8, 128, [4096, 3001, 1500]
+    generator = torch.Generator(device=device).manual_seed(7)
+    q = torch.randn(len(lengths), heads, seq, head_dim, device=device, generator=generator)
+    k, v = (torch.randn(len(lengths), kv_heads, seq, head_dim, device=device, generator=generator) for _ in range(2))
+    for row, n in enumerate(lengths):
+        q[row, :, n:], k[row, :, n:], v[row, :, n:] = 0, 0, 0
+    layout = block_topk_layout(q, k, density=0.1, block_m=128, block_n=64,
+                               lengths=torch.tensor(lengths, device=device))
+    expected, _ = block_sparse_attention_reference(q, k, v, layout)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ours, _ = block_sparse_attention(qb, kb, vb, layout, config=KernelConfig(128, 64, 8, 3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=layout.to_dense_mask(),
+                                                            enable_gqa=True)
+    real = torch.cat([torch.arange(n, device=device) + row * seq for row, n in enumerate(lengths)])
+
+    def real_rows(x):
+        return x.transpose(1, 2).reshape(-1, heads, head_dim)[real]
+
+    _check(f"topk_10pct_padded_rows@{seq}/B{len(lengths)}", real_rows(ours), real_rows(sdpa), real_rows(expected),
+           rows, ratios)
+
+
+def model_window_rows(device: torch.device, rows: list, ratios: dict) -> None:
+    """``sparsify.attention`` with a model's sliding window (Mistral's): the prefill through the block-sparse kernel
+    over the window's blocks, and a decode step with the window as key padding, against SDPA with the windowed mask
+    materialised."""
+    seq, heads, kv_heads, head_dim, window = 4096, 32, 8, 128, 1024
+    generator = torch.Generator(device=device).manual_seed(11)
+    q = torch.randn(1, heads, seq, head_dim, device=device, generator=generator)
+    k, v = (torch.randn(1, kv_heads, seq, head_dim, device=device, generator=generator) for _ in range(2))
+    positions, keys = torch.arange(seq, device=device)[:, None], torch.arange(seq, device=device)[None, :]
+    visible = (keys <= positions) & (positions - keys < window)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    scale = head_dim ** -0.5
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible, enable_gqa=True)
+    ours = torch.ops.sparsify.attention(qb, kb, vb, None, None, None, True, scale, [], window)
+    _check(f"model_window_{window}_prefill@{seq}", ours, sdpa, expected, rows, ratios)
+    last = q[:, :, -1:]
+    ours = torch.ops.sparsify.attention(last.bfloat16(), kb, vb, None, None, None, True, scale, [], window)
+    _check(f"model_window_{window}_decode@{seq}", ours, sdpa[:, :, -1:], expected[:, :, -1:], rows, ratios)
+
+
+def plans_without_sync(device: torch.device, rows: list) -> None:
+    """Each plan op under ``torch.cuda.set_sync_debug_mode("error")``: building a layout never waits for the GPU."""
+    q = torch.randn(2, 8, 4096, 128, device=device, dtype=torch.bfloat16)
+    k = torch.randn(2, 2, 4096, 128, device=device, dtype=torch.bfloat16)
+    starts = torch.tensor([0, 700], device=device)
+    plans = {
+        "sink_window_layout": lambda: torch.ops.sparsify.sink_window_layout(4096, 4096, 64, 512, 128, 64, 1024,
+                                                                             device),
+        "block_topk_layout": lambda: torch.ops.sparsify.block_topk_layout(q, k, 0.1, 128, 64, 1, None),
+        "block_topk_layout (padded rows)": lambda: torch.ops.sparsify.block_topk_layout(q, k, 0.1, 128, 64, 1,
+                                                                                         starts),
+        "delta_rows + row_layout": lambda: torch.ops.sparsify.row_layout(
+            torch.ops.sparsify.delta_rows(4096, 64, -1, True, device), 4096, 4096, 4, 128, 128),
+    }
+    for name, build in plans.items():
+        build()  # warm-up: first calls may allocate or compile
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            build()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        rows.append({"case": f"plan without host sync: {name}", "impl": "sparsify", "ok": True})
+        print(f"{name:>40}: no host synchronisation", flush=True)
 
 
 def decode_rows(device: torch.device, rows: list, ratios: dict) -> None:
