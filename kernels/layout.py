@@ -377,9 +377,7 @@ def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block
     forced = (k0 // block_n < sink_blocks) | (k0 // block_n == last_query // block_n)
     scores = scores.masked_fill(~any_visible, float("-inf")).masked_fill(forced & any_visible, float("inf"))
     n_kv = scores.shape[-1]
-    keep = max(min_blocks, math.ceil(density * n_kv))
-    # The forced blocks (+inf) come on top of the ``keep`` best ones, not out of them.
-    candidates = min(n_kv, keep + sink_blocks + 1)
+    candidates = topk_candidates(n_kv, density, sink_blocks, min_blocks)
     top = scores.topk(candidates, dim=-1).indices                             # (B, Hq, n_q, candidates)
     shape = (*top.shape[:-1], n_kv)
     visible = any_visible.expand(shape).gather(-1, top)
@@ -395,6 +393,14 @@ def block_topk_layout(q: torch.Tensor, k: torch.Tensor, *, density: float, block
     full_num, full_idx = compress_candidates(top, full, n_kv)
     part_num, part_idx = compress_candidates(top, visible & ~full, n_kv)
     return BlockLayout(part_num, part_idx, full_num, full_idx, block_m, block_n, q_len, kv_len, geometry.mask)
+
+
+def topk_candidates(n_kv, density: float, sink_blocks: int, min_blocks: int = 1):
+    """How many key blocks :func:`block_topk_layout` takes per query block (its index tensors' last dimension):
+    the ``ceil(density * n_kv)`` best (at least ``min_blocks``) with room on top for the forced ones (the sink
+    blocks and the diagonal), at most ``n_kv``. ``n_kv`` may be symbolic (the op's fake kernel)."""
+    keep = torch.sym_max(min_blocks, math.ceil(density * n_kv))
+    return torch.sym_min(n_kv, keep + sink_blocks + 1)
 
 
 def _mean_pool(x: torch.Tensor, block: int, lengths: torch.Tensor | None = None) -> torch.Tensor:

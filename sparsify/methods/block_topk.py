@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..kernels.layout import block_topk_layout
+from ..kernels.layout import block_topk_layout, topk_candidates
 from .base import register_method
-from .block_sparse import BlockSparseMethod, fake_layout, layout_tensors
+from .block_sparse import BlockSparseMethod, layout_tensors
 
 
 @torch.library.custom_op("sparsify::block_topk_layout", mutates_args=())
@@ -34,7 +34,11 @@ def block_topk_layout_op(q: Tensor, k: Tensor, density: float, block_m: int, blo
 
 @block_topk_layout_op.register_fake
 def _(q, k, density, block_m, block_n, sink_blocks, starts=None):
-    return fake_layout((q.shape[0], q.shape[1]), q.shape[2], k.shape[2], block_m, block_n, q.device)
+    n_q, n_kv = -(-q.shape[2] // block_m), -(-k.shape[2] // block_n)
+    candidates = topk_candidates(n_kv, density, sink_blocks)
+    counts = q.new_empty((q.shape[0], q.shape[1], n_q), dtype=torch.int32)
+    indices = q.new_empty((q.shape[0], q.shape[1], n_q, candidates), dtype=torch.int32)  # candidates, not n_kv
+    return counts, indices, counts.clone(), indices.clone()
 
 
 @dataclass(frozen=True)
