@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     torch._dynamo.config.recompile_limit = 64
-    config = load_ceilings(device).config_for(HEAD_DIM)
+    config = load_ceilings(device, HEAD_DIM).config_for(HEAD_DIM)
     flex = torch.compile(flex_attention, dynamic=False)
     errors = bf16_error(device, config)
     print("bf16 relative error:", errors, flush=True)

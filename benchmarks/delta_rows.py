@@ -43,9 +43,9 @@ def rows_case(name: str, dtype: torch.dtype, flex, device) -> tuple[dict[str, fl
             for _ in range(2))
     ops, scale = torch.ops.sparsify, dim ** -0.5
     rows = ops.delta_rows(q, GAMMA, -1, True)
-    chosen = row_launch(load_ceilings(device).config_for(dim), dtype)
+    chosen = row_launch(load_ceilings(device, dim).config_for(dim), dtype)
     other = (dataclasses.replace(chosen, block_m=128, block_n=128, num_warps=8) if dtype == torch.float32
-             else load_ceilings(device).config_for(dim))
+             else load_ceilings(device, dim).config_for(dim))
     times, errors = {}, {}
     expected = row_attention(q[:, :, rows], k, v, packed_rows_layout(rows, heads // kv_heads, length, 128, 128),
                              scale).float()

@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda")
     # Each block mask's mask_mod closes over different constants; give FlexAttention room to compile each.
     torch._dynamo.config.recompile_limit = 64
-    ceilings = load_ceilings(device)
+    ceilings = load_ceilings(device, HEAD_DIM)
     config = ceilings.config_for(HEAD_DIM)
     flex = torch.compile(flex_attention, dynamic=False)
     rows, ratios, layout_ms = [], {}, {}

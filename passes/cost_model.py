@@ -5,14 +5,15 @@ the device's calibrated table, (2) predicts sparse and dense time as sympy expre
 solves for the length below which dense is cheaper, and falls back to dense there (the reason goes to
 ``explain``). Methods say how many (query, key) pairs they visit through ``AttentionMethod.visited_pairs``.
 
-Ceilings come from a calibration run once per device (matmul rate, SDPA rate, the kernel's rate per config) and
-cached on disk under ``~/.cache/sparsify``; on a CPU nominal numbers are used (the CPU path is the reference).
+Ceilings come from a calibration run once per device and head_dim, the first time a sparse segment of that
+head_dim is planned (SDPA's rate and the kernel's rate per candidate config, each config a kernel compile, so only
+the head_dims a model has are calibrated), cached on disk under ``~/.cache/sparsify``; on a CPU nominal numbers
+are used (the CPU path is the reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -44,9 +45,16 @@ CANDIDATE_CONFIGS: dict[int, tuple[KernelConfig, ...]] = {
 }
 
 
+def calibration_dim(head_dim: int) -> int:
+    """The candidate head_dim whose configs serve ``head_dim``: the nearest size up (else the largest)."""
+    return min(CANDIDATE_CONFIGS, key=lambda d: (d < head_dim, abs(d - head_dim)))
+
+
 @dataclass(frozen=True)
 class DeviceCeilings:
-    """Rates of one device. ``*_tflops`` are achieved attention rates (4*D FLOPs per visited pair)."""
+    """Rates of one device. ``*_tflops`` are achieved attention rates (4*D FLOPs per visited pair): ``rates`` per
+    calibrated head_dim (dense SDPA, the kernel's best config), ``dense_tflops``/``sparse_tflops`` for the rest
+    (nominal on a CPU; on a GPU every head_dim a sparse segment has is calibrated before it is planned)."""
 
     name: str
     dense_tflops: float
@@ -56,6 +64,17 @@ class DeviceCeilings:
     # Every candidate the calibration ran: {"head_dim", "config" (as a dict), "tflops"}; and those that failed.
     measured: list[dict] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    rates: dict[int, tuple[float, float]] = field(default_factory=dict)  # head_dim -> (dense, sparse) TFLOP/s
+
+    def rates_for(self, head_dim: int) -> tuple[float, float]:
+        """(dense, sparse) TFLOP/s for ``head_dim``: its calibration's, else the device-wide values."""
+        return self.rates.get(calibration_dim(head_dim), (self.dense_tflops, self.sparse_tflops))
+
+    def with_calibration(self, other: "DeviceCeilings") -> "DeviceCeilings":
+        """These ceilings with ``other``'s head_dims added (a calibration of head_dims these lack)."""
+        return dataclasses.replace(self, configs={**self.configs, **other.configs},
+                                   measured=self.measured + other.measured, rejected={**self.rejected, **other.rejected},
+                                   rates={**self.rates, **other.rates})
 
     def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None) -> KernelConfig:
         """The fastest calibrated config for ``head_dim`` (with ``blocks`` = (block_m, block_n) if given, for
@@ -67,8 +86,8 @@ class DeviceCeilings:
                 return KernelConfig(**max(fitting, key=lambda m: m["tflops"])["config"])
             defaults = [c for c in CANDIDATE_CONFIGS.get(head_dim, ()) if (c.block_m, c.block_n) == blocks]
             return defaults[0] if defaults else KernelConfig(*blocks)
-        key = min(CANDIDATE_CONFIGS, key=lambda d: (d < head_dim, abs(d - head_dim)))
-        return self.configs.get(head_dim) or CANDIDATE_CONFIGS[key][0]
+        return self.configs.get(head_dim) or self.configs.get(calibration_dim(head_dim)) or \
+            CANDIDATE_CONFIGS[calibration_dim(head_dim)][0]
 
 
 # The CPU path runs the PyTorch reference: sparse work costs about as much per pair as dense, plus overhead.
@@ -107,6 +126,7 @@ class _Plan:
     threshold: int | None
     sparse_ms: object  # callable: length -> predicted ms
     dense_ms: object
+    device: str  # the name of the device the prediction is for
 
 
 class CostModel:
@@ -114,29 +134,27 @@ class CostModel:
     (method, heads, head_dim, causal), not once per call: decisions are re-taken per call when lengths are
     symbolic. ``allow_fallback`` off keeps every sparse segment sparse (with its prediction).
 
-    ``ceilings`` loads the device's ceilings when a sparse segment first needs them: on a GPU without cached
-    ceilings that calibrates (kernel compiles and timings), which a dense-only policy should not pay for."""
+    ``ceilings(head_dim)`` loads the device's ceilings for a head_dim when a sparse segment of it is first planned:
+    on a GPU without cached ceilings for it that calibrates (kernel compiles and timings), which a dense-only policy
+    should not pay for."""
 
-    def __init__(self, ceilings: Callable[[], DeviceCeilings], allow_fallback: bool = True):
+    def __init__(self, ceilings: Callable[[int], DeviceCeilings], allow_fallback: bool = True):
         self._load_ceilings = ceilings
         self.allow_fallback = allow_fallback
         self._plans: dict[tuple, _Plan] = {}
 
-    @functools.cached_property
-    def ceilings(self) -> DeviceCeilings:
-        return self._load_ceilings()
-
     def _plan(self, spec, batch_heads: int, head_dim: int, causal: bool) -> _Plan:
         key = (spec, batch_heads, head_dim, causal)
         if key not in self._plans:
-            ceilings = self.ceilings
+            ceilings = self._load_ceilings(head_dim)
             config = ceilings.config_for(head_dim)
+            dense_tflops, sparse_tflops = ceilings.rates_for(head_dim)
             sparse = predicted_ms(spec.method.visited_pairs(spec.params, N, config), batch_heads, head_dim,
-                                  ceilings.sparse_tflops, 2 * ceilings.launch_overhead_ms)
-            dense = predicted_ms(dense_pairs(causal), batch_heads, head_dim, ceilings.dense_tflops,
+                                  sparse_tflops, 2 * ceilings.launch_overhead_ms)
+            dense = predicted_ms(dense_pairs(causal), batch_heads, head_dim, dense_tflops,
                                  ceilings.launch_overhead_ms)
             self._plans[key] = _Plan(config, dense_threshold(sparse, dense), sympy.lambdify(N, sparse),
-                                     sympy.lambdify(N, dense))
+                                     sympy.lambdify(N, dense), ceilings.name)
         return self._plans[key]
 
     def _segment_plan(self, segment: HeadSegment, attention) -> _Plan | None:
@@ -158,14 +176,14 @@ class CostModel:
         if length is None:
             return dataclasses.replace(segment, config=plan.config)
         predicted = (f"sparse {plan.sparse_ms(length):.3f} ms vs dense {plan.dense_ms(length):.3f} ms at N={length} "
-                     f"on {self.ceilings.name}")
+                     f"on {plan.device}")
         if self.allow_fallback and (plan.threshold is None or length < plan.threshold):
             # The reason names the threshold, not this length's numbers: it is part of the variant's key.
             where = "at every length" if plan.threshold is None else f"below N={plan.threshold}"
             return dataclasses.replace(
                 segment, spec=parse_method_spec(DENSE, segment.rule), intended=segment.spec, config=None,
                 predicted=predicted,
-                fallback=f"cost model: dense is cheaper {where} on {self.ceilings.name}",
+                fallback=f"cost model: dense is cheaper {where} on {plan.device}",
             )
         return dataclasses.replace(segment, config=plan.config, predicted=predicted)
 
@@ -200,25 +218,32 @@ def cache_path(device_name: str) -> Path:
     return root / f"ceilings-{safe}.json"
 
 
-def load_ceilings(device: torch.device) -> DeviceCeilings:
-    """The device's ceilings: nominal on CPU; on CUDA read from the disk cache, else calibrated and cached."""
+def load_ceilings(device: torch.device, head_dim: int) -> DeviceCeilings:
+    """The device's ceilings, with ``head_dim`` calibrated: nominal on CPU; on CUDA read from the disk cache, the
+    head_dim calibrated (and added to the cache) if the cache lacks it."""
     if device.type != "cuda":
         return CPU_NOMINAL
     name = torch.cuda.get_device_name(device)
     path = cache_path(name)
+    cached = None
     if path.is_file():
         data = json.loads(path.read_text())
         data["configs"] = {int(d): KernelConfig(**c) for d, c in data["configs"].items()}
-        return DeviceCeilings(**data)
-    ceilings = calibrate(device)
+        data["rates"] = {int(d): tuple(r) for d, r in data.get("rates", {}).items()}
+        cached = DeviceCeilings(**data)
+    dim = calibration_dim(head_dim)
+    if cached is not None and dim in cached.rates:
+        return cached
+    calibrated = calibrate(device, dim)
+    ceilings = calibrated if cached is None else cached.with_calibration(calibrated)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = dataclasses.asdict(ceilings)
-    path.write_text(json.dumps(data, indent=2))
+    path.write_text(json.dumps(dataclasses.asdict(ceilings), indent=2))
     return ceilings
 
 
-def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> DeviceCeilings:
-    """Time SDPA and every candidate config of the kernel on a causal bf16 problem; a few seconds."""
+def calibrate(device: torch.device, head_dim: int, seq_len: int = 8192, heads: int = 8) -> DeviceCeilings:
+    """Time SDPA and every candidate config of the kernel for ``head_dim`` on a causal bf16 problem: one kernel
+    compile per candidate (most of the time), then a few milliseconds of timing each."""
     import triton.testing
 
     from ..kernels.block_sparse_attention import block_sparse_attention
@@ -226,31 +251,32 @@ def calibrate(device: torch.device, seq_len: int = 8192, heads: int = 8) -> Devi
 
     pairs = seq_len * (seq_len + 1) / 2
     generator = torch.Generator(device=device).manual_seed(0)
-    best: dict[int, tuple[float, KernelConfig]] = {}
+    best: tuple[float, KernelConfig] | None = None
     measured: list[dict] = []
     rejected: dict[str, str] = {}
-    dense_rates = []
-    for head_dim, configs in CANDIDATE_CONFIGS.items():
-        q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
-                   for _ in range(3))
-        flops = 4 * head_dim * heads * pairs
-        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
-        dense_rates.append(flops / ms / 1e9)
-        measured.append({"head_dim": head_dim, "config": "sdpa", "tflops": flops / ms / 1e9})
-        for config in configs:
-            layout = causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device)
-            try:
-                ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
-            except Exception as error:  # a config this device cannot run (shared memory, TMA) is no candidate
-                rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
-                continue
-            rate = flops / ms / 1e9
-            measured.append({"head_dim": head_dim, "config": dataclasses.asdict(config), "tflops": rate})
-            if head_dim not in best or rate > best[head_dim][0]:
-                best[head_dim] = (rate, config)
+    q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    flops = 4 * head_dim * heads * pairs
+    ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    dense_rate = flops / ms / 1e9
+    measured.append({"head_dim": head_dim, "config": "sdpa", "tflops": dense_rate})
+    for config in CANDIDATE_CONFIGS[head_dim]:
+        layout = causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device)
+        try:
+            ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
+        except Exception as error:  # a config this device cannot run (shared memory, TMA) is no candidate
+            rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
+            continue
+        rate = flops / ms / 1e9
+        measured.append({"head_dim": head_dim, "config": dataclasses.asdict(config), "tflops": rate})
+        if best is None or rate > best[0]:
+            best = (rate, config)
+    if best is None:
+        raise RuntimeError(f"sparsify: no kernel config ran on {torch.cuda.get_device_name(device)} for head_dim "
+                           f"{head_dim}: {rejected}")
     launch = triton.testing.do_bench(lambda: torch.empty(1, device=device).add_(1))
     return DeviceCeilings(
-        name=torch.cuda.get_device_name(device), dense_tflops=sorted(dense_rates)[len(dense_rates) // 2],
-        sparse_tflops=sorted(r for r, _ in best.values())[len(best) // 2], launch_overhead_ms=launch,
-        configs={d: c for d, (_, c) in best.items()}, measured=measured, rejected=rejected,
+        name=torch.cuda.get_device_name(device), dense_tflops=dense_rate, sparse_tflops=best[0],
+        launch_overhead_ms=launch, configs={head_dim: best[1]}, measured=measured, rejected=rejected,
+        rates={head_dim: (dense_rate, best[0])},
     )

@@ -139,7 +139,7 @@ class CompiledFrame:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, policy: Policy, options: CompileOptions,
-                 ceilings: Callable[[], DeviceCeilings], device: torch.device, state_layout: StateLayout):
+                 ceilings: Callable[[int], DeviceCeilings], device: torch.device, state_layout: StateLayout):
         self.original = gm
         self.policy = policy
         self.state_layout = state_layout
@@ -288,13 +288,14 @@ class SparsifyBackend:
         self.options = options
         self.state_layout = state_layout
         self.frames: list[CompiledFrame] = []
-        self._ceilings: dict[torch.device, DeviceCeilings] = {}
+        self._ceilings: dict[tuple[torch.device, int], DeviceCeilings] = {}
 
-    def ceilings(self, device: torch.device) -> DeviceCeilings:
-        """The device's ceilings, loaded (on a GPU, possibly calibrated) on first use, once per device."""
-        if device not in self._ceilings:
-            self._ceilings[device] = load_ceilings(device)
-        return self._ceilings[device]
+    def ceilings(self, device: torch.device, head_dim: int) -> DeviceCeilings:
+        """The device's ceilings for a head_dim, loaded (on a GPU, calibrated if the disk cache lacks it) on first
+        use, once per device and head_dim."""
+        if (device, head_dim) not in self._ceilings:
+            self._ceilings[device, head_dim] = load_ceilings(device, head_dim)
+        return self._ceilings[device, head_dim]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         device = _graph_device(gm)

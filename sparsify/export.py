@@ -8,6 +8,7 @@ per call: where the export leaves a key length dynamic, anything that would deci
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ def export(
     _refuse_decisions_by_dynamic_length(gm, resolved, diffusion=diffusion, cost_model_fallback=cost_model_fallback)
     device = next((v.device for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
-    costs = CostModel(lambda: load_ceilings(device), cost_model_fallback)
+    costs = CostModel(functools.partial(load_ceilings, device), cost_model_fallback)
     result = run_pipeline(gm, resolved, costs, diffusion=diffusion)
     # The program keeps its own module (its signature names its nodes): the rewritten graph and the buffers the
     # rewrite added move into it.

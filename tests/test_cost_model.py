@@ -40,10 +40,35 @@ def test_config_choice_and_cached_calibration(tmp_path, monkeypatch):
     ceilings = DeviceCeilings("x", 1.0, 1.0, 0.0, configs={128: KernelConfig(128, 128, 8, 2)})
     assert ceilings.config_for(128) == KernelConfig(128, 128, 8, 2)
     assert ceilings.config_for(96).block_m == 128  # the default for the next size up
-    assert load_ceilings(torch.device("cpu")) is CPU_NOMINAL
+    assert load_ceilings(torch.device("cpu"), 128) is CPU_NOMINAL
     monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path))
     path = cache_path("Some GPU")
     assert path.parent == tmp_path and json.dumps(str(path))
+
+
+def test_only_the_head_dims_a_model_has_are_calibrated_and_each_once(tmp_path, monkeypatch):
+    """A calibration compiles a kernel per candidate config: on a fresh GPU a model with head_dim 128 pays for
+    128's candidates only; the disk cache then serves it, and another head_dim is added to the same file."""
+    import sparsify.passes.cost_model as cost_model_module
+
+    calibrated = []
+
+    def calibrate(device, head_dim):
+        calibrated.append(head_dim)
+        return DeviceCeilings("Some GPU", 100.0 + head_dim, 50.0 + head_dim, 0.01,
+                              configs={head_dim: KernelConfig(64, 64, 4, 2)}, rates={head_dim: (100.0 + head_dim,
+                                                                                               50.0 + head_dim)})
+
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost_model_module, "calibrate", calibrate)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    gpu = torch.device("cuda")
+    assert load_ceilings(gpu, 128).rates_for(128) == (228.0, 178.0)
+    assert load_ceilings(gpu, 128).config_for(128) == KernelConfig(64, 64, 4, 2) and calibrated == [128]
+    both = load_ceilings(gpu, 64)
+    assert calibrated == [128, 64] and both.rates_for(64) == (164.0, 114.0) and both.rates_for(128) == (228.0, 178.0)
+    assert load_ceilings(gpu, 96).rates_for(96) == (228.0, 178.0) and calibrated == [128, 64]  # 128's candidates
+    assert set(json.loads(cache_path("Some GPU").read_text())["rates"]) == {"64", "128"}
 
 
 def test_config_for_fixed_blocks_uses_the_calibration_record():
@@ -74,6 +99,6 @@ def test_the_cost_model_pass_leaves_the_decisions_it_was_given_unchanged():
     frame = compiled.sparsify.frames[0]
     gm, given = apply_policy(frame.original, frame.annotations, policy, None)
     before, items = given.key, list(given.decisions)
-    _, report = cost_model(gm, given, CostModel(lambda: CPU_NOMINAL), {a.index: 40 for a in frame.annotations.attentions})
+    _, report = cost_model(gm, given, CostModel(lambda head_dim: CPU_NOMINAL), {a.index: 40 for a in frame.annotations.attentions})
     assert given.key == before and all(a is b for a, b in zip(given.decisions, items))
     assert report.fallbacks == 3 and report.decisions.key != before  # dense is cheaper at 40 tokens: all fell back

@@ -229,10 +229,11 @@ def test_a_dense_policy_never_loads_the_device_ceilings(monkeypatch):
     import sparsify.compiler
 
     loaded = []
-    monkeypatch.setattr(sparsify.compiler, "load_ceilings", lambda device: loaded.append(device) or CPU_NOMINAL)
+    monkeypatch.setattr(sparsify.compiler, "load_ceilings",
+                        lambda device, head_dim: loaded.append((device, head_dim)) or CPU_NOMINAL)
     ids = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         sparsify.compile(tiny_model("llama"), "dense")(ids)
         assert loaded == []
         sparsify.compile(tiny_model("llama"), POLICIES["sink_window"])(ids)
-    assert loaded == [torch.device("cpu")]  # once per device, not per frame or attention
+    assert loaded == [(torch.device("cpu"), 16)]  # once per device and head_dim, not per frame or attention

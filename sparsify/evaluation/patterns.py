@@ -53,7 +53,7 @@ def plot_pattern(model, compiled, ids, layer: int, head: int, path: Path) -> Pat
     if segment is None:
         raise SparsifyError(f"--head: {head} is not a query head of layer {layer} (0-{decision.attention.q_heads - 1})")
     q, k = capture_qk(model, decision.attention.module_path, ids)
-    config = segment.config or compiled.sparsify.backend.ceilings(q.device).config_for(q.shape[-1])
+    config = segment.config or compiled.sparsify.backend.ceilings(q.device, q.shape[-1]).config_for(q.shape[-1])
     layout = segment.spec.method.layout(segment.spec.params, q.float(), k.float(), config)
     if layout is None:
         raise SparsifyError(f"explain --plot: method {segment.spec.name} has no block layout to draw")
