@@ -64,8 +64,10 @@ class RewriteContext:
         self.q = self.k = self.v = self.attn_mask = None
         # The mask description of a ``sparsify.attention`` match (else None), and its plain-prefill check node.
         self.key_padding = self.query_offset = self.plain = None
-        # Each row's shift (B,) where the rows of a left-padded batch were moved to start at position 0, else None.
+        # Each row's shift (B,) where the rows of a left-padded batch were moved to start at position 0, else None;
+        # then also the q, k, v nodes as the call gave them (k and v over the first q_len keys).
         self.row_starts: torch.fx.Node | None = None
+        self.unshifted: tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None = None
         self.heads: tuple[int, int] = (0, 0)
         self.config = None  # the kernel launch config the cost model chose for this segment
 
@@ -209,11 +211,13 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                 if padded:
                     # Each left-padded row moved to start at position 0, as if alone; its output moved back.
                     starts, guard = _left_padding(ctx, attention)
+                    ctx.unshifted = (ctx.q, ctx.k, ctx.v)
                     ctx.q, ctx.k, ctx.v = (ctx.call(torch.ops.sparsify.shift_rows.default, node, starts, True)
                                            for node in (ctx.q, ctx.k, ctx.v))
                 else:
                     guard = ctx.plain
                 ctx.row_starts = starts if padded else None
+                ctx.unshifted = ctx.unshifted if padded else None
                 output = segment.spec.method.emit(segment.spec.params, attention, ctx)
                 if padded:
                     output = ctx.call(torch.ops.sparsify.shift_rows.default, output, starts, False)
@@ -298,7 +302,7 @@ def shifts_padded_rows(attention: AttentionInfo, segment) -> bool:
     """Whether a guarded prefill segment serves left-padded batches by shifting rows (a method that allows it, on
     a call whose batch may hold more than one row: a single row is never padded on the left in practice, and the
     shifts would only cost it two copies)."""
-    return (attention.prefill_guard and segment.spec.method.serves_left_padding
+    return (attention.prefill_guard and segment.spec.method.serves_left_padding(segment.spec.params)
             and not (isinstance(attention.batch, int) and attention.batch == 1))
 
 

@@ -195,3 +195,24 @@ def test_float32_rows_launch_with_the_base_tiles():
     assert row_launch(base, torch.float32) == base
     wide = row_launch(base, torch.bfloat16)
     assert (wide.block_m, wide.block_n, wide.num_warps, wide.num_stages, wide.use_tma) == (128, 128, 8, 3, True)
+
+
+def test_padded_delta_op_passes_opcheck_and_takes_each_rows_tail_from_the_batch_as_given():
+    """On shifted rows of lengths 40 and 25 (starts 0 and 15): row b's last min(n_b, tail) rows are the exact
+    attention of the batch as given (right-aligned, its padding masked); the others are the base corrected."""
+    torch.manual_seed(0)
+    length, gamma, tail, starts = 40, 8, 6, torch.tensor([0, 15])
+    q, k, v = torch.randn(2, 4, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
+    padding = torch.arange(length)[None, :] >= starts[:, None]
+    sparse, strided = torch.randn(2, 4, length, 16), torch.randn(2, 4, -(-length // gamma), 16)
+    args = (sparse, strided, q, k, v, padding, starts, 0.25, gamma, tail, True)
+    torch.library.opcheck(torch.ops.sparsify.delta_padded.default, args)
+    out = torch.ops.sparsify.delta_padded(*args)
+    visible = (torch.arange(length)[None, :] <= torch.arange(length)[:, None])[None, None] & padding[:, None, None]
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=0.25, enable_gqa=True)
+    for row, start in enumerate(starts.tolist()):
+        real = length - start
+        torch.testing.assert_close(out[row, :, real - tail:real], exact[row, :, length - tail:])
+        for j in range(real - tail):
+            i = j - j % gamma
+            torch.testing.assert_close(out[row, :, j], sparse[row, :, j] + strided[row, :, i // gamma] - sparse[row, :, i])

@@ -75,12 +75,6 @@ class AttentionMethod:
     Params: ClassVar[type]
     phases: ClassVar[tuple[str, ...]] = PHASES
     summary: ClassVar[str] = ""
-    # True when the method serves a left-padded batch sparsely: the rewrite shifts each row to start at position 0
-    # (``ctx.row_starts`` says by how much), and the method computes each row as it would alone. Sink + window is
-    # relative to a row's first token; block top-k pools and budgets each row over its own length. Delta's tail
-    # rows sit at each row's own end, which its row kernel cannot take per row: it falls back to exact attention
-    # on such calls, as the methods without this flag do.
-    serves_left_padding: ClassVar[bool] = False
     # True when the method intersects its pattern with the model's own sliding window (Mistral's), so it can serve
     # such layers; the others leave them to exact (windowed) dense attention.
     serves_model_window: ClassVar[bool] = False
@@ -99,6 +93,12 @@ class AttentionMethod:
         if attn.causal and attn.q_len != attn.kv_len and not attn.match.causal_by_position:
             return "is_causal with q_len != kv_len (SDPA aligns that causal mask top-left)"
         return None
+
+    def serves_left_padding(self, params: Any) -> bool:
+        """Whether the method serves a left-padded batch sparsely: the rewrite shifts each row to start at position 0
+        (``ctx.row_starts`` says by how much; ``ctx.unshifted`` holds the batch as given), and the method computes
+        each row as it would alone. The others fall back to exact attention on such calls. False by default."""
+        return False
 
     def layout(self, params: Any, q, k, config) -> Any:
         """The ``BlockLayout`` this method would visit for q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), or None for

@@ -53,7 +53,9 @@ class BlockTopk(BlockSparseMethod):
     Params = BlockTopkParams
     phases = ("prefill", "diffusion")
     summary = "top-k key blocks per query block from pooled scores (MInference/FlexPrefill-style)"
-    serves_left_padding = True  # each shifted row is pooled, budgeted and selected over its own length
+
+    def serves_left_padding(self, params):
+        return True  # each shifted row is pooled, budgeted and selected over its own length
 
     def visited_pairs(self, params: BlockTopkParams, n: sympy.Symbol, config) -> sympy.Expr:
         kept_blocks = params.density * n / config.block_n + params.sink_blocks + 1

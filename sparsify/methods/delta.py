@@ -19,6 +19,7 @@ from typing import Annotated
 
 import sympy
 import torch
+import torch.nn.functional as F
 from pydantic import BeforeValidator, Field
 from torch import Tensor
 
@@ -149,7 +150,56 @@ def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, b
 
 
 
-inference_only(row_attention, delta_correction, block_sparse_attention_delta)
+def padded_tail_rows(gamma: int, tail: int) -> int:
+    """The most tail rows any row of a padded batch can have: ``tail`` if given, else the default's largest,
+    ``gamma - 1 + max(128, gamma)``."""
+    return tail if tail >= 0 else gamma - 1 + max(128, gamma)
+
+
+@torch.library.custom_op("sparsify::delta_padded", mutates_args=())
+def delta_padded(sparse_out: Tensor, strided_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                 key_padding: Tensor | None, starts: Tensor, scale: float, gamma: int, tail: int,
+                 correct: bool) -> Tensor:
+    """Delta on a left-padded batch, each row as it would be alone. ``sparse_out`` (B, Hq, L, D) is the base over
+    the rows shifted to start at 0 (row b's ``n_b = L - starts[b]`` real tokens first); ``strided_out``
+    (B, Hq, ceil(L / gamma), D) the exact rows ``i % gamma == 0`` of those shifted rows (unused when not
+    ``correct``). ``q``, ``k``, ``v`` are the batch as given (right-aligned: row b's tokens at [starts[b], L)) and
+    ``key_padding`` (B, >= L) its padding: the exact tail rows are computed from them, the last
+    :func:`padded_tail_rows` rows of the batch, which hold every row's own tail (``delta_tail(n_b, gamma, tail)``
+    rows). Returns (B, Hq, L, D) in the shifted frame: row b's tail exact, its other rows corrected by the
+    difference at the start of their group (or the base alone when not ``correct``); rows past ``n_b`` are the
+    base's (they are padding once shifted back)."""
+    batch, heads, length, _ = sparse_out.shape
+    exact_rows = min(length, padded_tail_rows(gamma, tail))
+    positions = torch.arange(length - exact_rows, length, device=q.device)[:, None]
+    keys = torch.arange(length, device=q.device)[None, :]
+    visible = (keys <= positions)[None, None]
+    if key_padding is not None:
+        visible = visible & key_padding[:, None, None, :length].to(torch.bool)
+    exact = F.scaled_dot_product_attention(q[:, :, length - exact_rows:], k[:, :, :length], v[:, :, :length],
+                                           attn_mask=visible, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    real = length - starts                                                     # (B,)
+    row_tail = torch.minimum(real, torch.full_like(real, tail) if tail >= 0
+                             else real % gamma + max(128, gamma))             # (B,)
+    j = torch.arange(length, device=q.device)[None, :]                         # shifted positions
+    out = sparse_out.float()
+    if correct:
+        difference = strided_out.float() - sparse_out[:, :, ::gamma].float()   # (B, Hq, ceil(L / gamma), D)
+        out = out + difference.index_select(2, (j[0] // gamma))
+    # Row b's tail, shifted positions [n_b - row_tail_b, n_b), is at rows j - (n_b - exact_rows) of ``exact``.
+    in_tail = (j >= (real - row_tail)[:, None]) & (j < real[:, None])          # (B, L)
+    source = (j - (real[:, None] - exact_rows)).clamp(0, exact_rows - 1)        # (B, L)
+    tail_values = exact.float().gather(2, source[:, None, :, None].expand(batch, heads, length, exact.shape[-1]))
+    out = torch.where(in_tail[:, None, :, None], tail_values, out)
+    return out.to(sparse_out.dtype)
+
+
+@delta_padded.register_fake
+def _(sparse_out, strided_out, q, k, v, key_padding, starts, scale, gamma, tail, correct):
+    return torch.empty_like(sparse_out)
+
+
+inference_only(row_attention, delta_correction, block_sparse_attention_delta, delta_padded)
 
 
 def _base(value) -> MethodSpec:
@@ -204,10 +254,20 @@ class Delta(AttentionMethod):
         strided = n * n / (2 * params.gamma) if params.correct else 0
         return params.base.method.visited_pairs(params.base.params, n, config) + strided + tail * n
 
+    def serves_left_padding(self, params: DeltaParams) -> bool:
+        # Each shifted row is the base's (when the base serves it) with its own strided rows; the tails, at each
+        # row's own end, come from the batch as given (``sparsify.delta_padded``).
+        return params.base.method.serves_left_padding(params.base.params)
+
     def plan(self, params: DeltaParams, attn, ctx) -> tuple[torch.fx.Node, tuple[torch.fx.Node, ...]]:
         """The exact rows and their layout: length plans, shared by every layer of the same lengths. (The base
-        plans its own layout when it runs.)"""
+        plans its own layout when it runs.) A left-padded batch's rows: the strided ones only (its tails differ
+        per row: ``delta_padded`` computes them), none for the ablation."""
         tail = -1 if params.tail is None else params.tail
+        if ctx.row_starts is not None:
+            if not params.correct:
+                return None, None  # the ablation on padded rows computes no rows of its own
+            tail = 0
         q_len, kv_len = ctx.length(ctx.q, 2, attn.q_len), ctx.length(ctx.k, 2, attn.kv_len)
         rows = ctx.length_plan(("delta_rows", params.gamma, tail, params.correct, str(attn.q_len)),
                                torch.ops.sparsify.delta_rows.default, q_len, params.gamma, tail, params.correct,
@@ -222,11 +282,16 @@ class Delta(AttentionMethod):
     def run(self, params: DeltaParams, attn, ctx, plan):
         rows, layout = plan
         config, tail = ctx.config, -1 if params.tail is None else params.tail
+        base = params.base.method
+        if ctx.row_starts is not None and not params.correct:  # the ablation: no strided rows to compute
+            sparse_out = base.emit(params.base.params, attn, ctx)
+            return self._padded(params, attn, ctx, sparse_out, sparse_out)
         tile = row_launch(config, attn.dtype)
         row_out = ctx.call(torch.ops.sparsify.row_attention.default, ctx.q, ctx.k, ctx.v, rows, *layout,
                            attn.match.scale, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages,
                            tile.use_tma)
-        base = params.base.method
+        if ctx.row_starts is not None:
+            return self._padded(params, attn, ctx, base.emit(params.base.params, attn, ctx), row_out)
         if not params.correct:
             kept = ctx.call(operator.sub, ctx.size(ctx.q, 2), ctx.size(row_out, 2))
             sparse_out = base.emit(params.base.params, attn, ctx)
@@ -235,6 +300,15 @@ class Delta(AttentionMethod):
             return base.emit_corrected(params.base.params, attn, ctx, row_out, params.gamma, tail)
         sparse_out = base.emit(params.base.params, attn, ctx)
         return ctx.call(torch.ops.sparsify.delta_correction.default, sparse_out, row_out, params.gamma, tail)
+
+
+    @staticmethod
+    def _padded(params: DeltaParams, attn, ctx, sparse_out, strided_out):
+        """A left-padded batch's rows (shifted): the base's output corrected, each row's own tail exact."""
+        q, k, v = ctx.unshifted
+        tail = -1 if params.tail is None else params.tail
+        return ctx.call(torch.ops.sparsify.delta_padded.default, sparse_out, strided_out, q, k, v, ctx.key_padding,
+                        ctx.row_starts, attn.match.scale, params.gamma, tail, params.correct)
 
 
 def row_launch(config, dtype: torch.dtype):

@@ -47,8 +47,10 @@ class SinkWindow(BlockSparseMethod):
     Params = SinkWindowParams
     phases = ("prefill",)
     summary = "sink + sliding window (StreamingLLM), token-exact block-sparse prefill"
-    serves_left_padding = True  # sink and window are relative to a row's first token
     serves_model_window = True  # its layout and kernel take the model's window as a hard limit
+
+    def serves_left_padding(self, params):
+        return True  # sink and window are relative to a row's first token
 
     def unsupported_reason(self, params, attn):
         reason = super().unsupported_reason(params, attn)
