@@ -187,6 +187,8 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
         ctx.state_nodes = _state_nodes(state_layout, attention)
         group = attention.group_size
         with gm.graph.inserting_before(match.output):
+            if ctx.state_nodes:
+                _update_states(ctx, attention, state_layout)
             # The plain-prefill check, where a segment reads it (segments that shift padded rows check padding).
             shifting = [s.spec.name != "dense" and shifts_padded_rows(attention, s) for s in decision.segments]
             ctx.plain = _plain_prefill(ctx, attention) if not all(shifting) else None
@@ -236,6 +238,16 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
     gm.graph.lint()
     gm.recompile()
     return gm, RewriteReport(rewritten, untouched, ctx.ops_emitted, ctx.state_buffers, ctx.plan_buffers)
+
+
+def _update_states(ctx: RewriteContext, attention: AttentionInfo, layout: StateLayout) -> None:
+    """Each method keeping state in this attention's layer brings it in step with this forward (before any
+    segment reads it), over the whole call: all heads, the cache's keys."""
+    match = attention.match
+    ctx.q, ctx.k, ctx.v, ctx.heads, ctx.config = match.q, match.k, match.v, (0, attention.q_heads), None
+    for owner in layout.owners_of(attention.layer):
+        ctx.method_name = owner.name
+        owner.method.update_state(owner.params, attention, ctx)
 
 
 def _on_copy(attention: AttentionInfo, copies: dict[torch.fx.Node, torch.fx.Node]) -> AttentionInfo:

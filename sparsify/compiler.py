@@ -39,7 +39,8 @@ from .passes.fx_utils import value_of
 from .passes.rewrite import fallback_counter_name
 from .pipeline import PipelineResult, analyse, decide, run_pipeline
 from .policy import Policy
-from .state import STATE_ATTRIBUTE, StateLayout, state_for_call
+from .rectify import last_token_logits, prepare_call, rectify_period
+from .state import STATE_ATTRIBUTE, StateLayout, StateSize, state_for_call
 
 
 @dataclass(frozen=True)
@@ -456,6 +457,14 @@ def _capacity(cache: Any, model: torch.nn.Module) -> int:
     return length
 
 
+def _kv_geometry(config: Any) -> tuple[int, int]:
+    """(KV heads, head_dim) of a transformers config."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return kv_heads, head_dim
+
+
 def _cache_keyword(model: torch.nn.Module) -> str:
     """The forward's name for the cache: ``cache`` in transformers 5.2x, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
@@ -521,23 +530,31 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     layout = StateLayout.for_policy(resolved, _num_layers(model)) if carries_state else StateLayout(())
     backend = SparsifyBackend(resolved, compile_options, layout)
     dynamo_forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
+    every = rectify_period(resolved) if not layout.empty else 0
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
+        if args:  # input_ids by position: by keyword from here on, so that a rectification can replace it
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = args[1:]
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        inputs = args[0] if args else kwargs.get("input_ids")
+        inputs = kwargs.get("input_ids")
         inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
         allocate_static_cache(cache, compiled, inputs)
         mark_static_cache(cache)
+        rectified = False
         if not layout.empty and isinstance(inputs, torch.Tensor):
             if cache is None and kwargs.get("use_cache", compiled.config.use_cache):
                 # The cache the model would make itself, made here so that the state rides on it: a caller who
                 # passes the returned cache back continues the same sequence.
                 cache = kwargs[_cache_keyword(compiled)] = _dynamic_cache(compiled.config)
-            kwargs[STATE_ATTRIBUTE] = state_for_call(cache, layout, inputs.shape[0], _capacity(cache, compiled),
-                                                     compiled.device)
+            size = StateSize(inputs.shape[0], _capacity(cache, compiled), *_kv_geometry(compiled.config))
+            state = kwargs[STATE_ATTRIBUTE] = state_for_call(cache, layout, size, compiled.device, compiled.dtype)
+            if every and cache is not None and isinstance(kwargs.get("input_ids"), torch.Tensor):
+                kwargs, rectified = prepare_call(state.recent, cache, kwargs, every)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return dynamo_forward(*args, **kwargs)
+            output = dynamo_forward(*args, **kwargs)
+        return last_token_logits(output) if rectified else output
 
     compiled.forward = forward
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__

@@ -1,7 +1,7 @@
 """Sequence state: the tensors sparse methods carry from one forward to the next, owned by the sequence's KV cache.
 
-A method declares the tensors it keeps per layer (:class:`StateSpec`: a shape from the batch size and the cache's
-capacity, a dtype, what cropping the cache does to it). Before capture, :meth:`StateLayout.for_policy` collects
+A method declares the tensors it keeps per layer (:class:`StateSpec`: a shape from the batch size, the cache's
+capacity and the layer's KV heads and head_dim, a dtype, what cropping the cache does to it). Before capture, :meth:`StateLayout.for_policy` collects
 every layer's tensors from the methods its rules can pick. At each forward of a compiled transformers model the
 compiler finds the cache's :class:`SequenceState` (made at the first forward over an empty cache, zeroed when the
 cache is reset) and passes it down the model as the keyword ``sparsify_state``; the attention implementation hands
@@ -19,6 +19,7 @@ cache no longer holds. Every tensor has the batch as its first dimension, which 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -28,48 +29,65 @@ import torch
 from .errors import StateError
 
 if TYPE_CHECKING:
+    from .methods.base import MethodSpec
     from .policy import Policy
 
 STATE_ATTRIBUTE = "sparsify_state"  # on the cache object; also the keyword the model's forward passes down
 
 
 @dataclass(frozen=True)
+class StateSize:
+    """What a state tensor's shape may depend on: the batch, ``capacity`` (the most tokens the cache can hold: a
+    static cache's length, else the model's ``max_position_embeddings``), and the model's KV heads and head_dim."""
+
+    batch: int
+    capacity: int
+    kv_heads: int = 1
+    head_dim: int = 1
+
+
+@dataclass(frozen=True)
 class StateSpec:
     """One tensor a method keeps per layer.
 
-    ``shape(batch, capacity)`` gives its shape, batch first (``capacity``: the most tokens the cache can hold: a
-    static cache's length, else the model's ``max_position_embeddings``). ``crop(tensor, kept)`` updates it in place
-    when the cache is cropped to its first ``kept`` tokens; None: the method cannot follow a crop, which is refused.
-    Tensors start as zeros, at every new sequence.
+    ``shape(size)`` gives its shape from a :class:`StateSize`, batch first. ``dtype`` None: the model's dtype (as
+    its keys are). ``crop(tensor, kept)`` updates it in place when the cache is cropped to its first ``kept``
+    tokens; None: the method cannot follow a crop, which is refused. Tensors start as zeros, at every new sequence.
     """
 
     name: str
-    shape: Callable[[int, int], tuple[int, ...]]
-    dtype: torch.dtype
+    shape: Callable[[StateSize], tuple[int, ...]]
+    dtype: torch.dtype | None
     crop: Callable[[torch.Tensor, int], None] | None = None
 
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Per layer, the tensors of the sequence state, as ``(method.tensor name, spec)`` pairs in a fixed order."""
+    """Per layer, the tensors of the sequence state, as ``(method.tensor name, spec)`` pairs in a fixed order, and
+    the methods that keep them (``owners``: each method's spec, as the first rule naming it for the layer gives it;
+    the rewrite lets each keep its state in step at every forward of the layer, whichever method computes it)."""
 
     layers: tuple[tuple[tuple[str, StateSpec], ...], ...]
+    owners: tuple[tuple["MethodSpec", ...], ...] = ()
 
     @classmethod
     def for_policy(cls, policy: "Policy", num_layers: int) -> "StateLayout":
         """Every tensor that a method some rule (or the default) can pick for a layer keeps. Over-provisioned where a
         rule's other conditions (phase, length, modules) would keep the method off a layer: unused state is zeros.
         One tensor per method and name and layer, whatever rule picks the method."""
-        layers = []
+        layers, owners = [], []
         for layer in range(num_layers):
             specs: dict[str, StateSpec] = {}
+            keepers: dict[str, "MethodSpec"] = {}
             candidates = [rule.spec for rule in policy.rules
                           if rule.when.layers is None or layer in rule.when.layers] + [policy.default]
             for spec in candidates:
                 for state in spec.method.state_specs(spec.params):
                     specs.setdefault(f"{spec.name}.{state.name}", state)
+                    keepers.setdefault(spec.name, spec)
             layers.append(tuple(specs.items()))
-        return cls(tuple(layers))
+            owners.append(tuple(keepers.values()))
+        return cls(tuple(layers), tuple(owners))
 
     @property
     def empty(self) -> bool:
@@ -78,22 +96,51 @@ class StateLayout:
     def names(self, layer: int) -> tuple[str, ...]:
         return tuple(name for name, _ in self.layers[layer]) if 0 <= layer < len(self.layers) else ()
 
+    def owners_of(self, layer: int) -> tuple["MethodSpec", ...]:
+        return self.owners[layer] if 0 <= layer < len(self.owners) else ()
+
+
+@dataclass
+class RecentTokens:
+    """A sequence's host-side record: the tokens its cache holds (counted from the calls, never read from the
+    device), the per-token inputs of its decode steps since the last rectification (``sparsify.rectify``), and how
+    many rectifications it had."""
+
+    tokens: int = 0
+    steps: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+    rectifications: int = 0
+
+    def forget(self, tokens: int = 0) -> None:
+        """The cache now holds ``tokens`` tokens, and no decode step waits for rectification."""
+        self.tokens, self.steps = tokens, []
+
 
 class SequenceState:
-    """The state of one sequence (a batch of rows): per layer, the tensors of its :class:`StateLayout`."""
+    """The state of one sequence (a batch of rows): per layer, the tensors of its :class:`StateLayout`, and its
+    :class:`RecentTokens`."""
 
-    def __init__(self, layout: StateLayout, batch: int, capacity: int, device: torch.device):
+    def __init__(self, layout: StateLayout, size: StateSize, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.layout = layout
-        self.batch = batch
-        self.capacity = capacity
+        self.size = size
         self.device = torch.device(device)
-        self.tensors = [[self._zeros(spec, batch) for _, spec in layer] for layer in layout.layers]
+        self.dtype = dtype  # the model's: that of the tensors whose spec names none
+        self.tensors = [[self._zeros(spec) for _, spec in layer] for layer in layout.layers]
+        self.recent = RecentTokens()
 
-    def _zeros(self, spec: StateSpec, batch: int) -> torch.Tensor:
-        tensor = torch.zeros(spec.shape(batch, self.capacity), dtype=spec.dtype, device=self.device)
-        if tensor.dim() == 0 or tensor.shape[0] != batch:
+    @property
+    def batch(self) -> int:
+        return self.size.batch
+
+    @property
+    def capacity(self) -> int:
+        return self.size.capacity
+
+    def _zeros(self, spec: StateSpec) -> torch.Tensor:
+        tensor = torch.zeros(spec.shape(self.size), dtype=spec.dtype or self.dtype, device=self.device)
+        if tensor.dim() == 0 or tensor.shape[0] != self.batch:
             raise ValueError(f"sequence state {spec.name}: shape {tuple(tensor.shape)} must start with the batch "
-                             f"({batch})")
+                             f"({self.batch})")
         return _fixed_address(tensor)
 
     def layer(self, index: int) -> list[torch.Tensor]:
@@ -111,6 +158,7 @@ class SequenceState:
         for layer in self.tensors:
             for tensor in layer:
                 tensor.zero_()
+        self.recent = RecentTokens()
 
     def crop(self, kept: int) -> None:
         """The cache now holds its first ``kept`` tokens (in place, addresses kept). Refused, naming the tensor,
@@ -125,9 +173,11 @@ class SequenceState:
         for layer, tensors in zip(self.layout.layers, self.tensors):
             for (_, spec), tensor in zip(layer, tensors):
                 spec.crop(tensor, kept)
+        self.recent.forget(kept)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """The cache kept (and reordered) these batch rows: beam search's reordering, or a selection of rows."""
+        self._recent_rows(lambda t: t.index_select(0, rows.to(t.device)))
         if rows.numel() == self.batch:  # a reordering: same shapes, so in place (addresses kept)
             for tensors in self.tensors:
                 for tensor in tensors:
@@ -135,13 +185,20 @@ class SequenceState:
             return
         self.tensors = [[_fixed_address(tensor.index_select(0, rows.to(tensor.device))) for tensor in tensors]
                         for tensors in self.tensors]
-        self.batch = rows.numel()
+        self.size = dataclasses.replace(self.size, batch=rows.numel())
 
     def repeat_rows(self, repeats: int) -> None:
         """The cache repeated each row ``repeats`` times (beam search's or sampling's expansion)."""
+        self._recent_rows(lambda t: t.repeat_interleave(repeats, dim=0))
         self.tensors = [[_fixed_address(tensor.repeat_interleave(repeats, dim=0)) for tensor in tensors]
                         for tensors in self.tensors]
-        self.batch *= repeats
+        self.size = dataclasses.replace(self.size, batch=self.batch * repeats)
+
+
+    def _recent_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-row operation to the remembered decode inputs that have one row per sequence row."""
+        self.recent.steps = [{name: rows(t) if t.dim() > 1 and t.shape[0] == self.batch else t
+                              for name, t in step.items()} for step in self.recent.steps]
 
 
 def _fixed_address(tensor: torch.Tensor) -> torch.Tensor:
@@ -156,16 +213,18 @@ def state_of(cache: Any) -> SequenceState | None:
     return getattr(cache, STATE_ATTRIBUTE, None)
 
 
-def state_for_call(cache: Any, layout: StateLayout, batch: int, capacity: int, device: torch.device
+def state_for_call(cache: Any, layout: StateLayout, size: StateSize, device: torch.device, dtype: torch.dtype
                    ) -> SequenceState:
-    """The sequence state of a forward over ``cache`` (None: no cache, a state for this call alone).
+    """The sequence state of a forward over ``cache`` (None: no cache, a state for this call alone), for the call's
+    batch and the model's ``dtype``.
 
     Made, and attached to the cache, when the cache is empty; a cache that already holds tokens this state never
     saw (filled by another model) is refused, since the state would describe the wrong sequence."""
     if cache is None:
-        return SequenceState(layout, batch, capacity, device)
+        return SequenceState(layout, size, device, dtype)
     state = state_of(cache)
-    if state is not None and state.layout is layout and state.batch == batch and state.device == torch.device(device):
+    if state is not None and state.layout is layout and state.batch == size.batch \
+            and state.device == torch.device(device):
         return state
     held = cache.get_seq_length()
     held = int(held) if isinstance(held, torch.Tensor) else held  # a static cache's length: once per new state
@@ -173,7 +232,7 @@ def state_for_call(cache: Any, layout: StateLayout, batch: int, capacity: int, d
         raise StateError(f"sparsify: the cache already holds {held} tokens that this model's sequence state did not "
                          "see (the cache was filled by another model, or its batch changed); start the sequence "
                          "with the compiled model, from an empty cache")
-    state = SequenceState(layout, batch, capacity, device)
+    state = SequenceState(layout, size, device, dtype)
     setattr(cache, STATE_ATTRIBUTE, state)
     _follow_cache(cache)
     return state

@@ -11,7 +11,7 @@ import sparsify
 from sparsify.errors import StateError
 from sparsify.methods.base import METHODS, AttentionMethod, register_method
 from sparsify.methods.dense import DenseParams
-from sparsify.state import SequenceState, StateLayout, StateSpec, state_of
+from sparsify.state import SequenceState, StateLayout, StateSize, StateSpec, state_of
 
 
 @torch.library.custom_op("sparsify_test::count_tokens", mutates_args=("seen",))
@@ -33,7 +33,7 @@ class CountTokens(AttentionMethod):
     summary = "test only: exact attention, counting the tokens each layer sees"
 
     def state_specs(self, params):
-        return (StateSpec("seen", lambda batch, capacity: (batch,), torch.int64, crop=lambda t, kept: t.fill_(kept)),)
+        return (StateSpec("seen", lambda size: (size.batch,), torch.int64, crop=lambda t, kept: t.fill_(kept)),)
 
     def unsupported_reason(self, params, attn):
         return None
@@ -131,10 +131,11 @@ def test_a_cache_filled_by_another_model_is_refused():
 
 
 def test_the_state_follows_reordered_and_selected_rows_and_refuses_a_crop_it_cannot_follow():
-    keep = StateSpec("keep", lambda batch, capacity: (batch, 2), torch.float32, crop=lambda t, kept: None)
-    fixed = StateSpec("fixed", lambda batch, capacity: (batch, capacity), torch.float32)
-    state = SequenceState(StateLayout(((("m.keep", keep), ("m.fixed", fixed)),)), batch=3, capacity=4,
-                          device=torch.device("cpu"))
+    keep = StateSpec("keep", lambda size: (size.batch, 2), torch.float32, crop=lambda t, kept: None)
+    fixed = StateSpec("fixed", lambda size: (size.batch, size.capacity), None)  # None: the model's dtype
+    state = SequenceState(StateLayout(((("m.keep", keep), ("m.fixed", fixed)),)), StateSize(batch=3, capacity=4),
+                          device=torch.device("cpu"), dtype=torch.float16)
+    assert state.get(0, "m.fixed").dtype == torch.float16 and state.get(0, "m.keep").dtype == torch.float32
     rows = torch.arange(3, dtype=torch.float32)[:, None]
     state.get(0, "m.keep").copy_(rows.expand(3, 2))
     address = state.get(0, "m.keep").data_ptr()
@@ -149,8 +150,8 @@ def test_the_state_follows_reordered_and_selected_rows_and_refuses_a_crop_it_can
     with pytest.raises(KeyError, match="layer 0 has no 'm.other'; it has m.keep, m.fixed"):
         state.get(0, "m.other")
     with pytest.raises(ValueError, match="must start with the batch"):
-        SequenceState(StateLayout(((("m.bad", StateSpec("bad", lambda b, c: (c,), torch.float32)),),)), batch=2,
-                      capacity=4, device=torch.device("cpu"))
+        SequenceState(StateLayout(((("m.bad", StateSpec("bad", lambda size: (size.capacity,), torch.float32)),),)),
+                      StateSize(batch=2, capacity=4), device=torch.device("cpu"))
 
 
 def test_a_stateful_method_stays_dense_with_its_reason_where_no_state_reaches_the_graph():

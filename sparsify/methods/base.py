@@ -115,6 +115,12 @@ class AttentionMethod:
         and updates through ``ctx.sequence_state(name)``; none by default."""
         return ()
 
+    def update_state(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> None:
+        """Emit the nodes that keep this method's sequence state in step with the cache, at every forward of a layer
+        whose state holds it, whichever method computes that forward's attention (a dense prefill builds what a
+        sparse decode reads). Runs before the attention; ``ctx.k``/``ctx.v`` are the layer's whole cache. Nothing by
+        default."""
+
     def provides(self, params: Any) -> str | None:
         """The name of a value this method publishes (``ctx.publish``) for later attentions of the same forward
         to read, e.g. a token selection; None by default."""

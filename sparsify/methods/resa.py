@@ -1,0 +1,213 @@
+"""``resa``: Rectified Sparse Attention (arXiv 2506.04108), block-sparse decode.
+
+Per layer and KV head the sequence state keeps **block summaries** of the keys: the elementwise min and max over
+each block of ``block_size`` cache positions (``sparsify.resa_summaries``: at every forward of the layer, whatever
+computes its attention, the blocks its new tokens touch are recomputed from the cache, so a dense prefill builds
+them all and a decode step rewrites one). A decode step then **selects** blocks (``sparsify.resa_select``): the
+mean of the KV group's query heads, scaled, scores each block by the upper bound ``sum_d max(q_d kmin_d,
+q_d kmax_d)`` of q.k inside it; the last ``local_blocks`` are always kept; ``max(ceil(n * sparse_ratio),
+min(n, min_blocks))`` of the ``n`` blocks in use are kept, as sorted indices, in lists of a static width (the
+budget at the cache's capacity) so that a growing cache changes no shape. The split-KV decode kernel
+(``sparsify.block_decode``, ``kernels/decode.py``) attends over those blocks, all query heads of a group reading
+each K/V block once.
+
+Rectification (every ``rectify_every`` generated tokens, the last ones re-encoded densely and their K/V
+overwritten) is the generation loop's: ``sparsify.rectify``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Annotated
+
+import torch
+from pydantic import AfterValidator, Field
+from torch import Tensor
+
+from ..kernels import decode as decode_kernels
+from ..ops import inference_only
+from ..state import StateSpec
+from .base import AttentionMethod, register_method
+
+
+def _lengths(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
+    """(B,) int64: the cache positions in use after this call's tokens: ``query_offset + q_len`` (a static cache),
+    else the keys' length (the cache ends with this call's tokens)."""
+    if query_offset is not None:
+        used = query_offset.to(torch.int64) + q.shape[2]
+    else:
+        used = torch.full((), k.shape[2], dtype=torch.int64, device=q.device)
+    return used.expand(q.shape[0])
+
+
+# -- the ops --------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsify::resa_summaries", mutates_args=("kmin", "kmax"))
+def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offset: Tensor | None,
+                   block_size: int) -> None:
+    """Recompute, in place, the summaries of the blocks this call's ``q_len`` new tokens touch, from the cache.
+
+    kmin, kmax: (B, Hkv, n_blocks, D), block j over cache positions [j * block_size, (j + 1) * block_size);
+    k: (B, Hkv, Lk, D), the cache after this call's update; q: (B, Hq, q_len, D) (its length only). Each touched
+    block's min and max are over its positions in use (:func:`_lengths`), so a partial last block is exact and
+    rewritten when it grows. A static number of blocks is read (``ceil(q_len / block_size) + 1``): a decode step
+    reads one or two blocks, whatever the cache's length. No host synchronisation."""
+    batch, kv_heads, n_blocks, dim = kmin.shape
+    used = _lengths(q, k, query_offset)
+    touched = min(n_blocks, -(-q.shape[2] // block_size) + 1)
+    first = torch.clamp((used - q.shape[2]) // block_size, min=0)
+    blocks = torch.clamp(first[:, None] + torch.arange(touched, device=q.device), max=n_blocks - 1)   # (B, T)
+    positions = blocks[:, :, None] * block_size + torch.arange(block_size, device=q.device)          # (B, T, bs)
+    in_use = positions < used[:, None, None]
+    index = positions.clamp(max=k.shape[2] - 1).reshape(batch, 1, -1, 1).expand(batch, kv_heads, -1, dim)
+    keys = k.gather(2, index).view(batch, kv_heads, touched, block_size, dim)
+    valid = in_use[:, None, :, :, None]
+    big = torch.finfo(k.dtype).max
+    low = torch.where(valid, keys, big).amin(3)
+    high = torch.where(valid, keys, -big).amax(3)
+    target = blocks[:, None, :, None].expand(batch, kv_heads, touched, dim)
+    kmin.scatter_(2, target, low.to(kmin.dtype))
+    kmax.scatter_(2, target, high.to(kmax.dtype))
+
+
+@resa_summaries.register_fake
+def _(kmin, kmax, q, k, query_offset, block_size):
+    return None
+
+
+def selection_width(n_blocks: int, sparse_ratio: float, min_blocks: int, local_blocks: int) -> int:
+    """The block lists' static width: the most blocks a selection keeps over ``n_blocks`` (the cache's capacity)."""
+    return max(1, min(n_blocks, max(math.ceil(n_blocks * sparse_ratio), min_blocks, local_blocks)))
+
+
+@torch.library.custom_op("sparsify::resa_select", mutates_args=())
+def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: Tensor | None, block_size: int,
+                sparse_ratio: float, min_blocks: int, local_blocks: int, scale: float) -> tuple[Tensor, Tensor]:
+    """ReSA's block selection for one decode step: (indices (B, Hkv, S) int32, counts (B, Hkv) int32).
+
+    q: (B, Hq, 1, D); kmin, kmax: (B, Hkv, n_blocks, D). The selection query of KV head g is the mean of its group's
+    query heads times ``scale``; block j scores ``sum_d max(q_d kmin_jd, q_d kmax_jd)``. Of the ``n`` blocks in
+    use (:func:`_lengths`), the last ``local_blocks`` always, and the best-scoring others up to
+    ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their indices sorted, first ``counts`` of each row
+    (the rest hold ``n_blocks``, which the kernel ignores). S is :func:`selection_width` of n_blocks."""
+    batch, kv_heads, n_blocks, dim = kmin.shape
+    query = q.float().view(batch, kv_heads, -1, dim).mean(2) * scale                      # (B, Hkv, D)
+    bound = torch.maximum(query[:, :, None] * kmin.float(), query[:, :, None] * kmax.float()).sum(-1)
+    in_use = -(-_lengths(q, k, query_offset) // block_size)                                 # (B,)
+    j = torch.arange(n_blocks, device=q.device)[None, :]
+    used = j < in_use[:, None]
+    local = used & (j >= in_use[:, None] - local_blocks)
+    scores = bound.masked_fill(~used[:, None], float("-inf")).masked_fill(local[:, None], float("inf"))
+    keep = torch.maximum(torch.ceil(in_use.double() * sparse_ratio).long(), torch.clamp(in_use, max=min_blocks))
+    keep = torch.minimum(torch.maximum(keep, torch.clamp(in_use, max=local_blocks)), in_use)   # (B,)
+    width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
+    top = scores.topk(width, dim=-1).indices                                               # (B, Hkv, S)
+    chosen = torch.arange(width, device=q.device) < keep[:, None, None]
+    indices = torch.where(chosen, top, n_blocks).sort(-1).values.to(torch.int32)
+    return indices, keep[:, None].expand(batch, kv_heads).to(torch.int32).contiguous()
+
+
+@resa_select.register_fake
+def _(q, kmin, kmax, k, query_offset, block_size, sparse_ratio, min_blocks, local_blocks, scale):
+    batch, kv_heads, n_blocks, _ = kmin.shape
+    width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
+    return (q.new_empty((batch, kv_heads, width), dtype=torch.int32),
+            q.new_empty((batch, kv_heads), dtype=torch.int32))
+
+
+@torch.library.custom_op("sparsify::block_decode", mutates_args=())
+def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, key_padding: Tensor | None,
+                 indices: Tensor, counts: Tensor, block_size: int, scale: float) -> Tensor:
+    """One decode step over listed key blocks: q (B, Hq, 1, D) against the blocks ``indices[b, g, :counts[b, g]]``
+    (of ``block_size`` cache positions) of k, v (B, Hkv, Lk, D), within the positions in use (:func:`_lengths`)
+    and ``key_padding`` (B, Lk). The split-KV kernel on CUDA, its reference elsewhere. Returns (B, Hq, 1, Dv)."""
+    lengths = _lengths(q, k, query_offset)
+    arguments = dict(key_padding=key_padding, kv_block_indices=indices, kv_block_counts=counts,
+                     block_size=block_size)
+    if q.is_cuda and decode_kernels.supports(q, k, v):
+        return decode_kernels.decode_attention(q, k, v, lengths, scale, **arguments)[0]
+    return decode_kernels.decode_attention_reference(q, k, v, lengths, scale, **arguments)[0]
+
+
+@block_decode.register_fake
+def _(q, k, v, query_offset, key_padding, indices, counts, block_size, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+inference_only(block_decode)
+
+
+# -- the method -----------------------------------------------------------------------------------------------------
+
+
+def _not_one(every: int) -> int:
+    if every == 1:
+        raise ValueError("1 would re-encode every generated token densely: use dense decode, or 0 for none, or >= 2")
+    return every
+
+
+@dataclass(frozen=True)
+class ReSAParams:
+    block_size: Annotated[int, Field(ge=1, description="Cache positions per summarised key block")] = 16
+    sparse_ratio: Annotated[float, Field(gt=0.0, le=1.0, description="Share of the blocks in use a step keeps")] = 0.1
+    min_blocks: Annotated[int, Field(ge=0, description="Blocks kept at least (all, when fewer are in use)")] = 16
+    local_blocks: Annotated[int, Field(ge=0, description="Last blocks always kept")] = 1
+    rectify_every: Annotated[int, Field(ge=0, description="Generated tokens between dense rectifications "
+                                                          "(0: sparse-only decode)"),
+                             AfterValidator(_not_one)] = 32
+
+
+@register_method
+class ReSA(AttentionMethod):
+    name = "resa"
+    Params = ReSAParams
+    phases = ("decode",)
+    summary = "block-sparse decode over min/max key-block summaries, with periodic dense rectification"
+
+    def unsupported_reason(self, params: ReSAParams, attn):
+        if attn.phase != "decode":
+            return f"resa serves phases decode, not {attn.phase}"
+        if not attn.match.causal_by_position:
+            return "resa reads the cache through a described mask (transformers models under sparsify.compile)"
+        if attn.match.model_window:
+            return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
+                    "resa's blocks")
+        return None  # key padding is the kernel's own
+
+    def state_specs(self, params: ReSAParams):
+        def summaries(size):
+            return (size.batch, size.kv_heads, -(-size.capacity // params.block_size), size.head_dim)
+
+        # A crop leaves blocks past the kept tokens unread (the selection masks them) and the last kept block a
+        # looser bound until the next token rewrites it from the cache.
+        return (StateSpec("kmin", summaries, None, crop=lambda tensor, kept: None),
+                StateSpec("kmax", summaries, None, crop=lambda tensor, kept: None))
+
+    def update_state(self, params: ReSAParams, attn, ctx):
+        ctx.call(torch.ops.sparsify.resa_summaries.default, ctx.sequence_state("kmin"), ctx.sequence_state("kmax"),
+                 ctx.q, ctx.k, ctx.query_offset, params.block_size)
+
+    def _summaries(self, ctx, attn):
+        """The summaries of the KV heads this segment serves."""
+        start, stop = ctx.heads
+        tensors = [ctx.sequence_state("kmin"), ctx.sequence_state("kmax")]
+        if (start, stop) == (0, attn.q_heads):
+            return tensors
+        group = attn.group_size
+        return [ctx.call(torch.ops.aten.slice.Tensor, t, 1, start // group, stop // group) for t in tensors]
+
+    def plan(self, params: ReSAParams, attn, ctx):
+        """The selection: per layer and step (it reads this layer's query)."""
+        kmin, kmax = self._summaries(ctx, attn)
+        selection = ctx.call(torch.ops.sparsify.resa_select.default, ctx.q, kmin, kmax, ctx.k, ctx.query_offset,
+                             params.block_size, params.sparse_ratio, params.min_blocks, params.local_blocks,
+                             attn.match.scale)
+        return tuple(ctx.call(operator.getitem, selection, i) for i in range(2))
+
+    def run(self, params: ReSAParams, attn, ctx, plan):
+        indices, counts = plan
+        return ctx.call(torch.ops.sparsify.block_decode.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
+                        ctx.key_padding, indices, counts, params.block_size, attn.match.scale)
