@@ -57,7 +57,9 @@ def invocation() -> str:
     module run with ``-m`` (the device runs from a copied tree, so a file path would name that copy), else the
     program's name (``sparsify bench ...``)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    program = f"python -m {spec.name}" if spec is not None else Path(sys.argv[0]).name
+    script = Path(sys.argv[0])
+    program = (f"python -m {spec.name}" if spec is not None
+               else f"python {script}" if script.suffix == ".py" else script.name)
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
 
 

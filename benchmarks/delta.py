@@ -59,9 +59,12 @@ class DeltaCall:
         self.tuning = (config.num_warps, config.num_stages, config.use_tma)
         tile = row_launch(config, q.dtype)
         self.row_tiles = (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, tile.use_tma)
-        self.plans = {"sink_window_layout": lambda: self.ops.sink_window_layout(q, k, SINK, window, *self.launch),
-                      "delta_rows": lambda: self.ops.delta_rows(q, GAMMA, -1, True),
-                      "row_layout": lambda: self.ops.row_layout(q, k, self.rows, *self.row_tiles[:2])}
+        length, group = q.shape[2], q.shape[1] // k.shape[1]
+        self.plans = {"sink_window_layout": lambda: self.ops.sink_window_layout(length, length, SINK, window,
+                                                                                 *self.launch, 0, q.device),
+                      "delta_rows": lambda: self.ops.delta_rows(length, GAMMA, -1, True, q.device),
+                      "row_layout": lambda: self.ops.row_layout(self.rows, length, length, group,
+                                                                *self.row_tiles[:2])}
         self.layout = self.plans["sink_window_layout"]()
         self.rows = self.plans["delta_rows"]()
         self.row_layout = self.plans["row_layout"]()

@@ -42,7 +42,7 @@ def rows_case(name: str, dtype: torch.dtype, flex, device) -> tuple[dict[str, fl
     k, v = (torch.randn(1, length, kv_heads, dim, device=device, generator=generator).to(dtype).transpose(1, 2)
             for _ in range(2))
     ops, scale = torch.ops.sparsify, dim ** -0.5
-    rows = ops.delta_rows(q, GAMMA, -1, True)
+    rows = ops.delta_rows(length, GAMMA, -1, True, device)
     chosen = row_launch(load_ceilings(device, dim).config_for(dim), dtype)
     other = (dataclasses.replace(chosen, block_m=128, block_n=128, num_warps=8) if dtype == torch.float32
              else load_ceilings(device, dim).config_for(dim))
@@ -50,7 +50,7 @@ def rows_case(name: str, dtype: torch.dtype, flex, device) -> tuple[dict[str, fl
     expected = row_attention(q[:, :, rows], k, v, packed_rows_layout(rows, heads // kv_heads, length, 128, 128),
                              scale).float()
     for impl, tile in (("sparsify", chosen), (f"sparsify_{other.block_m}x{other.block_n}", other)):
-        layout = ops.row_layout(q, k, rows, tile.block_m, tile.block_n)
+        layout = ops.row_layout(rows, length, length, heads // kv_heads, tile.block_m, tile.block_n)
         launch = (tile.block_m, tile.block_n, tile.num_warps, tile.num_stages, tile.use_tma)
 
         def call(layout=layout, launch=launch):

@@ -129,8 +129,8 @@ def plans_without_sync(device: torch.device, rows: list) -> None:
     plans = {
         "sink_window_layout": lambda: torch.ops.sparsify.sink_window_layout(4096, 4096, 64, 512, 128, 64, 1024,
                                                                              device),
-        "block_topk_layout": lambda: torch.ops.sparsify.block_topk_layout(q, k, 0.1, 128, 64, 1, None),
-        "block_topk_layout (padded rows)": lambda: torch.ops.sparsify.block_topk_layout(q, k, 0.1, 128, 64, 1,
+        "block_topk_layout": lambda: torch.ops.sparsify.block_topk_layout(q, k, 0.1, 128, 64, 1, True, None),
+        "block_topk_layout (padded rows)": lambda: torch.ops.sparsify.block_topk_layout(q, k, 0.1, 128, 64, 1, True,
                                                                                          starts),
         "delta_rows + row_layout": lambda: torch.ops.sparsify.row_layout(
             torch.ops.sparsify.delta_rows(4096, 64, -1, True, device), 4096, 4096, 4, 128, 128),

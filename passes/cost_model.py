@@ -71,10 +71,14 @@ class DeviceCeilings:
         return self.rates.get(calibration_dim(head_dim), (self.dense_tflops, self.sparse_tflops))
 
     def with_calibration(self, other: "DeviceCeilings") -> "DeviceCeilings":
-        """These ceilings with ``other``'s head_dims added (a calibration of head_dims these lack)."""
-        return dataclasses.replace(self, configs={**self.configs, **other.configs},
-                                   measured=self.measured + other.measured, rejected={**self.rejected, **other.rejected},
-                                   rates={**self.rates, **other.rates})
+        """These ceilings with ``other``'s head_dims added or replaced (a calibration of head_dims these lack: a
+        cache file from before per-head_dim rates holds measurements of them, which the new ones replace). The
+        device-wide rates stay the first calibration's: every head_dim planned on a GPU has its own."""
+        dims = set(other.rates)
+        kept = [m for m in self.measured if m["head_dim"] not in dims]
+        rejected = {key: why for key, why in self.rejected.items() if not any(key.startswith(f"D={d} ") for d in dims)}
+        return dataclasses.replace(self, configs={**self.configs, **other.configs}, measured=kept + other.measured,
+                                   rejected={**rejected, **other.rejected}, rates={**self.rates, **other.rates})
 
     def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None) -> KernelConfig:
         """The fastest calibrated config for ``head_dim`` (with ``blocks`` = (block_m, block_n) if given, for

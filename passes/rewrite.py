@@ -49,8 +49,9 @@ class RewriteContext:
     launch config the cost model chose.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, plan_at_capture: bool = True):
         self.gm = gm
+        self.plan_at_capture = plan_at_capture  # off: length plans stay graph nodes (an exported program's)
         self.method_name = ""  # the method emitting now: its sequence state is named "<method>.<tensor>"
         self.state_nodes: dict[str, torch.fx.Node] = {}  # this attention's sequence state, "<method>.<tensor>"
         self.graph = gm.graph
@@ -65,7 +66,7 @@ class RewriteContext:
         # The mask description of a ``sparsify.attention`` match (else None), and its plain-prefill check node.
         self.key_padding = self.query_offset = self.plain = None
         # Each row's shift (B,) where the rows of a left-padded batch were moved to start at position 0, else None;
-        # then also the q, k, v nodes as the call gave them (k and v over the first q_len keys).
+        # then also the q, k, v nodes as the call gave them (a static cache's k and v over its first q_len keys).
         self.row_starts: torch.fx.Node | None = None
         self.unshifted: tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node] | None = None
         self.heads: tuple[int, int] = (0, 0)
@@ -104,6 +105,7 @@ class RewriteContext:
             # Dynamo's graphs name a source for every parameter and buffer, and AOT autograd checks it.
             sources[qualified] = ConstantSource(qualified)
         return self.graph.get_attr(qualified)
+
     def state(self, name: str, create: Callable[[], torch.Tensor]) -> torch.fx.Node:
         """A buffer of the rewritten module (created once by ``create``), as a ``get_attr`` node.
 
@@ -130,19 +132,21 @@ class RewriteContext:
             self._shared[key] = build()
         return self._shared[key]
 
-    def length_plan(self, key: Hashable, target: torch._ops.OpOverload, *args: Any
+    def length_plan(self, key: Hashable, target: torch._ops.OpOverload, arguments: Callable[[], tuple]
                     ) -> torch.fx.Node | tuple[torch.fx.Node, ...]:
-        """``target(*args)`` for an op whose result depends on its arguments' values alone: lengths (ints, or
+        """``target(*arguments())`` for an op whose result depends on its arguments' values alone: lengths (ints, or
         nodes of symbolic sizes from :meth:`length`), constants, a device, and other length plans. One per ``key``
-        for the whole graph. Where every argument is known now (a frame of static lengths) the op runs here, at
-        capture, and its result is kept as buffers of the rewritten module: every call reuses it, and the graph
-        holds no node building it. Otherwise it is one node per forward, shared by every attention that asks for
-        the same key. An op returning several tensors gives a tuple of nodes, one per tensor."""
+        for the whole graph (``arguments`` is called at the key's first use only, so later layers add no nodes).
+        Where every argument is known now (a frame of static lengths) the op runs here, at capture, and its result
+        is kept as buffers of the rewritten module: every call reuses it, and the graph holds no node building it.
+        Otherwise it is one node per forward, shared by every attention that asks for the same key. An op returning
+        several tensors gives a tuple of nodes, one per tensor."""
         if key in self._shared:
             return self._shared[key]
+        args = arguments()
         known = [self._plan_values.get(a, _UNKNOWN) if isinstance(a, torch.fx.Node) else a for a in args]
         outputs = len(target._schema.returns)
-        if any(value is _UNKNOWN for value in known):
+        if not self.plan_at_capture or any(value is _UNKNOWN for value in known):
             node = self.call(target, *args)
             result = tuple(self.call(operator.getitem, node, i) for i in range(outputs)) if outputs > 1 else node
         else:
@@ -167,13 +171,14 @@ class RewriteContext:
         return self._published.get(key)
 
 
-def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_layout: StateLayout | None = None
-                      ) -> tuple[torch.fx.GraphModule, RewriteReport]:
+def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_layout: StateLayout | None = None,
+                      plan_at_capture: bool = True) -> tuple[torch.fx.GraphModule, RewriteReport]:
     """A rewritten copy of ``gm`` (which, like ``decisions``, is left as it is): each decided attention replaced by
     its method's nodes, those left untouched keeping theirs. ``state_layout`` names the sequence-state tensors each
-    ``sparsify.attention`` call carries (None: the graph carries none)."""
+    ``sparsify.attention`` call carries (None: the graph carries none). ``plan_at_capture`` off keeps every length
+    plan a node of the graph (a program to save holds no tensors the graph reads as attributes)."""
     gm, copies = copy_graph_module(gm)
-    ctx = RewriteContext(gm)
+    ctx = RewriteContext(gm, plan_at_capture)
     rewritten = untouched = 0
     replaced: list[torch.fx.Node] = []
     for decision in decisions.decisions:
@@ -210,6 +215,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                 ctx.attn_mask = _mask_for_heads(ctx, match.attn_mask, attention, segment.start, segment.stop, whole)
                 query = ctx.q  # the guard's exact attention reads the call's own rows
                 padded = sparse and shifts_padded_rows(attention, segment)
+                ctx.unshifted = None
                 if padded:
                     # Each left-padded row moved to start at position 0, as if alone; its output moved back.
                     starts, guard = _left_padding(ctx, attention)
@@ -219,7 +225,6 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
                 else:
                     guard = ctx.plain
                 ctx.row_starts = starts if padded else None
-                ctx.unshifted = ctx.unshifted if padded else None
                 output = segment.spec.method.emit(segment.spec.params, attention, ctx)
                 if padded:
                     output = ctx.call(torch.ops.sparsify.shift_rows.default, output, starts, False)

@@ -534,11 +534,11 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
-        if args:  # input_ids by position: by keyword from here on, so that a rectification can replace it
+        if every and args:  # input_ids by position: by keyword from here on, so that a rectification can replace it
             kwargs = {"input_ids": args[0], **kwargs}
             args = args[1:]
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        inputs = kwargs.get("input_ids")
+        inputs = args[0] if args else kwargs.get("input_ids")
         inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
         allocate_static_cache(cache, compiled, inputs)
         mark_static_cache(cache)

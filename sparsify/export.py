@@ -58,11 +58,12 @@ def export(
     _refuse_decisions_by_dynamic_length(gm, resolved, diffusion=diffusion, cost_model_fallback=cost_model_fallback)
     device = next((v.device for v in (n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
-    costs = CostModel(functools.partial(load_ceilings, device), cost_model_fallback)
-    result = run_pipeline(gm, resolved, costs, diffusion=diffusion)
+    costs = CostModel(functools.cache(functools.partial(load_ceilings, device)), cost_model_fallback)
+    # Length plans stay nodes: a saved program cannot hold tensors its graph reads as attributes.
+    result = run_pipeline(gm, resolved, costs, diffusion=diffusion, plan_at_capture=False)
     # The program keeps its own module (its signature names its nodes): the rewritten graph and the buffers the
     # rewrite added move into it.
-    for name in result.rewrite.state_buffers + result.rewrite.plan_buffers:
+    for name in result.rewrite.state_buffers:
         gm.register_buffer(name, getattr(result.gm, name), persistent=False)
     gm.graph = result.gm.graph
     gm.recompile()

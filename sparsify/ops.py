@@ -2,9 +2,9 @@
 (over a materialised mask, or a described one), the checks and guards around a sparse method, the row shifts of a
 left-padded batch. Each method's own ops register from its own module (``sparsify/methods/<method>.py``).
 
-Every op has one registration with two implementations behind it: the Triton kernel on CUDA tensors and a
-vectorised PyTorch implementation on CPU (also the tests' reference), plus a fake kernel so that export and
-Inductor see shapes. Ops are opaque to compilers; they are registered when ``sparsify`` is imported.
+Every op has one registration and a fake kernel so that export and Inductor see shapes; one with a Triton kernel
+has two implementations behind it: the kernel on CUDA tensors and a vectorised PyTorch implementation on CPU (also
+the tests' reference). Ops are opaque to compilers; they are registered when ``sparsify`` is imported.
 """
 
 from __future__ import annotations

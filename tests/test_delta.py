@@ -46,7 +46,7 @@ def test_strided_and_tail_rows_are_exact_for_any_base():
     """Whatever the base (here dynamic block top-k), rows i % gamma == 0 and the tail end up exactly dense."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 400, 16), torch.randn(1, 1, 400, 16), torch.randn(1, 1, 400, 16)
-    layout = torch.ops.sparsify.block_topk_layout(q, k, 0.2, 16, 16, 1)
+    layout = torch.ops.sparsify.block_topk_layout(q, k, 0.2, 16, 16, 1, True)
     sparse, _ = torch.ops.sparsify.block_sparse_attention(q, k, v, *layout, 16, 16, True, 0, 0, 0.25, 4, 1, False)
     rows = torch.ops.sparsify.delta_rows(400, 8, 20, True, q.device)
     layout = torch.ops.sparsify.row_layout(rows, 400, 400, 4, 16, 16)

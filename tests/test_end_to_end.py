@@ -1,6 +1,7 @@
 """generate() end to end on small random Llamas: no N x N tensor in any graph, static caches, padded batches, Inductor
 after the rewrite, and the counts that say what really ran."""
 
+import copy
 import warnings
 
 import pytest
@@ -104,6 +105,22 @@ def test_a_left_padded_batch_runs_the_method_sparsely_each_row_as_if_alone(polic
                for row in explain_rows(batched_frame.last, batched_frame.current))
     ops = batched_frame.last.rewrite.ops
     assert ops["sparsify.left_padding"] == 1 and ops["sparsify.shift_rows"] == 3 * 4  # q, k, v in; out back
+
+
+@pytest.mark.parametrize("policy", ["sink_window", "block_topk", "delta"])
+def test_a_padded_batch_continued_by_a_chunk_over_its_cache_is_exact(policy):
+    """A left-padded batch's prefill, then a chunk of 50 tokens over the cache it filled: the chunk is no plain
+    prefill (its queries follow cached keys), so the guard gives it exact attention: what the model itself computes
+    over the same cache."""
+    model = tiny_model("llama")
+    compiled = sparsify.compile(model, PADDED_POLICIES[policy], cost_model_fallback=False)
+    ids, mask, _ = left_padded(torch.randint(1, 256, (2, 350)), [20, 0])
+    with torch.no_grad():
+        cache = compiled(ids[:, :300], attention_mask=mask[:, :300], use_cache=True).past_key_values
+        same_cache = copy.deepcopy(cache)
+        actual = compiled(ids[:, 300:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        expected = model(ids[:, 300:], attention_mask=mask, past_key_values=same_cache, use_cache=True).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_generate_on_a_left_padded_batch_gives_each_row_its_own_tokens():

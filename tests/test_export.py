@@ -64,7 +64,7 @@ class CausalStack(torch.nn.Module):
         return x
 
 
-def test_export_with_a_sparse_method_shows_the_kernel_nodes_and_keeps_the_plan():
+def test_export_with_a_sparse_method_shows_the_plan_and_kernel_nodes_and_saves(tmp_path):
     torch.manual_seed(0)
     model = CausalStack().eval()
     x = torch.randn(1, 40, 32)
@@ -72,13 +72,16 @@ def test_export_with_a_sparse_method_shows_the_kernel_nodes_and_keeps_the_plan()
     program = sparsify.export(model, (x,), policy, cost_model_fallback=False)
     targets = op_targets(program)
     assert targets.count("sparsify.block_sparse_attention.default") == 2
-    assert targets.count("sparsify.sink_window_layout.default") == 0  # static lengths: planned at export, a buffer
-    assert sum(name.startswith("sparsify_plan_sink_window_layout") for name, _ in program.graph_module.named_buffers()) == 4
+    assert targets.count("sparsify.sink_window_layout.default") == 1  # one plan node, shared by both layers
     assert targets.count("sparsify.dense_attention.default") == 1
     compiled = sparsify.compile(model, policy, cost_model_fallback=False)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), compiled(x), atol=1e-5, rtol=1e-5)
         assert (program.module()(x) - model(x)).abs().max() > 1e-3
+    path = tmp_path / "stack.sparse.pt2"
+    torch.export.save(program, path)  # the plan is a node, not a tensor attribute: the program saves
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(path).module()(x), compiled(x), atol=1e-5, rtol=1e-5)
 
 
 def test_export_of_hf_models_checks_their_materialised_mask():

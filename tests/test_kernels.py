@@ -215,6 +215,15 @@ def test_block_topk_on_shifted_padded_rows_chooses_what_each_row_alone_would(blo
     assert batched[0].sum() < 0.8 * 4 * causal.sum()  # it is sparse: fewer pairs than causal attention
 
 
+def test_block_topk_op_on_a_bidirectional_call_at_full_density_is_exact():
+    """Diffusion steps are bidirectional: every key block is a candidate (none is hidden as if causal)."""
+    q, k, v = random_qkv(1, 4, 2, 100, 100, 16)
+    layout = torch.ops.sparsify.block_topk_layout(q, k, 1.0, 16, 16, 1, False)
+    out, _ = torch.ops.sparsify.block_sparse_attention(q, k, v, *layout, 16, 16, False, 0, 0, 0.25, 4, 1, False)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_union_intersection_and_block_mask_round_trip():
     window = sink_window_layout(64, 64, 0, 16, 16, 16)
     strided = strided_layout(64, 64, 2, 16, 16, local_blocks=1)

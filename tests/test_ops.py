@@ -30,12 +30,12 @@ def test_layout_and_block_sparse_ops_pass_opcheck():
     assert torch.equal(parts[0], reference.kv_num_blocks) and torch.equal(parts[3], reference.full_kv_indices)
     args = (q, k, v, *parts, 8, 8, True, 2, 8, 0.25, 4, 1, False)
     torch.library.opcheck(torch.ops.sparsify.block_sparse_attention.default, args)
-    torch.library.opcheck(torch.ops.sparsify.block_topk_layout.default, (q, k, 0.5, 8, 8, 1))
+    torch.library.opcheck(torch.ops.sparsify.block_topk_layout.default, (q, k, 0.5, 8, 8, 1, True))
     # Longer: each query block keeps fewer candidates than there are key blocks (the index tensors' width).
     long_q, long_k = torch.randn(2, 4, 200, 16), torch.randn(2, 2, 200, 16)
-    torch.library.opcheck(torch.ops.sparsify.block_topk_layout.default, (long_q, long_k, 0.1, 8, 8, 1))
+    torch.library.opcheck(torch.ops.sparsify.block_topk_layout.default, (long_q, long_k, 0.1, 8, 8, 1, False))
     torch.library.opcheck(torch.ops.sparsify.block_topk_layout.default,
-                          (long_q, long_k, 0.1, 8, 8, 1, torch.tensor([0, 30])))
+                          (long_q, long_k, 0.1, 8, 8, 1, True, torch.tensor([0, 30])))
 
 
 @pytest.mark.parametrize("shapes,message", [

@@ -23,17 +23,19 @@ from .block_sparse import BlockSparseMethod, layout_tensors
 
 @torch.library.custom_op("sparsify::block_topk_layout", mutates_args=())
 def block_topk_layout_op(q: Tensor, k: Tensor, density: float, block_m: int, block_n: int, sink_blocks: int,
-                         starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks).
-    ``starts`` (B,): the rows are left-padded ones shifted to start at 0, row b's last ``starts[b]`` positions
-    zeros; each row's blocks are then chosen as for that row alone."""
-    lengths = None if starts is None else q.shape[2] - starts
+                         causal: bool, starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query head, the top ``density`` share of key blocks by pooled scores (plus diagonal and sink blocks),
+    among the causally visible ones where ``causal``. ``starts`` (B,): the rows are left-padded ones shifted to
+    start at 0, row b's last ``starts[b]`` positions zeros; each row's blocks are then chosen as for that row alone.
+    A call that is no plain prefill (its queries after cached keys) takes no ``starts``: its output is the guard's
+    to replace."""
+    lengths = None if starts is None or q.shape[2] != k.shape[2] else q.shape[2] - starts
     return layout_tensors(block_topk_layout(q, k, density=density, block_m=block_m, block_n=block_n,
-                                            sink_blocks=sink_blocks, lengths=lengths))
+                                            sink_blocks=sink_blocks, causal=causal, lengths=lengths))
 
 
 @block_topk_layout_op.register_fake
-def _(q, k, density, block_m, block_n, sink_blocks, starts=None):
+def _(q, k, density, block_m, block_n, sink_blocks, causal, starts=None):
     n_q, n_kv = -(-q.shape[2] // block_m), -(-k.shape[2] // block_n)
     candidates = topk_candidates(n_kv, density, sink_blocks)
     counts = q.new_empty((q.shape[0], q.shape[1], n_q), dtype=torch.int32)
@@ -69,7 +71,7 @@ class BlockTopk(BlockSparseMethod):
         """A selection, not a length plan: it reads this layer's q and k, so it is built per layer and call."""
         config = ctx.config
         layout = ctx.call(torch.ops.sparsify.block_topk_layout.default, ctx.q, ctx.k, params.density,
-                          config.block_m, config.block_n, params.sink_blocks, ctx.row_starts)
+                          config.block_m, config.block_n, params.sink_blocks, attn.causal, ctx.row_starts)
         return tuple(ctx.call(operator.getitem, layout, i) for i in range(4))
 
     def token_mask(self, params, attn):

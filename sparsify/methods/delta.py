@@ -149,7 +149,6 @@ def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, b
     return q.new_empty(q.shape)
 
 
-
 def padded_tail_rows(gamma: int, tail: int) -> int:
     """The most tail rows any row of a padded batch can have: ``tail`` if given, else the default's largest,
     ``gamma - 1 + max(128, gamma)``."""
@@ -168,7 +167,8 @@ def delta_padded(sparse_out: Tensor, strided_out: Tensor, q: Tensor, k: Tensor, 
     :func:`padded_tail_rows` rows of the batch, which hold every row's own tail (``delta_tail(n_b, gamma, tail)``
     rows). Returns (B, Hq, L, D) in the shifted frame: row b's tail exact, its other rows corrected by the
     difference at the start of their group (or the base alone when not ``correct``); rows past ``n_b`` are the
-    base's (they are padding once shifted back)."""
+    base's (they are padding once shifted back). PyTorch on every device (a padded batch's path, not the fused
+    kernel's): float32 temporaries of the output's size."""
     batch, heads, length, _ = sparse_out.shape
     exact_rows = min(length, padded_tail_rows(gamma, tail))
     positions = torch.arange(length - exact_rows, length, device=q.device)[:, None]
@@ -181,16 +181,19 @@ def delta_padded(sparse_out: Tensor, strided_out: Tensor, q: Tensor, k: Tensor, 
     real = length - starts                                                     # (B,)
     row_tail = torch.minimum(real, torch.full_like(real, tail) if tail >= 0
                              else real % gamma + max(128, gamma))             # (B,)
-    j = torch.arange(length, device=q.device)[None, :]                         # shifted positions
-    out = sparse_out.float()
+    out = sparse_out.to(torch.float32, copy=True)  # a new tensor: the op returns no alias of an input
     if correct:
-        difference = strided_out.float() - sparse_out[:, :, ::gamma].float()   # (B, Hq, ceil(L / gamma), D)
-        out = out + difference.index_select(2, (j[0] // gamma))
-    # Row b's tail, shifted positions [n_b - row_tail_b, n_b), is at rows j - (n_b - exact_rows) of ``exact``.
-    in_tail = (j >= (real - row_tail)[:, None]) & (j < real[:, None])          # (B, L)
-    source = (j - (real[:, None] - exact_rows)).clamp(0, exact_rows - 1)        # (B, L)
-    tail_values = exact.float().gather(2, source[:, None, :, None].expand(batch, heads, length, exact.shape[-1]))
-    out = torch.where(in_tail[:, None, :, None], tail_values, out)
+        # Row j's group starts at j - j % gamma: add that row's difference, exact minus sparse (float32, in place).
+        groups = torch.arange(length, device=q.device) // gamma
+        out += (strided_out.float() - sparse_out[:, :, ::gamma].float()).index_select(2, groups)
+    # Row b's tail is at shifted positions [n_b - row_tail_b, n_b), rows [exact_rows - row_tail_b, exact_rows) of
+    # ``exact``; only the (B, Hq, exact_rows, D) candidates are gathered and written.
+    offsets = torch.arange(exact_rows, device=q.device)[None, :]
+    targets = real[:, None] - exact_rows + offsets                             # (B, exact_rows)
+    in_tail = (offsets >= exact_rows - row_tail[:, None]) & (targets >= 0)
+    index = targets.clamp(min=0)[:, None, :, None].expand(batch, heads, exact_rows, out.shape[-1])
+    values = torch.where(in_tail[:, None, :, None], exact.float(), out.gather(2, index))
+    out.scatter_(2, index, values)
     return out.to(sparse_out.dtype)
 
 
@@ -268,15 +271,16 @@ class Delta(AttentionMethod):
             if not params.correct:
                 return None, None  # the ablation on padded rows computes no rows of its own
             tail = 0
-        q_len, kv_len = ctx.length(ctx.q, 2, attn.q_len), ctx.length(ctx.k, 2, attn.kv_len)
         rows = ctx.length_plan(("delta_rows", params.gamma, tail, params.correct, str(attn.q_len)),
-                               torch.ops.sparsify.delta_rows.default, q_len, params.gamma, tail, params.correct,
-                               ctx.device)
+                               torch.ops.sparsify.delta_rows.default,
+                               lambda: (ctx.length(ctx.q, 2, attn.q_len), params.gamma, tail, params.correct,
+                                        ctx.device))
         tile = row_launch(ctx.config, attn.dtype)
         layout = ctx.length_plan(("delta_row_layout", params.gamma, tail, params.correct, str(attn.q_len),
                                   str(attn.kv_len), attn.group_size, tile.block_m, tile.block_n),
-                                 torch.ops.sparsify.row_layout.default, rows, q_len, kv_len, attn.group_size,
-                                 tile.block_m, tile.block_n)
+                                 torch.ops.sparsify.row_layout.default,
+                                 lambda: (rows, ctx.length(ctx.q, 2, attn.q_len), ctx.length(ctx.k, 2, attn.kv_len),
+                                          attn.group_size, tile.block_m, tile.block_n))
         return rows, layout
 
     def run(self, params: DeltaParams, attn, ctx, plan):
@@ -300,7 +304,6 @@ class Delta(AttentionMethod):
             return base.emit_corrected(params.base.params, attn, ctx, row_out, params.gamma, tail)
         sparse_out = base.emit(params.base.params, attn, ctx)
         return ctx.call(torch.ops.sparsify.delta_correction.default, sparse_out, row_out, params.gamma, tail)
-
 
     @staticmethod
     def _padded(params: DeltaParams, attn, ctx, sparse_out, strided_out):

@@ -71,9 +71,9 @@ class SinkWindow(BlockSparseMethod):
         return ctx.length_plan(
             ("sink_window_layout", params, str(attn.q_len), str(attn.kv_len), config.block_m, config.block_n,
              attn.match.model_window),
-            torch.ops.sparsify.sink_window_layout.default, ctx.length(ctx.q, 2, attn.q_len),
-            ctx.length(ctx.k, 2, attn.kv_len), params.sink, params.window, config.block_m, config.block_n,
-            attn.match.model_window, ctx.device)
+            torch.ops.sparsify.sink_window_layout.default,
+            lambda: (ctx.length(ctx.q, 2, attn.q_len), ctx.length(ctx.k, 2, attn.kv_len), params.sink,
+                     params.window, config.block_m, config.block_n, attn.match.model_window, ctx.device))
 
     def token_mask(self, params, attn):
         return True, params.sink, params.window
