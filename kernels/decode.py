@@ -107,8 +107,8 @@ def _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, start, end, offs_t,
 
 @triton.jit
 def _decode_split(
-    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, Out, Lse,
-    stride_qb, stride_qh, stride_qd, stride_len,
+    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, BLOCK_OFFSET, Out, Lse,
+    stride_qb, stride_qh, stride_qd, stride_len, stride_offset,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
@@ -118,7 +118,8 @@ def _decode_split(
     stride_lb, stride_lh, stride_ls,
     kv_heads, group, cache_len, n_listed, n_cache_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads. Writes
@@ -161,11 +162,15 @@ def _decode_split(
         first = split * per_split
         last = tl.minimum(first + per_split, count)
         index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
+        # Row b's blocks start at its offset (a left-padded row's first real position), as they would alone.
+        offset = 0
+        if HAS_OFFSETS:
+            offset = tl.load(BLOCK_OFFSET + batch * stride_offset).to(tl.int32)
         for i in range(first, last):
             block = tl.load(index_row + i * stride_is).to(tl.int32)
             # An index outside the cache is ignored (end = start hides every key) instead of read out of bounds.
             in_cache = (block >= 0) & (block < n_cache_blocks)
-            block_start = tl.where(in_cache, block, 0) * BLOCK_SIZE
+            block_start = tl.minimum(tl.where(in_cache, block, 0) * BLOCK_SIZE + offset, kv_len)
             block_end = tl.where(in_cache, tl.minimum(block_start + BLOCK_SIZE, kv_len), block_start)
             for chunk in range(0, BLOCK_SIZE, BLOCK_N):
                 acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
@@ -248,7 +253,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
                         key_padding: torch.Tensor | None, kv_block_indices: torch.Tensor | None,
-                        kv_block_counts: torch.Tensor | None, block_size: int | None) -> None:
+                        kv_block_counts: torch.Tensor | None, block_size: int | None,
+                        block_offsets: torch.Tensor | None = None) -> None:
     """Shapes, index dtypes and devices (never values: reading them would sync with the device)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
@@ -283,26 +289,35 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
         if not isinstance(block_size, int) or block_size < 1:
             raise ShapeError(f"decode_attention: block_size must be a positive int with kv_block_indices; got "
                              f"{block_size!r}")
+    if block_offsets is not None and (kv_block_indices is None or block_offsets.shape != (batch,)
+                                      or block_offsets.dtype not in (torch.int32, torch.int64)):
+        raise ShapeError(f"decode_attention: block_offsets must be an int32 (or int64) tensor of shape ({batch},), "
+                         f"with kv_block_indices; got {getattr(block_offsets, 'dtype', None)} "
+                         f"{tuple(getattr(block_offsets, 'shape', ()))}")
     for name, t in (("k", k), ("v", v), ("kv_lengths", kv_lengths), ("key_padding", key_padding),
-                    ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts)):
+                    ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts),
+                    ("block_offsets", block_offsets)):
         if t is not None and t.device != q.device:
             raise ShapeError(f"decode_attention: {name} is on {t.device}, q on {q.device}; all must share a device")
 
 
 def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None,
-                               kv_block_counts=None, block_size=None, num_splits=None, block_n=None, num_warps=None,
-                               num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
+                               kv_block_counts=None, block_size=None, block_offsets=None, num_splits=None,
+                               block_n=None, num_warps=None, num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, float32: the function :func:`decode_attention` computes (its launch arguments
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` are accepted and ignored).
 
     q: (B, Hq, 1, D); k: (B, Hkv, L, D); v: (B, Hkv, L, Dv); Hq a multiple of Hkv, query head h reading KV head
     h // (Hq / Hkv). Row b sees key j when ``j < kv_lengths[b]`` (clamped to [0, L]), ``key_padding[b, j]`` (if
-    given) and, with block lists, ``j // block_size`` is one of ``kv_block_indices[b, g, :kv_block_counts[b, g]]``
-    (count clamped to [0, S]; indices outside the cache are ignored). ``scale`` None means 1/sqrt(D).
+    given) and, with block lists, ``(j - block_offsets[b]) // block_size`` (offsets 0 when None: row b's blocks
+    start at its offset, a left-padded row's first real position) is one of
+    ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
+    ignored; positions before the offset are in no block). ``scale`` None means 1/sqrt(D).
     Returns out (B, Hq, 1, Dv) in q's dtype and lse (B, Hq, 1) float32, natural log; a row that sees no key gets
     out 0 and lse -inf.
     """
-    check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size)
+    check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
+                        block_offsets)
     batch, q_heads, _, dim = q.shape
     kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     group = q_heads // kv_heads
@@ -320,7 +335,11 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
         keep = slots & (idx >= 0) & (idx < n_cache_blocks)
         chosen = torch.zeros(batch, kv_heads, n_cache_blocks + 1, dtype=torch.bool, device=q.device)
         chosen.scatter_(2, torch.where(keep, idx, n_cache_blocks), True)  # rejects land in the extra column
-        visible = visible & chosen[..., keys // block_size]
+        offsets = block_offsets.long() if block_offsets is not None else torch.zeros(batch, dtype=torch.long,
+                                                                                      device=q.device)
+        relative = keys[None, :] - offsets[:, None]                                       # (B, L)
+        key_block = torch.where(relative >= 0, relative // block_size, n_cache_blocks)   # before the offset: none
+        visible = visible & chosen.gather(2, key_block[:, None].expand(batch, kv_heads, length))
     qf = q.float().reshape(batch, kv_heads, group, dim)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale                       # (B, Hkv, G, L)
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
@@ -331,8 +350,8 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
 
 
 def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None, kv_block_counts=None,
-                     block_size=None, num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_size=None, block_offsets=None, num_splits=None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split-KV kernels. Same contract as :func:`decode_attention_reference`.
 
     Takes float16/bfloat16 (and float32, computed in IEEE float32) with D and Dv powers of 2 in [16, 256], on
@@ -343,7 +362,8 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     The listed blocks of a (row, KV head) must be distinct (sorted, as the layouts give them; the kernel itself
     needs no order): a repeated block would count twice here, once in the reference.
     """
-    check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size)
+    check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
+                        block_offsets)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
         raise ShapeError(f"decode_attention: dtype: q, k, v must share float16, bfloat16 or float32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
@@ -392,15 +412,17 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     else:
         idx = cnt = kv_lengths  # placeholders
         idx_strides, cnt_strides = (0, 0, 0), (0, 0)
+    offsets, offset_stride = (block_offsets, block_offsets.stride(0)) if block_offsets is not None else (idx, 0)  # placeholder
 
     _decode_split[(num_splits, batch * kv_heads)](
-        q, k, v, kv_lengths, pad, idx, cnt, part_out, part_lse,
-        q.stride(0), q.stride(1), q.stride(3), kv_lengths.stride(0),
+        q, k, v, kv_lengths, pad, idx, cnt, offsets, part_out, part_lse,
+        q.stride(0), q.stride(1), q.stride(3), kv_lengths.stride(0), offset_stride,
         *k.stride(), *v.stride(), *pad_strides, *idx_strides, *cnt_strides,
         *part_out.stride(), *part_lse.stride(),
         kv_heads, group, length, n_units if has_blocks else 0, n_cache_blocks, scale * LOG2E,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=tile,
         BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
+        HAS_OFFSETS=block_offsets is not None,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
         num_warps=num_warps, num_stages=stages,
     )

@@ -132,6 +132,28 @@ def test_block_lists(seed, batch, kv_heads, group, length, block_size, listed, p
         torch.testing.assert_close(dense_lse, ref_lse, atol=1e-5, rtol=1e-4)
 
 
+def test_block_lists_from_each_rows_offset():
+    """Row b's block j covers positions [offset_b + j * bs, offset_b + (j + 1) * bs) (a left-padded row's blocks
+    as it would have them alone): the kernel equals the reference, and the reference equals attention over those
+    positions, masked by hand."""
+    gen = torch.Generator().manual_seed(601)
+    batch, kv_heads, group, length, block_size = 3, 2, 2, 200, 16
+    q, k, v = make_qkv(gen, batch, kv_heads, group, length, 64)
+    offsets = torch.tensor([0, 13, 70], dtype=torch.int32)
+    key_padding = torch.arange(length)[None, :] >= offsets[:, None].long()
+    indices = torch.tensor([0, 2, 5, 7], dtype=torch.int32).expand(batch, kv_heads, 4).contiguous()
+    counts = torch.full((batch, kv_heads), 4, dtype=torch.int32)
+    lengths = torch.full((batch,), length, dtype=torch.int32)
+    out, _ = check(q, k, v, lengths, None, key_padding=key_padding, kv_block_indices=indices,
+                   kv_block_counts=counts, block_size=block_size, block_offsets=offsets)
+    for row, offset in enumerate(offsets.tolist()):
+        keys = torch.cat([torch.arange(offset + j * block_size, offset + (j + 1) * block_size) for j in (0, 2, 5, 7)])
+        keys = keys[keys < length]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[row:row + 1].float(), k[row:row + 1, :, keys].float(), v[row:row + 1, :, keys].float(), enable_gqa=True)
+        torch.testing.assert_close(out[row:row + 1].float(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_rows_that_see_no_key():
     """kv_length 0, a negative length, padding over every key, and an empty block list: out 0, lse -inf."""
     gen = torch.Generator().manual_seed(501)

@@ -42,7 +42,7 @@ def test_summaries_after_appends_equal_summaries_from_scratch(static):
         q = torch.randn(2, 6, length, 8)
         keys = k if static else k[:, :, :offset + length]
         query_offset = torch.tensor(offset) if static else None
-        torch.ops.sparsify.resa_summaries(kmin, kmax, q, keys, query_offset, 4)
+        torch.ops.sparsify.resa_summaries(kmin, kmax, q, keys, query_offset, None, 4)
     expected_min, expected_max = summaries_from_scratch(k, 37, 4, 12)
     torch.testing.assert_close(kmin[:, :, :10], expected_min[:, :, :10])
     torch.testing.assert_close(kmax[:, :, :10], expected_max[:, :, :10])
@@ -55,7 +55,8 @@ def test_the_selection_equals_its_definition():
     kmin, kmax = summaries_from_scratch(k, used, block, n_blocks)
     q = torch.randn(batch, kv_heads * group, 1, dim)
     ratio, min_blocks, local = 0.2, 3, 2
-    indices, counts = torch.ops.sparsify.resa_select(q, kmin, kmax, k, None, block, ratio, min_blocks, local, 0.5)
+    indices, counts = torch.ops.sparsify.resa_select(q, kmin, kmax, k, None, None, block, ratio, min_blocks, local,
+                                                     0.5)
     in_use = math.ceil(used / block)
     keep = max(math.ceil(in_use * ratio), min(in_use, min_blocks))
     assert indices.shape == (batch, kv_heads, max(math.ceil(n_blocks * ratio), min_blocks, local))
@@ -124,6 +125,23 @@ def test_a_users_own_decode_loop_is_rectified_and_64_steps_do_not_recompile():
             compiled.append(fast.sparsify.backend.compilations)
     assert state_of(cache).recent.rectifications == 64 // 16
     assert compiled[-1] == compiled[20]  # the prefill, decode and rectification frames, then nothing new
+
+
+def test_a_left_padded_batch_gives_each_row_what_it_gives_alone():
+    """Each row's blocks start at its first real token, its budget and local blocks come from its own length:
+    batched with padding or alone, a row generates the same tokens (rectification included)."""
+    model = tiny_model("llama")
+    fast = sparsify.compile(model, resa(rectify_every=8))
+    pads = [0, 13, 30]
+    ids = torch.randint(1, 256, (3, PROMPT + 30))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    with torch.no_grad():
+        batched = fast.generate(ids, attention_mask=mask, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        for row, pad in enumerate(pads):
+            alone = fast.generate(ids[row:row + 1, pad:], max_new_tokens=20, min_new_tokens=20, do_sample=False)
+            assert torch.equal(batched[row, PROMPT + 30:], alone[0, PROMPT + 30 - pad:])
 
 
 def test_rectify_every_1_is_refused_with_the_reason():
