@@ -73,7 +73,15 @@ def _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, start, end, offs_t,
     it without padding, but a decode step is bound by the K/V bytes, not by a compare and a select. ``k_cols`` and
     ``v_cols``: the D and Dv offsets, already times their strides."""
     offs_n = start + offs_t
-    visible = offs_n < end
+    return _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, offs_n < end, k_cols, v_cols, qk_scale,
+                   stride_kn, stride_vn, stride_pn, HAS_PADDING, IEEE, UPCAST)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, k_cols, v_cols, qk_scale,
+            stride_kn, stride_vn, stride_pn, HAS_PADDING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The keys at positions ``offs_n`` (BLOCK_N of them, contiguous or listed) where ``visible`` (and not padding)
+    folded into the online softmax of the group's rows."""
     if HAS_PADDING:
         attend = tl.load(pad_base + offs_n.to(tl.int64) * stride_pn, mask=visible, other=0)
         visible = visible & (attend != 0)
@@ -119,7 +127,7 @@ def _decode_split(
     kv_heads, group, cache_len, n_listed, n_cache_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
-    IEEE: tl.constexpr,
+    HAS_TOKENS: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads. Writes
@@ -176,6 +184,24 @@ def _decode_split(
                 acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
                                              block_end, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
                                              stride_pn, HAS_PADDING, IEEE, UPCAST)
+    elif HAS_TOKENS:
+        # The lists hold token positions: BLOCK_N of them per tile, their K/V rows gathered.
+        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
+        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
+        n_tiles = tl.cdiv(count, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, num_splits)
+        first = split * per_split
+        last = tl.minimum(first + per_split, n_tiles)
+        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
+        for j in range(first, last):
+            slots = j * BLOCK_N + offs_t
+            listed = slots < count
+            positions = tl.load(index_row + slots * stride_is, mask=listed, other=0).to(tl.int32)
+            # A position outside the keys in use is ignored instead of read out of bounds.
+            visible = listed & (positions >= 0) & (positions < kv_len)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.where(visible, positions, 0),
+                                    visible, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
+                                    HAS_PADDING, IEEE, UPCAST)
     else:
         n_blocks = tl.cdiv(kv_len, BLOCK_N)
         per_split = tl.cdiv(n_blocks, num_splits)
@@ -254,7 +280,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor,
                         key_padding: torch.Tensor | None, kv_block_indices: torch.Tensor | None,
                         kv_block_counts: torch.Tensor | None, block_size: int | None,
-                        block_offsets: torch.Tensor | None = None) -> None:
+                        block_offsets: torch.Tensor | None = None, kv_token_indices: torch.Tensor | None = None,
+                        kv_token_counts: torch.Tensor | None = None) -> None:
     """Shapes, index dtypes and devices (never values: reading them would sync with the device)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
@@ -289,6 +316,18 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
         if not isinstance(block_size, int) or block_size < 1:
             raise ShapeError(f"decode_attention: block_size must be a positive int with kv_block_indices; got "
                              f"{block_size!r}")
+    if (kv_token_indices is None) != (kv_token_counts is None):
+        raise ShapeError("decode_attention: kv_token_indices and kv_token_counts come together (both or neither)")
+    if kv_token_indices is not None:
+        if kv_block_indices is not None:
+            raise ShapeError("decode_attention: block lists or token lists, not both")
+        if kv_token_indices.dim() != 3 or kv_token_indices.shape[:2] != (batch, kv_heads) \
+                or kv_token_indices.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"decode_attention: kv_token_indices must be an int32 (or int64) tensor of shape ({batch}, "
+                             f"{kv_heads}, T); got {kv_token_indices.dtype} {tuple(kv_token_indices.shape)}")
+        if kv_token_counts.shape != (batch, kv_heads) or kv_token_counts.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"decode_attention: kv_token_counts must be an int32 (or int64) tensor of shape ({batch}, "
+                             f"{kv_heads}); got {kv_token_counts.dtype} {tuple(kv_token_counts.shape)}")
     if block_offsets is not None and (kv_block_indices is None or block_offsets.shape != (batch,)
                                       or block_offsets.dtype not in (torch.int32, torch.int64)):
         raise ShapeError(f"decode_attention: block_offsets must be an int32 (or int64) tensor of shape ({batch},), "
@@ -296,14 +335,16 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                          f"{tuple(getattr(block_offsets, 'shape', ()))}")
     for name, t in (("k", k), ("v", v), ("kv_lengths", kv_lengths), ("key_padding", key_padding),
                     ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts),
-                    ("block_offsets", block_offsets)):
+                    ("block_offsets", block_offsets), ("kv_token_indices", kv_token_indices),
+                    ("kv_token_counts", kv_token_counts)):
         if t is not None and t.device != q.device:
             raise ShapeError(f"decode_attention: {name} is on {t.device}, q on {q.device}; all must share a device")
 
 
 def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None,
-                               kv_block_counts=None, block_size=None, block_offsets=None, num_splits=None,
-                               block_n=None, num_warps=None, num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
+                               kv_block_counts=None, block_size=None, block_offsets=None, kv_token_indices=None,
+                               kv_token_counts=None, num_splits=None, block_n=None, num_warps=None,
+                               num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, float32: the function :func:`decode_attention` computes (its launch arguments
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` are accepted and ignored).
 
@@ -312,12 +353,14 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     given) and, with block lists, ``(j - block_offsets[b]) // block_size`` (offsets 0 when None: row b's blocks
     start at its offset, a left-padded row's first real position) is one of
     ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
-    ignored; positions before the offset are in no block). ``scale`` None means 1/sqrt(D).
+    ignored; positions before the offset are in no block); with token lists, ``j`` is one of
+    ``kv_token_indices[b, g, :kv_token_counts[b, g]]`` (positions outside [0, L) ignored; LessIsMore's selections).
+    ``scale`` None means 1/sqrt(D).
     Returns out (B, Hq, 1, Dv) in q's dtype and lse (B, Hq, 1) float32, natural log; a row that sees no key gets
     out 0 and lse -inf.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
-                        block_offsets)
+                        block_offsets, kv_token_indices, kv_token_counts)
     batch, q_heads, _, dim = q.shape
     kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     group = q_heads // kv_heads
@@ -340,6 +383,14 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
         relative = keys[None, :] - offsets[:, None]                                       # (B, L)
         key_block = torch.where(relative >= 0, relative // block_size, n_cache_blocks)   # before the offset: none
         visible = visible & chosen.gather(2, key_block[:, None].expand(batch, kv_heads, length))
+    if kv_token_indices is not None:
+        listed = kv_token_indices.shape[-1]
+        slots = torch.arange(listed, device=q.device) < kv_token_counts.clamp(0, listed)[..., None]
+        idx = kv_token_indices.long()
+        keep = slots & (idx >= 0) & (idx < length)
+        chosen = torch.zeros(batch, kv_heads, length + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(2, torch.where(keep, idx, length), True)  # rejects land in the extra column
+        visible = visible & chosen[..., :length]
     qf = q.float().reshape(batch, kv_heads, group, dim)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale                       # (B, Hkv, G, L)
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
@@ -350,8 +401,9 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
 
 
 def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None, kv_block_counts=None,
-                     block_size=None, block_offsets=None, num_splits=None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+                     block_size=None, block_offsets=None, kv_token_indices=None, kv_token_counts=None,
+                     num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split-KV kernels. Same contract as :func:`decode_attention_reference`.
 
     Takes float16/bfloat16 (and float32, computed in IEEE float32) with D and Dv powers of 2 in [16, 256], on
@@ -360,10 +412,11 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     power of 2), a block taking several tiles when larger). ``num_splits`` None: :func:`decode_num_splits`.
     ``num_stages`` is lowered to fit shared memory. No host synchronisation: CUDA-graph capturable.
     The listed blocks of a (row, KV head) must be distinct (sorted, as the layouts give them; the kernel itself
-    needs no order): a repeated block would count twice here, once in the reference.
+    needs no order): a repeated block would count twice here, once in the reference. Token lists likewise: each
+    split takes tiles of ``block_n`` listed positions and gathers their K/V rows.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
-                        block_offsets)
+                        block_offsets, kv_token_indices, kv_token_counts)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
         raise ShapeError(f"decode_attention: dtype: q, k, v must share float16, bfloat16 or float32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
@@ -379,11 +432,15 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
                          f"TRITON_INTERPRET=1). Use decode_attention_reference there")
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    has_blocks = kv_block_indices is not None
+    has_blocks, has_tokens = kv_block_indices is not None, kv_token_indices is not None
     if has_blocks:
         tile = min(block_n, max(16, triton.next_power_of_2(block_size)))
         n_units = kv_block_indices.shape[-1]
         n_cache_blocks = -(-length // block_size)
+    elif has_tokens:
+        tile = block_n
+        n_units = -(-kv_token_indices.shape[-1] // tile)  # tiles of listed tokens
+        n_cache_blocks = -(-length // block_n)
     else:
         tile = block_n
         n_units = n_cache_blocks = -(-length // block_n)
@@ -406,8 +463,8 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         pad_strides = pad.stride()
     else:
         pad, pad_strides = kv_lengths, (0, 0)  # placeholder: HAS_PADDING=False compiles the loads out
-    if has_blocks:
-        idx, cnt = kv_block_indices, kv_block_counts
+    if has_blocks or has_tokens:
+        idx, cnt = (kv_block_indices, kv_block_counts) if has_blocks else (kv_token_indices, kv_token_counts)
         idx_strides, cnt_strides = idx.stride(), cnt.stride()
     else:
         idx = cnt = kv_lengths  # placeholders
@@ -419,10 +476,10 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         q.stride(0), q.stride(1), q.stride(3), kv_lengths.stride(0), offset_stride,
         *k.stride(), *v.stride(), *pad_strides, *idx_strides, *cnt_strides,
         *part_out.stride(), *part_lse.stride(),
-        kv_heads, group, length, n_units if has_blocks else 0, n_cache_blocks, scale * LOG2E,
+        kv_heads, group, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks, scale * LOG2E,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=tile,
         BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
-        HAS_OFFSETS=block_offsets is not None,
+        HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
         num_warps=num_warps, num_stages=stages,
     )

@@ -154,6 +154,37 @@ def test_block_lists_from_each_rows_offset():
         torch.testing.assert_close(out[row:row + 1].float(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seed,batch,kv_heads,group,length,listed,padded,splits", [
+    (701, 2, 2, 4, 300, 90, False, None),
+    (702, 3, 1, 3, 500, 200, True, 3),   # several tiles per split, and left padding
+    (703, 1, 2, 1, 64, 17, False, 1),
+])
+def test_token_lists(seed, batch, kv_heads, group, length, listed, padded, splits):
+    """LessIsMore's selections: each (row, KV head) attends to its listed token positions only (sorted subsets;
+    past the count and out of range: ignored)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(gen, batch, kv_heads, group, length, 64)
+    indices = torch.empty(batch, kv_heads, listed, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            indices[b, h] = torch.randperm(length, generator=gen)[:listed].sort().values.to(torch.int32)
+    counts = torch.randint(1, listed, (batch, kv_heads), generator=gen, dtype=torch.int32)
+    garbage = torch.randint(-5, 3 * length, indices.shape, generator=gen, dtype=torch.int32)
+    indices = torch.where(torch.arange(listed) < counts[..., None], indices, garbage)
+    key_padding = torch.arange(length)[None, :] >= torch.randint(0, 40, (batch, 1), generator=gen) if padded else None
+    lengths = torch.full((batch,), length, dtype=torch.int32)
+    out, _ = check(q, k, v, lengths, None, key_padding=key_padding, kv_token_indices=indices, kv_token_counts=counts,
+                   num_splits=splits)
+    b, h = 0, 0  # and the reference against the definition, for one (row, KV head)
+    keys = indices[b, h, :counts[b, h]].long()
+    if key_padding is not None:
+        keys = keys[key_padding[b, keys]]
+    expected = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1, :group].float(),
+                                                                k[b:b + 1, h:h + 1, keys].float(),
+                                                                v[b:b + 1, h:h + 1, keys].float())
+    torch.testing.assert_close(out[b:b + 1, :group].float(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_rows_that_see_no_key():
     """kv_length 0, a negative length, padding over every key, and an empty block list: out 0, lse -inf."""
     gen = torch.Generator().manual_seed(501)
