@@ -303,31 +303,13 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                                     or key_padding.is_complex()):
         raise ShapeError(f"decode_attention: key_padding must be a bool (or integer, nonzero = attend) tensor of "
                          f"shape ({batch}, {length}); got {key_padding.dtype} {tuple(key_padding.shape)}")
-    if (kv_block_indices is None) != (kv_block_counts is None):
-        raise ShapeError("decode_attention: kv_block_indices and kv_block_counts come together (both or neither)")
-    if kv_block_indices is not None:
-        if kv_block_indices.dim() != 3 or kv_block_indices.shape[:2] != (batch, kv_heads) \
-                or kv_block_indices.dtype not in (torch.int32, torch.int64):
-            raise ShapeError(f"decode_attention: kv_block_indices must be an int32 (or int64) tensor of shape "
-                             f"({batch}, {kv_heads}, S); got {kv_block_indices.dtype} {tuple(kv_block_indices.shape)}")
-        if kv_block_counts.shape != (batch, kv_heads) or kv_block_counts.dtype not in (torch.int32, torch.int64):
-            raise ShapeError(f"decode_attention: kv_block_counts must be an int32 (or int64) tensor of shape ({batch}, "
-                             f"{kv_heads}); got {kv_block_counts.dtype} {tuple(kv_block_counts.shape)}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ShapeError(f"decode_attention: block_size must be a positive int with kv_block_indices; got "
-                             f"{block_size!r}")
-    if (kv_token_indices is None) != (kv_token_counts is None):
-        raise ShapeError("decode_attention: kv_token_indices and kv_token_counts come together (both or neither)")
-    if kv_token_indices is not None:
-        if kv_block_indices is not None:
-            raise ShapeError("decode_attention: block lists or token lists, not both")
-        if kv_token_indices.dim() != 3 or kv_token_indices.shape[:2] != (batch, kv_heads) \
-                or kv_token_indices.dtype not in (torch.int32, torch.int64):
-            raise ShapeError(f"decode_attention: kv_token_indices must be an int32 (or int64) tensor of shape ({batch}, "
-                             f"{kv_heads}, T); got {kv_token_indices.dtype} {tuple(kv_token_indices.shape)}")
-        if kv_token_counts.shape != (batch, kv_heads) or kv_token_counts.dtype not in (torch.int32, torch.int64):
-            raise ShapeError(f"decode_attention: kv_token_counts must be an int32 (or int64) tensor of shape ({batch}, "
-                             f"{kv_heads}); got {kv_token_counts.dtype} {tuple(kv_token_counts.shape)}")
+    _check_lists("kv_block", kv_block_indices, kv_block_counts, batch, kv_heads, "S")
+    if kv_block_indices is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ShapeError(f"decode_attention: block_size must be a positive int with kv_block_indices; got "
+                         f"{block_size!r}")
+    _check_lists("kv_token", kv_token_indices, kv_token_counts, batch, kv_heads, "T")
+    if kv_token_indices is not None and kv_block_indices is not None:
+        raise ShapeError("decode_attention: block lists or token lists, not both")
     if block_offsets is not None and (kv_block_indices is None or block_offsets.shape != (batch,)
                                       or block_offsets.dtype not in (torch.int32, torch.int64)):
         raise ShapeError(f"decode_attention: block_offsets must be an int32 (or int64) tensor of shape ({batch},), "
@@ -339,6 +321,22 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                     ("kv_token_counts", kv_token_counts)):
         if t is not None and t.device != q.device:
             raise ShapeError(f"decode_attention: {name} is on {t.device}, q on {q.device}; all must share a device")
+
+
+def _check_lists(kind: str, indices: torch.Tensor | None, counts: torch.Tensor | None, batch: int, kv_heads: int,
+                 width: str) -> None:
+    """``<kind>_indices`` (B, Hkv, width) and ``<kind>_counts`` (B, Hkv), int32 or int64, both or neither."""
+    if (indices is None) != (counts is None):
+        raise ShapeError(f"decode_attention: {kind}_indices and {kind}_counts come together (both or neither)")
+    if indices is None:
+        return
+    integer = (torch.int32, torch.int64)
+    if indices.dim() != 3 or indices.shape[:2] != (batch, kv_heads) or indices.dtype not in integer:
+        raise ShapeError(f"decode_attention: {kind}_indices must be an int32 (or int64) tensor of shape ({batch}, "
+                         f"{kv_heads}, {width}); got {indices.dtype} {tuple(indices.shape)}")
+    if counts.shape != (batch, kv_heads) or counts.dtype not in integer:
+        raise ShapeError(f"decode_attention: {kind}_counts must be an int32 (or int64) tensor of shape ({batch}, "
+                         f"{kv_heads}); got {counts.dtype} {tuple(counts.shape)}")
 
 
 def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None,
@@ -372,25 +370,14 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     visible = visible[:, None].expand(batch, kv_heads, length)                            # (B, Hkv, L)
     if kv_block_indices is not None:
         n_cache_blocks = -(-length // block_size)
-        listed = kv_block_indices.shape[-1]
-        slots = torch.arange(listed, device=q.device) < kv_block_counts.clamp(0, listed)[..., None]
-        idx = kv_block_indices.long()
-        keep = slots & (idx >= 0) & (idx < n_cache_blocks)
-        chosen = torch.zeros(batch, kv_heads, n_cache_blocks + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, torch.where(keep, idx, n_cache_blocks), True)  # rejects land in the extra column
+        chosen = _listed(kv_block_indices, kv_block_counts, n_cache_blocks)
         offsets = block_offsets.long() if block_offsets is not None else torch.zeros(batch, dtype=torch.long,
                                                                                       device=q.device)
         relative = keys[None, :] - offsets[:, None]                                       # (B, L)
         key_block = torch.where(relative >= 0, relative // block_size, n_cache_blocks)   # before the offset: none
         visible = visible & chosen.gather(2, key_block[:, None].expand(batch, kv_heads, length))
     if kv_token_indices is not None:
-        listed = kv_token_indices.shape[-1]
-        slots = torch.arange(listed, device=q.device) < kv_token_counts.clamp(0, listed)[..., None]
-        idx = kv_token_indices.long()
-        keep = slots & (idx >= 0) & (idx < length)
-        chosen = torch.zeros(batch, kv_heads, length + 1, dtype=torch.bool, device=q.device)
-        chosen.scatter_(2, torch.where(keep, idx, length), True)  # rejects land in the extra column
-        visible = visible & chosen[..., :length]
+        visible = visible & _listed(kv_token_indices, kv_token_counts, length)[..., :length]
     qf = q.float().reshape(batch, kv_heads, group, dim)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale                       # (B, Hkv, G, L)
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
@@ -398,6 +385,17 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.matmul(probs, v.float())                                                  # (B, Hkv, G, Dv)
     return out.reshape(batch, q_heads, 1, dim_v).to(q.dtype), lse.reshape(batch, q_heads, 1)
+
+
+def _listed(indices: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, Hkv, n + 1) bool: which of n blocks (or tokens) the first ``counts`` entries of ``indices`` name (an
+    entry outside [0, n) is ignored; the extra last column takes the rejects)."""
+    listed = indices.shape[-1]
+    slots = torch.arange(listed, device=indices.device) < counts.clamp(0, listed)[..., None]
+    idx = indices.long()
+    keep = slots & (idx >= 0) & (idx < n)
+    chosen = torch.zeros(*indices.shape[:2], n + 1, dtype=torch.bool, device=indices.device)
+    return chosen.scatter_(2, torch.where(keep, idx, n), True)
 
 
 def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None, kv_block_counts=None,

@@ -91,8 +91,9 @@ def test_left_padding(seed, dtype):
 
 
 def random_block_lists(gen, batch, kv_heads, n_cache_blocks, listed):
-    """Sorted random subsets of the cache's blocks, counts in [1, listed - 1]; the slots past a count hold
-    garbage (out-of-range and unsorted values) that the kernel must not read."""
+    """Sorted random subsets of the cache's blocks (or tokens: ``n_cache_blocks`` the cache's length), counts in
+    [1, listed - 1]; the slots past a count hold garbage (out-of-range and unsorted values) that the kernel must
+    not read."""
     indices = torch.empty(batch, kv_heads, listed, dtype=torch.int32)
     for b in range(batch):
         for h in range(kv_heads):
@@ -164,13 +165,7 @@ def test_token_lists(seed, batch, kv_heads, group, length, listed, padded, split
     past the count and out of range: ignored)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = make_qkv(gen, batch, kv_heads, group, length, 64)
-    indices = torch.empty(batch, kv_heads, listed, dtype=torch.int32)
-    for b in range(batch):
-        for h in range(kv_heads):
-            indices[b, h] = torch.randperm(length, generator=gen)[:listed].sort().values.to(torch.int32)
-    counts = torch.randint(1, listed, (batch, kv_heads), generator=gen, dtype=torch.int32)
-    garbage = torch.randint(-5, 3 * length, indices.shape, generator=gen, dtype=torch.int32)
-    indices = torch.where(torch.arange(listed) < counts[..., None], indices, garbage)
+    indices, counts = random_block_lists(gen, batch, kv_heads, length, listed)
     key_padding = torch.arange(length)[None, :] >= torch.randint(0, 40, (batch, 1), generator=gen) if padded else None
     lengths = torch.full((batch,), length, dtype=torch.int32)
     out, _ = check(q, k, v, lengths, None, key_padding=key_padding, kv_token_indices=indices, kv_token_counts=counts,
