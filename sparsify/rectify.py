@@ -26,9 +26,9 @@ PER_TOKEN = ("input_ids", "position_ids", "cache_position", "token_type_ids")
 
 
 def rectify_period(policy: Policy) -> int:
-    """The policy's rectification period: the smallest ``rectify_every`` > 0 of the methods its rules (or its
-    default) name, 0 for none."""
-    periods = [getattr(spec.params, "rectify_every", 0) for spec in [rule.spec for rule in policy.rules]
+    """The policy's rectification period: the smallest :meth:`~sparsify.AttentionMethod.rectify_every` > 0 of the
+    methods its rules (or its default) name, 0 for none."""
+    periods = [spec.method.rectify_every(spec.params) for spec in [rule.spec for rule in policy.rules]
                + [policy.default]]
     return min((p for p in periods if p > 0), default=0)
 

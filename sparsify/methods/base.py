@@ -121,6 +121,11 @@ class AttentionMethod:
         sparse decode reads). Runs before the attention; ``ctx.k``/``ctx.v`` are the layer's whole cache. Nothing by
         default."""
 
+    def rectify_every(self, params: Any) -> int:
+        """Every how many generated tokens the method wants the decode loop to re-encode the last ones densely
+        (``sparsify.rectify``); 0, the default: never."""
+        return 0
+
     def provides(self, params: Any) -> str | None:
         """The name of a value this method publishes (``ctx.publish``) for later attentions of the same forward
         to read, e.g. a token selection; None by default."""

@@ -200,6 +200,9 @@ class ReSA(AttentionMethod):
         return (StateSpec("kmin", summaries, None, crop=lambda tensor, kept: None),
                 StateSpec("kmax", summaries, None, crop=lambda tensor, kept: None))
 
+    def rectify_every(self, params: ReSAParams) -> int:
+        return params.rectify_every
+
     def update_state(self, params: ReSAParams, attn, ctx):
         ctx.call(torch.ops.sparsify.resa_summaries.default, ctx.sequence_state("kmin"), ctx.sequence_state("kmax"),
                  ctx.q, ctx.k, ctx.query_offset, ctx.key_padding, params.block_size)
