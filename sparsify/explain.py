@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .pipeline import PipelineResult
+from .rectify import rectify_period
 
 
 def explain_rows(result: PipelineResult, variant=None) -> list[dict]:
@@ -88,6 +89,10 @@ def explain(compiled) -> str:
     state_line = _state_summary(handle.backend.state_layout)
     if state_line:
         console.print(state_line)
+        every = rectify_period(handle.policy)
+        if every:
+            console.print(f"rectification every {every} decode steps: that step runs over the last {every} tokens "
+                          f"(a frame of q_len {every} over the cache, decided by the prefill rules), rewriting their K/V")
     if not handle.frames:
         console.print("no frame captured yet: call the compiled model once, then explain it")
     if handle.frames:

@@ -125,6 +125,7 @@ def test_a_users_own_decode_loop_is_rectified_and_64_steps_do_not_recompile():
             compiled.append(fast.sparsify.backend.compilations)
     assert state_of(cache).recent.rectifications == 64 // 16
     assert compiled[-1] == compiled[20]  # the prefill, decode and rectification frames, then nothing new
+    assert "rectification every 16 decode steps: that step runs over the last 16 tokens" in sparsify.explain(fast)
 
 
 def test_a_left_padded_batch_gives_each_row_what_it_gives_alone():
