@@ -457,6 +457,11 @@ def _capacity(cache: Any, model: torch.nn.Module) -> int:
     return length
 
 
+def _forward_parameters(model: torch.nn.Module) -> list[str]:
+    """The names of the model's forward parameters, in order, ``self`` left out (for binding positional ones)."""
+    return list(inspect.signature(type(model).forward).parameters)[1:]
+
+
 def _kv_geometry(config: Any) -> tuple[int, int]:
     """(KV heads, head_dim) of a transformers config."""
     heads = int(config.num_attention_heads)
@@ -534,9 +539,9 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
-        if every and args:  # input_ids by position: by keyword from here on, so that a rectification can replace it
-            kwargs = {"input_ids": args[0], **kwargs}
-            args = args[1:]
+        if every and args:  # by keyword from here on, so that a rectification can replace the per-token inputs
+            kwargs = {**dict(zip(_forward_parameters(compiled), args)), **kwargs}
+            args = ()
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         inputs = args[0] if args else kwargs.get("input_ids")
         inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
@@ -550,8 +555,15 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
                 cache = kwargs[_cache_keyword(compiled)] = _dynamic_cache(compiled.config)
             size = StateSize(inputs.shape[0], _capacity(cache, compiled), *_kv_geometry(compiled.config))
             state = kwargs[STATE_ATTRIBUTE] = state_for_call(cache, layout, size, compiled.device, compiled.dtype)
+            if state.recent.tokens + inputs.shape[1] > state.capacity:
+                raise StateError(f"sparsify: this call takes the sequence to {state.recent.tokens + inputs.shape[1]} "
+                                 f"tokens, past the {state.capacity} its sequence state was sized for (a static "
+                                 "cache's length, else config.max_position_embeddings); pass a StaticCache that "
+                                 "holds the whole sequence")
             if every and cache is not None and isinstance(kwargs.get("input_ids"), torch.Tensor):
-                kwargs, rectified = prepare_call(state.recent, cache, kwargs, every)
+                kwargs, rectified = prepare_call(state, cache, kwargs, every)
+            elif inputs.shape[1]:
+                state.recent.forget(state.recent.tokens + inputs.shape[1])
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             output = dynamo_forward(*args, **kwargs)
         return last_token_logits(output) if rectified else output

@@ -145,6 +145,32 @@ def test_a_left_padded_batch_gives_each_row_what_it_gives_alone():
             assert torch.equal(batched[row, PROMPT + 30:], alone[0, PROMPT + 30 - pad:])
 
 
+def test_positional_arguments_mean_what_they_mean_to_the_model():
+    """With rectification on, the forward's arguments are bound by name: (ids, mask) is still ids and a mask."""
+    model = tiny_model("llama")
+    fast = sparsify.compile(model, resa(rectify_every=4))
+    ids = torch.randint(1, 256, (2, PROMPT))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, mask).logits, model(ids, attention_mask=mask).logits, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_a_sequence_longer_than_its_state_is_refused():
+    """The summaries are sized by the cache's capacity (config.max_position_embeddings for a dynamic cache): a
+    sequence past it would lose its newest blocks, so it is refused, naming the fix."""
+    model = tiny_model("llama")
+    model.config.max_position_embeddings = 64
+    fast = sparsify.compile(model, resa(rectify_every=0))
+    with torch.no_grad():
+        cache = fast(torch.randint(1, 256, (1, 60)), use_cache=True).past_key_values
+        for _ in range(4):
+            fast(torch.randint(1, 256, (1, 1)), past_key_values=cache, use_cache=True)
+        with pytest.raises(sparsify.errors.StateError, match="takes the sequence to 65 tokens, past the 64"):
+            fast(torch.randint(1, 256, (1, 1)), past_key_values=cache, use_cache=True)
+
+
 def test_rectify_every_1_is_refused_with_the_reason():
     with pytest.raises(PolicyError, match=r"rules\[0\].with.rectify_every: 1 would re-encode every generated token"):
         sparsify.Policy.load(resa(rectify_every=1))
