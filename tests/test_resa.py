@@ -42,7 +42,7 @@ def test_summaries_after_appends_equal_summaries_from_scratch(static):
         q = torch.randn(2, 6, length, 8)
         keys = k if static else k[:, :, :offset + length]
         query_offset = torch.tensor(offset) if static else None
-        torch.ops.sparsify.resa_summaries(kmin, kmax, q, keys, query_offset, None, 4)
+        torch.ops.sparsify.resa_summaries(kmin, kmax, q, keys, query_offset, torch.zeros(2, dtype=torch.int64), 4)
     expected_min, expected_max = summaries_from_scratch(k, 37, 4, 12)
     torch.testing.assert_close(kmin[:, :, :10], expected_min[:, :, :10])
     torch.testing.assert_close(kmax[:, :, :10], expected_max[:, :, :10])
@@ -55,7 +55,8 @@ def test_the_selection_equals_its_definition():
     kmin, kmax = summaries_from_scratch(k, used, block, n_blocks)
     q = torch.randn(batch, kv_heads * group, 1, dim)
     ratio, min_blocks, local = 0.2, 3, 2
-    indices, counts = torch.ops.sparsify.resa_select(q, kmin, kmax, k, None, None, block, ratio, min_blocks, local,
+    starts = torch.ops.sparsify.resa_row_starts(k, None)
+    indices, counts = torch.ops.sparsify.resa_select(q, kmin, kmax, k, None, starts, block, ratio, min_blocks, local,
                                                      0.5)
     in_use = math.ceil(used / block)
     keep = max(math.ceil(in_use * ratio), min(in_use, min_blocks))
@@ -82,6 +83,8 @@ def test_with_every_block_kept_decode_equals_dense_decode():
     assert torch.equal(actual.sequences, expected.sequences)
     torch.testing.assert_close(torch.stack(actual.logits), torch.stack(expected.logits), atol=1e-5, rtol=1e-5)
     assert fast.sparsify.applied()[0] == {"resa"}
+    decode = fast.sparsify.frames[-1].last.rewrite.ops
+    assert decode["sparsify.resa_row_starts"] == 1 and decode["sparsify.block_decode"] == 3  # starts: once for all
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

@@ -43,31 +43,37 @@ def _lengths(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
     return used.expand(q.shape[0])
 
 
-def _row_starts(key_padding: Tensor | None, k: Tensor) -> Tensor:
+# -- the ops --------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sparsify::resa_row_starts", mutates_args=())
+def resa_row_starts(k: Tensor, key_padding: Tensor | None) -> Tensor:
     """(B,) int64: each row's first real position (the padding before it, left padding), 0 without padding. A
-    row's blocks start there, as they would if it ran alone."""
+    row's blocks start there, as they would if it ran alone. Once per forward, shared by every layer."""
     if key_padding is None:
         return torch.zeros(k.shape[0], dtype=torch.int64, device=k.device)
     return (key_padding.to(torch.int32).cumsum(1) == 0).sum(1)
 
 
-# -- the ops --------------------------------------------------------------------------------------------------------
+@resa_row_starts.register_fake
+def _(k, key_padding):
+    return k.new_empty((k.shape[0],), dtype=torch.int64)
+
 
 
 @torch.library.custom_op("sparsify::resa_summaries", mutates_args=("kmin", "kmax"))
 def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offset: Tensor | None,
-                   key_padding: Tensor | None, block_size: int) -> None:
+                   starts: Tensor, block_size: int) -> None:
     """Recompute, in place, the summaries of the blocks this call's ``q_len`` new tokens touch, from the cache.
 
     kmin, kmax: (B, Hkv, n_blocks, D), row b's block j over cache positions [s_b + j * block_size,
-    s_b + (j + 1) * block_size) with s_b its first real position (``key_padding`` (B, Lk): left padding);
+    s_b + (j + 1) * block_size) with s_b = ``starts[b]`` its first real position (:func:`resa_row_starts`);
     k: (B, Hkv, Lk, D), the cache after this call's update; q: (B, Hq, q_len, D) (its length only). Each touched
     block's min and max are over its positions in use (:func:`_lengths`), so a partial last block is exact and
     rewritten when it grows. A static number of blocks is read (``ceil(q_len / block_size) + 1``): a decode step
     reads one or two blocks, whatever the cache's length. No host synchronisation."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     used = _lengths(q, k, query_offset)
-    starts = _row_starts(key_padding, k)
     touched = min(n_blocks, -(-q.shape[2] // block_size) + 1)
     first = torch.clamp((used - q.shape[2] - starts) // block_size, min=0)
     blocks = torch.clamp(first[:, None] + torch.arange(touched, device=q.device), max=n_blocks - 1)   # (B, T)
@@ -86,7 +92,7 @@ def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offse
 
 
 @resa_summaries.register_fake
-def _(kmin, kmax, q, k, query_offset, key_padding, block_size):
+def _(kmin, kmax, q, k, query_offset, starts, block_size):
     return None
 
 
@@ -97,19 +103,19 @@ def selection_width(n_blocks: int, sparse_ratio: float, min_blocks: int, local_b
 
 @torch.library.custom_op("sparsify::resa_select", mutates_args=())
 def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: Tensor | None,
-                key_padding: Tensor | None, block_size: int, sparse_ratio: float, min_blocks: int,
+                starts: Tensor, block_size: int, sparse_ratio: float, min_blocks: int,
                 local_blocks: int, scale: float) -> tuple[Tensor, Tensor]:
     """ReSA's block selection for one decode step: (indices (B, Hkv, S) int32, counts (B, Hkv) int32).
 
     q: (B, Hq, 1, D); kmin, kmax: (B, Hkv, n_blocks, D). The selection query of KV head g is the mean of its group's
     query heads times ``scale``; block j scores ``sum_d max(q_d kmin_jd, q_d kmax_jd)``. Of the ``n`` blocks a
-    row has in use (:func:`_lengths`, from its first real position: :func:`_row_starts`), the last ``local_blocks`` always, and the best-scoring others up to
-    ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their indices sorted, first ``counts`` of each row
+    row has in use (:func:`_lengths`, from its first real position ``starts[b]``), the last ``local_blocks``
+    always, and the best-scoring others up to ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their indices sorted, first ``counts`` of each row
     (the rest hold ``n_blocks``, which the kernel ignores). S is :func:`selection_width` of n_blocks."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     query = q.float().view(batch, kv_heads, -1, dim).mean(2) * scale                      # (B, Hkv, D)
     bound = torch.maximum(query[:, :, None] * kmin.float(), query[:, :, None] * kmax.float()).sum(-1)
-    in_use = -(-(_lengths(q, k, query_offset) - _row_starts(key_padding, k)) // block_size)  # (B,)
+    in_use = -(-(_lengths(q, k, query_offset) - starts) // block_size)                     # (B,)
     j = torch.arange(n_blocks, device=q.device)[None, :]
     used = j < in_use[:, None]
     local = used & (j >= in_use[:, None] - local_blocks)
@@ -124,7 +130,7 @@ def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: 
 
 
 @resa_select.register_fake
-def _(q, kmin, kmax, k, query_offset, key_padding, block_size, sparse_ratio, min_blocks, local_blocks, scale):
+def _(q, kmin, kmax, k, query_offset, starts, block_size, sparse_ratio, min_blocks, local_blocks, scale):
     batch, kv_heads, n_blocks, _ = kmin.shape
     width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
     return (q.new_empty((batch, kv_heads, width), dtype=torch.int32),
@@ -133,6 +139,7 @@ def _(q, kmin, kmax, k, query_offset, key_padding, block_size, sparse_ratio, min
 
 @torch.library.custom_op("sparsify::block_decode", mutates_args=())
 def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, key_padding: Tensor | None,
+                 starts: Tensor,
                  indices: Tensor, counts: Tensor, block_size: int, scale: float) -> Tensor:
     """One decode step over listed key blocks: q (B, Hq, 1, D) against the blocks ``indices[b, g, :counts[b, g]]``
     (of ``block_size`` cache positions from the row's first real position) of k, v (B, Hkv, Lk, D), within the
@@ -140,14 +147,14 @@ def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, k
     elsewhere. Returns (B, Hq, 1, Dv)."""
     lengths = _lengths(q, k, query_offset)
     arguments = dict(key_padding=key_padding, kv_block_indices=indices, kv_block_counts=counts,
-                     block_size=block_size, block_offsets=_row_starts(key_padding, k))
+                     block_size=block_size, block_offsets=starts)
     if q.is_cuda and decode_kernels.supports(q, k, v):
         return decode_kernels.decode_attention(q, k, v, lengths, scale, **arguments)[0]
     return decode_kernels.decode_attention_reference(q, k, v, lengths, scale, **arguments)[0]
 
 
 @block_decode.register_fake
-def _(q, k, v, query_offset, key_padding, indices, counts, block_size, scale):
+def _(q, k, v, query_offset, key_padding, starts, indices, counts, block_size, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -205,7 +212,14 @@ class ReSA(AttentionMethod):
 
     def update_state(self, params: ReSAParams, attn, ctx):
         ctx.call(torch.ops.sparsify.resa_summaries.default, ctx.sequence_state("kmin"), ctx.sequence_state("kmax"),
-                 ctx.q, ctx.k, ctx.query_offset, ctx.key_padding, params.block_size)
+                 ctx.q, ctx.k, ctx.query_offset, self._starts(ctx), params.block_size)
+
+    @staticmethod
+    def _starts(ctx):
+        """Each row's first real position: one node per forward (and mask description), for every layer."""
+        padding = ctx.key_padding
+        return ctx.shared(("resa_row_starts", getattr(padding, "name", None)),
+                          lambda: ctx.call(torch.ops.sparsify.resa_row_starts.default, ctx.k, padding))
 
     def _summaries(self, ctx, attn):
         """The summaries of the KV heads this segment serves."""
@@ -220,11 +234,11 @@ class ReSA(AttentionMethod):
         """The selection: per layer and step (it reads this layer's query)."""
         kmin, kmax = self._summaries(ctx, attn)
         selection = ctx.call(torch.ops.sparsify.resa_select.default, ctx.q, kmin, kmax, ctx.k, ctx.query_offset,
-                             ctx.key_padding, params.block_size, params.sparse_ratio, params.min_blocks,
+                             self._starts(ctx), params.block_size, params.sparse_ratio, params.min_blocks,
                              params.local_blocks, attn.match.scale)
         return tuple(ctx.call(operator.getitem, selection, i) for i in range(2))
 
     def run(self, params: ReSAParams, attn, ctx, plan):
         indices, counts = plan
         return ctx.call(torch.ops.sparsify.block_decode.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
-                        ctx.key_padding, indices, counts, params.block_size, attn.match.scale)
+                        ctx.key_padding, self._starts(ctx), indices, counts, params.block_size, attn.match.scale)
