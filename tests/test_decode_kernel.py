@@ -308,6 +308,15 @@ def test_bad_inputs():
         ((q, k, v, lengths), dict(kv_block_indices=torch.zeros(2, 2, 3, dtype=torch.int32),
                                   kv_block_counts=torch.zeros(2, 2, dtype=torch.int32)), "block_size must be"),
         ((q, k, v, lengths.to("meta")), {}, "kv_lengths is on meta"),
+        ((q, k, v, lengths), dict(kv_token_indices=torch.zeros(2, 2, 3, dtype=torch.int32)), "both or neither"),
+        ((q, k, v, lengths), dict(kv_token_indices=torch.zeros(2, 2, 3), kv_token_counts=torch.zeros(2, 2)),
+         r"kv_token_indices must be an int32 \(or int64\) tensor of shape \(2, 2, T\)"),
+        ((q, k, v, lengths), dict(kv_token_indices=torch.zeros(2, 2, 3, dtype=torch.int32),
+                                  kv_token_counts=torch.zeros(2, 2, dtype=torch.int32),
+                                  kv_block_indices=torch.zeros(2, 2, 3, dtype=torch.int32),
+                                  kv_block_counts=torch.zeros(2, 2, dtype=torch.int32), block_size=16),
+         "block lists or token lists, not both"),
+        ((q, k, v, lengths), dict(block_offsets=torch.zeros(2, dtype=torch.int32)), "block_offsets must be"),
     ]
     for args, kwargs, message in cases:
         for function in (decode_attention, decode_attention_reference):
