@@ -1,9 +1,11 @@
 """End to end: ``generate()`` on a random-weight model of Llama-3-8B's shape, as a user runs it.
 
-bf16, B=1, greedy. For each prompt length and implementation: two warm-up calls of ``generate(max_new_tokens=33)``,
-then ``--repeats`` timed ones, each timed by CUDA events at every step (a logits processor records one whenever new
-logits exist): prefill = the call's start to the first logits (median over calls), decode = one step's logits to
-the next (median over all steps), tokens/s = 1000 / decode. The warm-up calls' extra time over a timed call is the
+bf16, B=1 (``--batch``), greedy. For each prompt length and implementation: two warm-up calls of
+``generate(max_new_tokens=33)`` (``--new-tokens`` + 1), then ``--repeats`` timed ones, each timed by CUDA events
+at every step (a logits processor records one whenever new logits exist): prefill = the call's start to the first
+logits (median over calls), decode = one step's logits to the next (median over all steps; ``mean_ms`` their
+mean), tokens/s = B * 1000 / decode. ``sparsify_<name>`` takes a preset or ``benchmarks/policies/<name>.yaml``.
+The warm-up calls' extra time over a timed call is the
 first (and second) call's cost: capture, rewrite, Inductor, CUDA graph recording. Implementations (row names
 from shared/docs/benchmarks.md): ``hf_eager`` (transformers' SDPA, DynamicCache), ``torch_compile``
 (``torch.compile(model.forward)``, as a user would write it; running out of memory is recorded as the row's ``error``), and
@@ -27,10 +29,12 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import sparsify
+from sparsify.state import state_of
 
 from .common import results_dir, write_result
 
@@ -58,10 +62,17 @@ def llama3_8b_shaped(layers: int, max_len: int):
     return model.eval()
 
 
+def policy_of(impl_name: str) -> str:
+    """The policy of a ``sparsify_<policy>`` row: a preset's name, or a file of ``benchmarks/policies``."""
+    name = impl_name[len(SPARSIFY_PREFIX):]
+    path = Path(__file__).resolve().parent / "policies" / f"{name}.yaml"
+    return str(path) if path.is_file() else name
+
+
 class Implementation:
     """How one row's generate() is called: the model to call and the cache it reuses between calls."""
 
-    def __init__(self, name: str, model, prompt_len: int):
+    def __init__(self, name: str, model, prompt_len: int, new_tokens: int = NEW_TOKENS):
         self.name = name
         self.cache = None
         if name == "hf_eager":
@@ -72,10 +83,10 @@ class Implementation:
         elif name.startswith(SPARSIFY_PREFIX):
             from transformers import StaticCache
 
-            self.model = sparsify.compile(model, name[len(SPARSIFY_PREFIX):])
+            self.model = sparsify.compile(model, policy_of(name))
             # One preallocated cache, reset between calls: its buffers keep their addresses, so the decode step's
             # CUDA graph is recorded once.
-            self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + NEW_TOKENS + 1)
+            self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
         else:
             raise SystemExit(f"--impls: unknown {name!r}; allowed: hf_eager, torch_compile, sparsify_<policy>")
 
@@ -104,7 +115,7 @@ class StepClock:
 
 @dataclass(frozen=True)
 class GenerateTiming:
-    """One ``generate(max_new_tokens=NEW_TOKENS + 1)`` call: its whole time, the prefill (call start to the first
+    """One ``generate(max_new_tokens=new_tokens + 1)`` call: its whole time, the prefill (call start to the first
     logits) and each decode step (from one step's logits to the next: sampling plus one forward), in ms."""
 
     total_ms: float
@@ -113,14 +124,14 @@ class GenerateTiming:
     tokens: torch.Tensor
 
 
-def timed_generate(impl: Implementation, ids: torch.Tensor) -> GenerateTiming:
+def timed_generate(impl: Implementation, ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> GenerateTiming:
     from transformers import LogitsProcessorList
 
     clock = StepClock()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    tokens = impl.generate(ids, NEW_TOKENS + 1, logits_processor=LogitsProcessorList([clock]))
+    tokens = impl.generate(ids, new_tokens + 1, logits_processor=LogitsProcessorList([clock]))
     end.record()
     torch.cuda.synchronize()
     events = clock.events
@@ -138,11 +149,12 @@ def profile_steps(impl: Implementation, ids: torch.Tensor, path) -> None:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
 
-def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile: bool, repeats: int
-            ) -> tuple[list[dict], torch.Tensor | None]:
+def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile: bool, repeats: int,
+            new_tokens: int = NEW_TOKENS) -> tuple[list[dict], torch.Tensor | None]:
     """The rows of one implementation at one length, and the tokens its first call generated.
 
-    Two warm-up calls, then ``repeats`` timed ones: prefill is their median, decode the median of all their steps.
+    Two warm-up calls, then ``repeats`` timed ones: prefill is their median, decode the median of all their steps
+    (``mean_ms``: their mean, which counts a periodic step such as a rectification at its share).
     ``first_call_s`` is the first call's extra time over a timed call (capture, rewrite, Inductor, CUDA graph
     recording); ``second_call_s`` the second's (anything compiled again for a reused cache shows here)."""
     seq = ids.shape[1]
@@ -152,9 +164,9 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
     # would show here), so that a peak or an out-of-memory error can be told apart from leftovers.
     base = {"seq_len": seq, "impl": impl_name, "start_gib": torch.cuda.memory_allocated() / 2**30}
     try:
-        impl = Implementation(impl_name, model, seq)
-        first, second = timed_generate(impl, ids), timed_generate(impl, ids)
-        timed = [timed_generate(impl, ids) for _ in range(repeats)]
+        impl = Implementation(impl_name, model, seq, new_tokens)
+        first, second = timed_generate(impl, ids, new_tokens), timed_generate(impl, ids, new_tokens)
+        timed = [timed_generate(impl, ids, new_tokens) for _ in range(repeats)]
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         message = str(error).splitlines()[0][:200]
@@ -162,11 +174,12 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
         return [{**base, "case": case, "error": f"out of memory: {message}"} for case in ("prefill", "decode")], None
     prefill_ms = statistics.median(t.prefill_ms for t in timed)
     decode_ms = statistics.median(step for t in timed for step in t.step_ms)
+    mean_step_ms = statistics.mean(step for t in timed for step in t.step_ms)
     typical_ms = statistics.median(t.total_ms for t in timed)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     agreement = None
     if reference_tokens is not None:
-        agreement = (first.tokens[0, seq:] == reference_tokens[0, seq:]).float().mean().item()
+        agreement = (first.tokens[:, seq:] == reference_tokens[:, seq:]).float().mean().item()
     extra = {"first_call_s": (first.total_ms - typical_ms) / 1e3, "second_call_s": (second.total_ms - typical_ms) / 1e3,
              "peak_gib": peak_gib}
     if impl_name.startswith(SPARSIFY_PREFIX):
@@ -174,9 +187,13 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
         extra["methods_applied"] = sorted(methods)
         extra["compiled_by"] = sorted({frame.current.compiled_by for frame in impl.model.sparsify.frames})
         extra["graphs_compiled"] = impl.model.sparsify.backend.compilations
+        state = state_of(impl.cache)
+        # The last call's (each call starts a new sequence on the reset cache).
+        extra["rectifications_per_call"] = state.recent.rectifications if state is not None else 0
     rows = [
         {**base, "case": "prefill", "ms": prefill_ms, **extra},
-        {**base, "case": "decode", "ms": decode_ms, "tokens_per_s": 1e3 / decode_ms,
+        {**base, "case": "decode", "ms": decode_ms, "mean_ms": mean_step_ms,
+         "tokens_per_s": ids.shape[0] * 1e3 / decode_ms,
          "token_agreement_with_hf_eager": agreement},
     ]
     print(f"{impl_name:>24} N={seq:>6}: prefill {prefill_ms:9.1f} ms  decode {decode_ms:7.2f} ms/token  "
@@ -238,32 +255,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", default="e2e", help="result name (a part to --merge later, or e2e itself)")
     parser.add_argument("--profile", action="store_true", help="also save each implementation's kernel profile")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the two warm-up calls")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per generate() call (the same length)")
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="decode steps timed per call")
     parser.add_argument("--merge", nargs="+", metavar="PART", help="join parts into e2e.json and stop")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats: must be at least 1, got {args.repeats}")
+    for name in ("repeats", "batch", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
     if args.merge:
         merge(args.merge)
         return
     if not torch.cuda.is_available():
         raise SystemExit("sparsify bench e2e needs a CUDA GPU")
-    model = llama3_8b_shaped(args.layers, max(args.seq) + NEW_TOKENS + 64)
+    model = llama3_8b_shaped(args.layers, max(args.seq) + args.new_tokens + 64)
     rows = []
     generator = torch.Generator(device="cuda").manual_seed(0)
     for seq in args.seq:
         # Never the pad token (0): generate() would read it as padding and mask that key, and every implementation
         # would leave its causal fast path (at 128K, one such token made eager 3x slower and asked 32 GiB of mask).
-        ids = torch.randint(1, model.config.vocab_size, (1, seq), device="cuda", generator=generator)
+        ids = torch.randint(1, model.config.vocab_size, (args.batch, seq), device="cuda", generator=generator)
         reference = None
         # hf_eager first: the others' tokens are compared with its tokens.
         for name in sorted(args.impls, key=lambda name: name != "hf_eager"):
             started = time.time()
-            measured, tokens = measure(name, model, ids, reference, args.profile, args.repeats)
+            measured, tokens = measure(name, model, ids, reference, args.profile, args.repeats, args.new_tokens)
             if name == "hf_eager":
                 reference = tokens
             rows += measured
             # After every implementation: a run stopped by a time limit keeps what it measured.
-            path = write_result(args.part, rows, ratios_of(rows), {"layers": args.layers, "new_tokens": NEW_TOKENS})
+            path = write_result(args.part, rows, ratios_of(rows), {"layers": args.layers, "batch": args.batch,
+                                                                   "new_tokens": args.new_tokens})
             print(f"  ({time.time() - started:.0f} s; wrote {path})", flush=True)
 
 

@@ -19,7 +19,6 @@ changes no compiled kernel and no grid.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -55,13 +54,6 @@ def stages_for_decode(num_stages: int, block_n: int, head_dim: int, head_dim_v: 
         num_stages, block_n * (head_dim + head_dim_v) * element_size, shared_memory,
         f"decode_attention: block_n={block_n} K/V tiles with D={head_dim}, Dv={head_dim_v} in {element_size}-byte "
         "elements")
-
-
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -425,7 +417,7 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
             raise ShapeError(f"decode_attention: {name} = {size}; the kernel takes powers of 2 in [16, 256]")
     if block_n < 16 or block_n & (block_n - 1):
         raise ShapeError(f"decode_attention: block_n = {block_n}; must be a power of 2 >= 16")
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not hardware.interpreting():
         raise ShapeError(f"decode_attention: q is on {q.device}; the Triton kernel needs CUDA tensors (or "
                          f"TRITON_INTERPRET=1). Use decode_attention_reference there")
     group = q_heads // kv_heads
@@ -478,7 +470,7 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=tile,
         BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
         HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens,
-        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and hardware.interpreting(),
         num_warps=num_warps, num_stages=stages,
     )
     if num_splits > 1:

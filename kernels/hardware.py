@@ -4,6 +4,7 @@ rule the kernels share: lower the stages until the pipelined K/V tiles fit share
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -15,6 +16,14 @@ from ..errors import ShapeError
 def _properties(index: int) -> tuple[int, int]:
     props = triton.runtime.driver.active.utils.get_device_properties(index)
     return props["multiprocessor_count"], props["max_shared_mem"]
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1): on any device, CPU tensors included."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def multiprocessors(device: torch.device, elsewhere: int) -> int:

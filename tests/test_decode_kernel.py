@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsify.errors import ShapeError
-from sparsify.kernels import decode
+from sparsify.kernels import decode, hardware
 from sparsify.kernels.decode import (MAX_SPLITS, decode_attention, decode_attention_reference, decode_num_splits,
                                      stages_for_decode)
 
@@ -337,7 +337,7 @@ def test_bad_inputs():
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(decode, "_interpreting", lambda: False)
+    monkeypatch.setattr(hardware, "interpreting", lambda: False)
     q, k, v = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 8, 64), torch.randn(1, 1, 8, 64)
     with pytest.raises(ShapeError, match="needs CUDA tensors"):
         decode_attention(q, k, v, torch.tensor([8]), None)

@@ -27,6 +27,7 @@ import torch
 from pydantic import AfterValidator, Field
 from torch import Tensor
 
+from ..kernels import block_bounds as bounds_kernels
 from ..kernels import decode as decode_kernels
 from ..ops import inference_only
 from ..state import StateSpec
@@ -110,16 +111,16 @@ def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: 
     q: (B, Hq, 1, D); kmin, kmax: (B, Hkv, n_blocks, D). The selection query of KV head g is the mean of its group's
     query heads times ``scale``; block j scores ``sum_d max(q_d kmin_jd, q_d kmax_jd)``. Of the ``n`` blocks a
     row has in use (:func:`_lengths`, from its first real position ``starts[b]``), the last ``local_blocks``
-    always, and the best-scoring others up to ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their indices sorted, first ``counts`` of each row
-    (the rest hold ``n_blocks``, which the kernel ignores). S is :func:`selection_width` of n_blocks."""
+    always, and the best-scoring others up to ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their
+    indices sorted, first ``counts`` of each row (the rest hold ``n_blocks``, which the kernel ignores). S is
+    :func:`selection_width` of n_blocks. The scores come from one pass over the summaries on CUDA
+    (``kernels/block_bounds.py``), from its reference elsewhere."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     query = q.float().view(batch, kv_heads, -1, dim).mean(2) * scale                      # (B, Hkv, D)
-    bound = torch.maximum(query[:, :, None] * kmin.float(), query[:, :, None] * kmax.float()).sum(-1)
     in_use = -(-(_lengths(q, k, query_offset) - starts) // block_size)                     # (B,)
-    j = torch.arange(n_blocks, device=q.device)[None, :]
-    used = j < in_use[:, None]
-    local = used & (j >= in_use[:, None] - local_blocks)
-    scores = bound.masked_fill(~used[:, None], float("-inf")).masked_fill(local[:, None], float("inf"))
+    score = bounds_kernels.block_bounds if kmin.is_cuda and bounds_kernels.supports(dim) else \
+        bounds_kernels.block_bounds_reference
+    scores = score(query, kmin, kmax, in_use, local_blocks)                                # (B, Hkv, n_blocks)
     keep = torch.maximum(torch.ceil(in_use.double() * sparse_ratio).long(), torch.clamp(in_use, max=min_blocks))
     keep = torch.minimum(torch.maximum(keep, torch.clamp(in_use, max=local_blocks)), in_use)   # (B,)
     width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
