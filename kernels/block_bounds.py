@@ -113,3 +113,128 @@ def block_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in
         query, kmin, kmax, in_use, scores, *query.stride(), *kmin.stride(), *kmax.stride(), in_use.stride(0),
         *scores.stride(), kv_heads, n_blocks, local_blocks, HEAD_DIM=dim, BLOCK=block, num_warps=4)
     return scores
+
+
+# -- the top blocks -------------------------------------------------------------------------------------------------
+
+# Above this many blocks a row no longer fits one program's registers: the caller sorts with torch.topk instead.
+MAX_SELECT_BLOCKS = 16384
+
+
+@triton.jit
+def _select_top(
+    Scores, Keep, Out,
+    stride_sb, stride_sh, stride_sn, stride_k, stride_ob, stride_oh, stride_os,
+    kv_heads, n_blocks, width,
+    BLOCK: tl.constexpr, WIDTH_BLOCK: tl.constexpr,
+):
+    """One (batch, KV head) row: the ``keep[b]`` highest scores' positions, ascending, in its first slots, and
+    ``n_blocks`` in the rest of its ``width``. The row stays in registers: a bisection over the scores' order-
+    preserving integer keys finds the keep-th largest (32 counting passes), ties at it go to the lowest positions,
+    and a cumulative sum gives each kept block its slot, so the list comes out sorted without a sort."""
+    row = tl.program_id(0)
+    batch = (row // kv_heads).to(tl.int64)
+    head = (row % kv_heads).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    exists = offs < n_blocks
+    scores = tl.load(Scores + batch * stride_sb + head * stride_sh + offs.to(tl.int64) * stride_sn, mask=exists,
+                     other=float("-inf"))
+    bits = scores.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flipping their magnitude bits makes the order the floats'.
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    key = tl.where(exists, key, -(2**31) - 1)  # below every real key
+    keep = tl.minimum(tl.load(Keep + batch * stride_k), n_blocks).to(tl.int32)
+    low = tl.full((), -(2**31), tl.int64)
+    high = tl.full((), 2**31 - 1, tl.int64)
+    for _ in range(32):  # the largest t with count(key >= t) >= keep
+        middle = (low + high + 1) // 2
+        enough = tl.sum((key >= middle).to(tl.int32), 0) >= keep
+        low = tl.where(enough, middle, low)
+        high = tl.where(enough, high, middle - 1)
+    greater = key > low
+    ties = key == low
+    room = keep - tl.sum(greater.to(tl.int32), 0)
+    take = greater | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= room))
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    out_row = Out + batch * stride_ob + head * stride_oh
+    tl.store(out_row + slot.to(tl.int64) * stride_os, offs, mask=take)
+    rest = tl.arange(0, WIDTH_BLOCK)
+    tl.store(out_row + rest.to(tl.int64) * stride_os, tl.full([WIDTH_BLOCK], 0, tl.int32) + n_blocks,
+             mask=(rest >= keep) & (rest < width))
+
+
+def select_top_blocks_reference(scores: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, Hkv, width) int32: per row of ``scores`` (B, Hkv, n_blocks), the positions of its ``keep[b]`` highest
+    scores, ascending, then ``n_blocks`` (an index the decode kernel ignores). ``keep`` (B,) at most ``width``."""
+    n_blocks = scores.shape[-1]
+    top = scores.topk(width, dim=-1).indices
+    chosen = torch.arange(width, device=scores.device) < keep[:, None, None]
+    return torch.where(chosen, top, n_blocks).sort(-1).values.to(torch.int32)
+
+
+def select_top_blocks(scores: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
+    """Launch the kernel: :func:`select_top_blocks_reference`'s result, ties at the last kept score going to the
+    lowest positions. One program per row; rows of at most :data:`MAX_SELECT_BLOCKS` blocks."""
+    batch, kv_heads, n_blocks = scores.shape
+    if n_blocks > MAX_SELECT_BLOCKS:
+        raise ShapeError(f"select_top_blocks: {n_blocks} blocks a row; the kernel takes at most "
+                         f"{MAX_SELECT_BLOCKS} (use select_top_blocks_reference)")
+    out = torch.empty((batch, kv_heads, width), dtype=torch.int32, device=scores.device)
+    block = triton.next_power_of_2(max(16, n_blocks))
+    _select_top[(batch * kv_heads,)](scores, keep, out, *scores.stride(), keep.stride(0), *out.stride(),
+                                     kv_heads, n_blocks, width, BLOCK=block,
+                                     WIDTH_BLOCK=triton.next_power_of_2(max(16, width)),
+                                     num_warps=8 if block >= 4096 else 4)
+    return out
+
+
+# -- the summaries --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _update_summaries(
+    Kmin, Kmax, K, Used, Starts,
+    stride_nb, stride_nh, stride_nn, stride_nd,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_u, stride_s,
+    kv_heads, n_blocks, q_len, cache_len,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, POSITIONS: tl.constexpr,
+):
+    """Touched block ``program_id(1)`` of (batch, KV head) ``program_id(0)``: its min and max over its positions
+    in use, from the cache."""
+    row = tl.program_id(0)
+    touched = tl.program_id(1)
+    batch = (row // kv_heads).to(tl.int64)
+    head = (row % kv_heads).to(tl.int64)
+    used = tl.load(Used + batch * stride_u)
+    start = tl.load(Starts + batch * stride_s)
+    first = tl.maximum((used - q_len - start) // BLOCK_SIZE, 0)
+    block = tl.minimum(first + touched, n_blocks - 1)
+    offs_p = tl.arange(0, POSITIONS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    positions = start + block * BLOCK_SIZE + offs_p
+    in_use = (offs_p < BLOCK_SIZE) & (positions < used) & (positions < cache_len)
+    keys = tl.load(K + batch * stride_kb + head * stride_kh + positions[:, None] * stride_kn
+                   + offs_d[None, :] * stride_kd, mask=in_use[:, None], other=0.0).to(tl.float32)
+    low = tl.min(tl.where(in_use[:, None], keys, float("inf")), 0)
+    high = tl.max(tl.where(in_use[:, None], keys, float("-inf")), 0)
+    # A block with no position in use (a row shorter than a touched block) keeps what it had.
+    any_in_use = offs_d < tl.where(tl.sum(in_use.to(tl.int32), 0) > 0, HEAD_DIM, 0)
+    tl.store(Kmin + batch * stride_nb + head * stride_nh + block * stride_nn + offs_d * stride_nd,
+             low.to(Kmin.dtype.element_ty), mask=any_in_use)
+    tl.store(Kmax + batch * stride_xb + head * stride_xh + block * stride_xn + offs_d * stride_xd,
+             high.to(Kmax.dtype.element_ty), mask=any_in_use)
+
+
+def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, used: torch.Tensor,
+                     starts: torch.Tensor, q_len: int, block_size: int) -> None:
+    """Rewrite, in place, the summaries of the ``ceil(q_len / block_size) + 1`` blocks (at most all) that a call's
+    last ``q_len`` positions in use touch: row b's blocks from ``starts[b]``, positions below ``used[b]``.
+    kmin, kmax: (B, Hkv, n_blocks, D); k: (B, Hkv, L, D), any strides. One program per touched block."""
+    batch, kv_heads, n_blocks, dim = kmin.shape
+    touched = min(n_blocks, -(-q_len // block_size) + 1)
+    _update_summaries[(batch * kv_heads, touched)](
+        kmin, kmax, k, used, starts, *kmin.stride(), *kmax.stride(), *k.stride(), used.stride(0), starts.stride(0),
+        kv_heads, n_blocks, q_len, k.shape[2], HEAD_DIM=dim, BLOCK_SIZE=block_size,
+        POSITIONS=triton.next_power_of_2(block_size), num_warps=4)

@@ -73,7 +73,8 @@ def _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, start, end, offs_t,
 def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, k_cols, v_cols, qk_scale,
             stride_kn, stride_vn, stride_pn, HAS_PADDING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """The keys at positions ``offs_n`` (BLOCK_N of them, contiguous or listed) where ``visible`` (and not padding)
-    folded into the online softmax of the group's rows."""
+    folded into the online softmax of the group's rows; also the tile's scores (scaled by ``qk_scale``, -inf where
+    invisible)."""
     if HAS_PADDING:
         attend = tl.load(pad_base + offs_n.to(tl.int64) * stride_pn, mask=visible, other=0)
         visible = visible & (attend != 0)
@@ -102,12 +103,12 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, k_cols,
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, qk
 
 
 @triton.jit
 def _decode_split(
-    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, BLOCK_OFFSET, Out, Lse,
+    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, BLOCK_OFFSET, Out, Lse, Scores,
     stride_qb, stride_qh, stride_qd, stride_len, stride_offset,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -116,15 +117,18 @@ def _decode_split(
     stride_cb, stride_ch,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
+    stride_sb, stride_sh, stride_sn,
     kv_heads, group, cache_len, n_listed, n_cache_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
-    HAS_TOKENS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_TOKENS: tl.constexpr, HAS_SCORES: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads. Writes
     out (normalised by its own sum) and natural-log lse at index ``split`` of Out/Lse: the float32 workspace, or
-    the final tensors when there is one split. A split with no visible key writes out 0 and lse -inf."""
+    the final tensors when there is one split. A split with no visible key writes out 0 and lse -inf. With
+    HAS_SCORES (no lists) also every visible key's score of every row into Scores, -inf for the invisible ones
+    below the row's length."""
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     batch_head = tl.program_id(1)
@@ -145,6 +149,7 @@ def _decode_split(
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     pad_base = PAD + batch.to(tl.int64) * stride_pb
+    score_base = Scores + batch.to(tl.int64) * stride_sb
     # Unit strides along D are compiled in (Triton specialises stride 1), which keeps the loads vectorised.
     offs_kd = offs_d * stride_kd
     offs_vd = offs_dv * stride_vd
@@ -173,7 +178,7 @@ def _decode_split(
             block_start = tl.minimum(tl.where(in_cache, block, 0) * BLOCK_SIZE + offset, kv_len)
             block_end = tl.where(in_cache, tl.minimum(block_start + BLOCK_SIZE, kv_len), block_start)
             for chunk in range(0, BLOCK_SIZE, BLOCK_N):
-                acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
+                acc, m_i, l_i, _ = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
                                              block_end, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
                                              stride_pn, HAS_PADDING, IEEE, UPCAST)
     elif HAS_TOKENS:
@@ -191,7 +196,7 @@ def _decode_split(
             positions = tl.load(index_row + slots * stride_is, mask=listed, other=0).to(tl.int32)
             # A position outside the keys in use is ignored instead of read out of bounds.
             visible = listed & (positions >= 0) & (positions < kv_len)
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.where(visible, positions, 0),
+            acc, m_i, l_i, _ = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.where(visible, positions, 0),
                                     visible, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
                                     HAS_PADDING, IEEE, UPCAST)
     else:
@@ -200,9 +205,13 @@ def _decode_split(
         first = split * per_split
         last = tl.minimum(first + per_split, n_blocks)
         for j in range(first, last):
-            acc, m_i, l_i = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, j * BLOCK_N, kv_len, offs_t,
-                                         offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn, HAS_PADDING,
-                                         IEEE, UPCAST)
+            acc, m_i, l_i, qk = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, j * BLOCK_N, kv_len,
+                                             offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
+                                             HAS_PADDING, IEEE, UPCAST)
+            if HAS_SCORES:  # the same pass over K gives a selection its scores (natural units: q.k * scale)
+                offs_n = j * BLOCK_N + offs_t
+                tl.store(score_base + heads[:, None] * stride_sh + offs_n[None, :].to(tl.int64) * stride_sn,
+                         qk * 0.6931471805599453, mask=row_ok[:, None] & (offs_n < kv_len)[None, :])
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -273,7 +282,8 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                         key_padding: torch.Tensor | None, kv_block_indices: torch.Tensor | None,
                         kv_block_counts: torch.Tensor | None, block_size: int | None,
                         block_offsets: torch.Tensor | None = None, kv_token_indices: torch.Tensor | None = None,
-                        kv_token_counts: torch.Tensor | None = None) -> None:
+                        kv_token_counts: torch.Tensor | None = None, scores_out: torch.Tensor | None = None
+                        ) -> None:
     """Shapes, index dtypes and devices (never values: reading them would sync with the device)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
@@ -307,10 +317,16 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
         raise ShapeError(f"decode_attention: block_offsets must be an int32 (or int64) tensor of shape ({batch},), "
                          f"with kv_block_indices; got {getattr(block_offsets, 'dtype', None)} "
                          f"{tuple(getattr(block_offsets, 'shape', ()))}")
+    if scores_out is not None and (scores_out.shape != (batch, q_heads, length) or scores_out.dtype != torch.float32
+                                   or kv_block_indices is not None or kv_token_indices is not None):
+        raise ShapeError(f"decode_attention: scores_out must be a float32 tensor of shape ({batch}, {q_heads}, "
+                         f"{length}), without block or token lists; got {scores_out.dtype} "
+                         f"{tuple(scores_out.shape)}" + (" with lists" if kv_block_indices is not None
+                                                        or kv_token_indices is not None else ""))
     for name, t in (("k", k), ("v", v), ("kv_lengths", kv_lengths), ("key_padding", key_padding),
                     ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts),
                     ("block_offsets", block_offsets), ("kv_token_indices", kv_token_indices),
-                    ("kv_token_counts", kv_token_counts)):
+                    ("kv_token_counts", kv_token_counts), ("scores_out", scores_out)):
         if t is not None and t.device != q.device:
             raise ShapeError(f"decode_attention: {name} is on {t.device}, q on {q.device}; all must share a device")
 
@@ -333,8 +349,8 @@ def _check_lists(kind: str, indices: torch.Tensor | None, counts: torch.Tensor |
 
 def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None,
                                kv_block_counts=None, block_size=None, block_offsets=None, kv_token_indices=None,
-                               kv_token_counts=None, num_splits=None, block_n=None, num_warps=None,
-                               num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
+                               kv_token_counts=None, scores_out=None, num_splits=None, block_n=None,
+                               num_warps=None, num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, float32: the function :func:`decode_attention` computes (its launch arguments
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` are accepted and ignored).
 
@@ -345,12 +361,15 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
     ignored; positions before the offset are in no block); with token lists, ``j`` is one of
     ``kv_token_indices[b, g, :kv_token_counts[b, g]]`` (positions outside [0, L) ignored; LessIsMore's selections).
-    ``scale`` None means 1/sqrt(D).
+    ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32, without lists: also written, for each
+    position below the row's length, with query head h's score ``q_h . k_j * scale`` (-inf where padding hides
+    the key); positions from the length on are left as they are (LessIsMore's selection layers: the scores come
+    from the same pass over K as the attention).
     Returns out (B, Hq, 1, Dv) in q's dtype and lse (B, Hq, 1) float32, natural log; a row that sees no key gets
     out 0 and lse -inf.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
-                        block_offsets, kv_token_indices, kv_token_counts)
+                        block_offsets, kv_token_indices, kv_token_counts, scores_out)
     batch, q_heads, _, dim = q.shape
     kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     group = q_heads // kv_heads
@@ -373,6 +392,10 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     qf = q.float().reshape(batch, kv_heads, group, dim)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale                       # (B, Hkv, G, L)
     scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    if scores_out is not None:
+        below = keys < kv_lengths.clamp(0, length)[:, None]                               # (B, L)
+        flat = scores.reshape(batch, q_heads, length)
+        scores_out.copy_(torch.where(below[:, None], flat, scores_out))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     out = torch.matmul(probs, v.float())                                                  # (B, Hkv, G, Dv)
@@ -392,7 +415,7 @@ def _listed(indices: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor
 
 def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None, kv_block_counts=None,
                      block_size=None, block_offsets=None, kv_token_indices=None, kv_token_counts=None,
-                     num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
+                     scores_out=None, num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split-KV kernels. Same contract as :func:`decode_attention_reference`.
 
@@ -406,7 +429,7 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     split takes tiles of ``block_n`` listed positions and gathers their K/V rows.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
-                        block_offsets, kv_token_indices, kv_token_counts)
+                        block_offsets, kv_token_indices, kv_token_counts, scores_out)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
         raise ShapeError(f"decode_attention: dtype: q, k, v must share float16, bfloat16 or float32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
@@ -460,16 +483,17 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         idx = cnt = kv_lengths  # placeholders
         idx_strides, cnt_strides = (0, 0, 0), (0, 0)
     offsets, offset_stride = (block_offsets, block_offsets.stride(0)) if block_offsets is not None else (idx, 0)  # placeholder
+    scores, score_strides = (scores_out, scores_out.stride()) if scores_out is not None else (part_lse, (0, 0, 0))
 
     _decode_split[(num_splits, batch * kv_heads)](
-        q, k, v, kv_lengths, pad, idx, cnt, offsets, part_out, part_lse,
+        q, k, v, kv_lengths, pad, idx, cnt, offsets, part_out, part_lse, scores,
         q.stride(0), q.stride(1), q.stride(3), kv_lengths.stride(0), offset_stride,
         *k.stride(), *v.stride(), *pad_strides, *idx_strides, *cnt_strides,
-        *part_out.stride(), *part_lse.stride(),
+        *part_out.stride(), *part_lse.stride(), *score_strides,
         kv_heads, group, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks, scale * LOG2E,
         HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=tile,
         BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
-        HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens,
+        HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens, HAS_SCORES=scores_out is not None,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and hardware.interpreting(),
         num_warps=num_warps, num_stages=stages,
     )

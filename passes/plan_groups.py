@@ -45,7 +45,7 @@ def plan_groups(gm: torch.fx.GraphModule, decisions: PolicyReport) -> tuple[torc
     for decision in decisions.decisions:
         segments = []
         for segment in decision.segments:
-            needed = segment.spec.method.needs(segment.spec.params)
+            needed = segment.spec.method.needs(segment.spec.params, decision.attention)
             if needed is not None and needed not in producers:
                 segment = _dense_consumer(segment, needed, missing.get(needed))
                 fallbacks += 1
@@ -71,7 +71,7 @@ def _published_by(decision: Decision, segments: list[HeadSegment]) -> dict[str, 
     meant: dict[str, list[HeadSegment]] = {}
     for segment in segments:
         spec = segment.intended or segment.spec
-        key = spec.method.provides(spec.params)
+        key = spec.method.provides(spec.params, decision.attention)
         if key is not None:
             meant.setdefault(key, []).append(segment)
     where = decision.attention.module_path or decision.attention.name

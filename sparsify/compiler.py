@@ -405,13 +405,16 @@ def _own_forward(module: torch.nn.Module) -> Callable:
     return forward
 
 
-def check_policy_against(model: torch.nn.Module, policy: Policy) -> None:
+def policy_for(model: torch.nn.Module, policy: Policy) -> Policy:
+    """``policy`` bound to ``model`` (:meth:`Policy.for_model`) when its config gives layer and head counts, else
+    as it is."""
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None)
-    if layers is not None and heads is not None:
-        policy.check_against_model(int(layers), int(heads), kv_heads=int(kv_heads) if kv_heads else None)
+    if layers is None or heads is None:
+        return policy
+    return policy.for_model(int(layers), int(heads), kv_heads=int(kv_heads) if kv_heads else None)
 
 
 # Dynamo compiles a new frame for each distinct set of keyword arguments and for prefill and decode (static, then
@@ -528,7 +531,7 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     """
     resolved = Policy.load(policy)
     compile_options = CompileOptions(**options)
-    check_policy_against(model, resolved)
+    resolved = policy_for(model, resolved)
     compiled = _private_copy(model, compile_options.hf_attention)
     # Sequence state reaches the graph through the sparsify attention implementation alone.
     carries_state = hasattr(compiled, "sparsify_uncompiled_calls")

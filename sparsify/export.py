@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .compiler import check_policy_against
+from .compiler import policy_for
 from .errors import PolicyError
 from .passes.apply_policy import DENSE, resolve_attention
 from .passes.cost_model import CostModel, load_ceilings
@@ -51,8 +51,7 @@ def export(
     fails with "We ran into an error when deserializing the saved file" (its warning says it failed to resolve
     ``torch.ops.sparsify.*``), which does not name the fix.
     """
-    resolved = Policy.load(policy)
-    check_policy_against(model, resolved)
+    resolved = policy_for(model, Policy.load(policy))
     program = torch.export.export(model, tuple(example_inputs), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
     gm = program.graph_module
     _refuse_decisions_by_dynamic_length(gm, resolved, diffusion=diffusion, cost_model_fallback=cost_model_fallback)

@@ -25,6 +25,7 @@ each starting with the field's path (``rules[1].with``, ``rules[0].when.layers``
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import tomllib
@@ -239,14 +240,23 @@ class Policy:
                     )
             seen.setdefault(rule.when, rule)
 
-    def check_against_model(self, num_layers: int, num_heads: int, kv_heads: int | None = None) -> None:
-        """Raise, before any forward, for what the model cannot honour; every problem in one PolicyError.
+    def for_model(self, num_layers: int, num_heads: int, kv_heads: int | None = None) -> "Policy":
+        """This policy for a model of ``num_layers`` layers: each method's parameters bound to it
+        (:meth:`~sparsify.AttentionMethod.for_model`, e.g. default layer roles resolved). Raises, before any
+        forward, for what the model cannot honour, every problem in one PolicyError.
 
-        Layer or head indices the model does not have; and, given ``kv_heads`` (the model's key/value head
-        count), a ``heads`` rule that splits a GQA group: the ``num_heads // kv_heads`` query heads sharing one
-        KV head read the same keys and values, so one method must serve all of them.
+        Layer or head indices the model does not have (in a rule's ``when`` or a method's parameters); and, given
+        ``kv_heads`` (the model's key/value head count), a ``heads`` rule that splits a GQA group: the
+        ``num_heads // kv_heads`` query heads sharing one KV head read the same keys and values, so one method must
+        serve all of them.
         """
         problems = []
+        bound = {}
+        for where, spec in [(rule.describe(), rule.spec) for rule in self.rules] + [("default", self.default)]:
+            try:
+                bound[where] = MethodSpec(spec.name, spec.method.for_model(spec.params, num_layers))
+            except PolicyError as error:
+                problems.append(f"{where}.with: {error}")
         group = num_heads // kv_heads if kv_heads else 1
         for rule in self.rules:
             for field, ranges, count, noun in (
@@ -267,6 +277,8 @@ class Policy:
                 )
         if problems:
             raise PolicyError(_problems_message(problems, self.source))
+        rules = tuple(dataclasses.replace(rule, spec=bound[rule.describe()]) for rule in self.rules)
+        return dataclasses.replace(self, rules=rules, default=bound["default"])
 
     @property
     def uses_sparse_methods(self) -> bool:

@@ -8,7 +8,9 @@ import torch
 
 from sparsify.errors import ShapeError
 from sparsify.kernels import hardware
-from sparsify.kernels.block_bounds import block_bounds, block_bounds_reference
+import sparsify  # noqa: F401  (registers torch.ops.sparsify)
+from sparsify.kernels.block_bounds import (block_bounds, block_bounds_reference, select_top_blocks,
+                                           select_top_blocks_reference, update_summaries)
 
 
 def summaries(gen, batch, kv_heads, n_blocks, dim, dtype):
@@ -77,3 +79,46 @@ def test_bad_inputs_get_clear_errors(monkeypatch):
     monkeypatch.setattr(hardware, "interpreting", lambda: False)
     with pytest.raises(ShapeError, match="needs CUDA tensors"):
         block_bounds(query, kmin, kmax, in_use, 0)
+
+
+@pytest.mark.parametrize("n_blocks", [5, 100, 300])
+def test_the_top_blocks_kernel_equals_the_reference(n_blocks):
+    """Random scores (no ties) with -inf past each row's blocks in use and +inf for local ones; keep per row."""
+    gen = torch.Generator().manual_seed(n_blocks)
+    in_use = torch.tensor([n_blocks, n_blocks // 2, 0])
+    scores = block_bounds_reference(torch.randn(3, 2, 8, generator=gen),
+                                    *summaries(gen, 3, 2, n_blocks, 8, torch.float32), in_use, 1)
+    width = max(1, n_blocks // 3)
+    keep = torch.minimum(torch.tensor([width, max(1, width // 2), 0]), in_use)
+    expected = select_top_blocks_reference(scores, keep, width)
+    actual = select_top_blocks(scores, keep, width)
+    assert actual.dtype == torch.int32 and actual.shape == (3, 2, width)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_ties_at_the_last_kept_score_go_to_the_lowest_positions():
+    scores = torch.tensor([[[1.0, 3.0, 2.0, 2.0, -0.0, 2.0, 0.0, -5.0]]])
+    out = select_top_blocks(scores, torch.tensor([3]), 5)
+    assert out.tolist() == [[[1, 2, 3, 8, 8]]]
+    negative = torch.tensor([[[-1.0, -3.0, -2.0, float("-inf"), -0.5]]])
+    assert select_top_blocks(negative, torch.tensor([2]), 2).tolist() == [[[0, 4]]]
+
+
+@pytest.mark.parametrize("block_size", [4, 16, 5])
+def test_the_summary_kernel_equals_the_reference_on_the_blocks_in_use(block_size):
+    """A prefill of 37 positions then an append of one, on a cache of 48 (a static cache's view), from each row's
+    own first position: the kernel and the op's reference give the same summaries on every block in use."""
+    gen = torch.Generator().manual_seed(block_size)
+    k = torch.randn(2, 3, 48, 16, generator=gen)
+    starts = torch.tensor([0, 7])
+    n_blocks = -(-48 // block_size)
+    for used, q_len in ((37, 37), (38, 1)):
+        kernel = [torch.zeros(2, 3, n_blocks, 16) for _ in range(2)]
+        reference = [torch.zeros(2, 3, n_blocks, 16) for _ in range(2)]
+        update_summaries(*kernel, k, torch.full((2,), used), starts, q_len, block_size)
+        torch.ops.sparsify.resa_summaries(*reference, torch.empty(2, 1, q_len, 0), k,
+                                          torch.tensor(used - q_len), starts, block_size)
+        for row, start in enumerate(starts.tolist()):
+            blocks = -(-(used - start) // block_size)
+            for got, want in zip(kernel, reference):
+                torch.testing.assert_close(got[row, :, :blocks], want[row, :, :blocks])

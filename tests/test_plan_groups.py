@@ -22,7 +22,7 @@ class PickKeys(AttentionMethod):
     Params = DenseParams
     summary = "test only: exact attention that publishes the mean of its keys"
 
-    def provides(self, params):
+    def provides(self, params, attn):
         return KEY
 
     def unsupported_reason(self, params, attn):
@@ -39,7 +39,7 @@ class ReuseKeys(AttentionMethod):
     Params = DenseParams
     summary = "test only: exact attention that reads what pick_keys published"
 
-    def needs(self, params):
+    def needs(self, params, attn):
         return KEY
 
     def emit(self, params, attn, ctx):

@@ -159,27 +159,27 @@ def test_bad_files_and_names(tmp_path):
 def test_layer_and_head_ranges_checked_against_the_model():
     policy = Policy.load({"rules": [{"when": {"layers": "28-40"}, "use": "dense"}]})
     with pytest.raises(PolicyError, match=r"rules\[0\].when.layers: '28-40' is out of range for a model with 30 layers"):
-        policy.check_against_model(num_layers=30, num_heads=9)
+        policy.for_model(num_layers=30, num_heads=9)
     policy = Policy.load({"rules": [{"when": {"heads": [9]}, "use": "dense"}]})
     with pytest.raises(PolicyError, match="out of range for a model with 9 query heads"):
-        policy.check_against_model(num_layers=30, num_heads=9)
+        policy.for_model(num_layers=30, num_heads=9)
 
 
 def test_head_rules_that_split_a_gqa_group_are_refused_against_the_model():
     """8 query heads over 4 KV heads: groups of 2. "0-2" takes half of the group 2-3, which one method must serve."""
     policy = Policy.load({"rules": [{"when": {"layers": "1"}, "use": "dense"},
                                     {"when": {"heads": "0-2"}, "use": "sink_window"}]})
-    policy.check_against_model(num_layers=4, num_heads=8)  # without kv_heads the groups are unknown
+    policy.for_model(num_layers=4, num_heads=8)  # without kv_heads the groups are unknown
     with pytest.raises(PolicyError) as error:
-        policy.check_against_model(num_layers=4, num_heads=8, kv_heads=4)
+        policy.for_model(num_layers=4, num_heads=8, kv_heads=4)
     assert str(error.value) == (
         "rules[1].when.heads: '0-2' splits a GQA group: query heads 2-3 share one KV head (the model has 8 query "
         'heads, 2 per KV head); give whole groups (multiples of 2, e.g. "0-1")'
     )
     for whole_groups in ("0-3", "2-", [4, 5], "0,1,6-7"):
-        Policy.load({"rules": [{"when": {"heads": whole_groups}, "use": "dense"}]}).check_against_model(
+        Policy.load({"rules": [{"when": {"heads": whole_groups}, "use": "dense"}]}).for_model(
             num_layers=4, num_heads=8, kv_heads=4)
-    Policy.load({"rules": [{"when": {"heads": "3"}, "use": "dense"}]}).check_against_model(4, 8, kv_heads=8)
+    Policy.load({"rules": [{"when": {"heads": "3"}, "use": "dense"}]}).for_model(4, 8, kv_heads=8)
 
 
 def test_duplicate_and_unreachable_rules_warn():

@@ -126,14 +126,20 @@ class AttentionMethod:
         (``sparsify.rectify``); 0, the default: never."""
         return 0
 
-    def provides(self, params: Any) -> str | None:
-        """The name of a value this method publishes (``ctx.publish``) for later attentions of the same forward
-        to read, e.g. a token selection; None by default."""
+    def for_model(self, params: Any, num_layers: int) -> Any:
+        """``params`` for a model of ``num_layers`` layers (what depends on the layer count resolved, e.g. default
+        layer roles), checked against it: a PolicyError naming the field for a layer the model does not have.
+        ``params`` as they are by default."""
+        return params
+
+    def provides(self, params: Any, attn: "AttentionInfo") -> str | None:
+        """The name of a value this method publishes at ``attn`` (``ctx.publish``) for later attentions of the
+        same forward to read, e.g. a token selection at a selection layer; None by default."""
         return None
 
-    def needs(self, params: Any) -> str | None:
-        """The name of a value this method reads (``ctx.published``) from an earlier attention of the same forward;
-        None by default. Where no earlier attention runs a method that provides it (its producer fell back to
+    def needs(self, params: Any, attn: "AttentionInfo") -> str | None:
+        """The name of a value this method reads at ``attn`` (``ctx.published``) from an earlier attention of the
+        same forward; None by default. Where no earlier attention runs a method that provides it (its producer fell back to
         dense, or none exists), this attention runs dense too, with that reason (``passes/plan_groups``)."""
         return None
 

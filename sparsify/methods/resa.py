@@ -34,7 +34,7 @@ from ..state import StateSpec
 from .base import AttentionMethod, register_method
 
 
-def _lengths(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
+def lengths_in_use(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
     """(B,) int64: the cache positions in use after this call's tokens: ``query_offset + q_len`` (a static cache),
     else the keys' length (the cache ends with this call's tokens)."""
     if query_offset is not None:
@@ -70,11 +70,15 @@ def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offse
     kmin, kmax: (B, Hkv, n_blocks, D), row b's block j over cache positions [s_b + j * block_size,
     s_b + (j + 1) * block_size) with s_b = ``starts[b]`` its first real position (:func:`resa_row_starts`);
     k: (B, Hkv, Lk, D), the cache after this call's update; q: (B, Hq, q_len, D) (its length only). Each touched
-    block's min and max are over its positions in use (:func:`_lengths`), so a partial last block is exact and
+    block's min and max are over its positions in use (:func:`lengths_in_use`), so a partial last block is exact and
     rewritten when it grows. A static number of blocks is read (``ceil(q_len / block_size) + 1``): a decode step
-    reads one or two blocks, whatever the cache's length. No host synchronisation."""
+    reads one or two blocks, whatever the cache's length. No host synchronisation. On CUDA one program per touched
+    block (``kernels/block_bounds.py``), which leaves a block with no position in use as it was."""
     batch, kv_heads, n_blocks, dim = kmin.shape
-    used = _lengths(q, k, query_offset)
+    used = lengths_in_use(q, k, query_offset)
+    if kmin.is_cuda and bounds_kernels.supports(dim):  # one program per touched block
+        bounds_kernels.update_summaries(kmin, kmax, k, used, starts, q.shape[2], block_size)
+        return
     touched = min(n_blocks, -(-q.shape[2] // block_size) + 1)
     first = torch.clamp((used - q.shape[2] - starts) // block_size, min=0)
     blocks = torch.clamp(first[:, None] + torch.arange(touched, device=q.device), max=n_blocks - 1)   # (B, T)
@@ -110,23 +114,23 @@ def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: 
 
     q: (B, Hq, 1, D); kmin, kmax: (B, Hkv, n_blocks, D). The selection query of KV head g is the mean of its group's
     query heads times ``scale``; block j scores ``sum_d max(q_d kmin_jd, q_d kmax_jd)``. Of the ``n`` blocks a
-    row has in use (:func:`_lengths`, from its first real position ``starts[b]``), the last ``local_blocks``
+    row has in use (:func:`lengths_in_use`, from its first real position ``starts[b]``), the last ``local_blocks``
     always, and the best-scoring others up to ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their
     indices sorted, first ``counts`` of each row (the rest hold ``n_blocks``, which the kernel ignores). S is
-    :func:`selection_width` of n_blocks. The scores come from one pass over the summaries on CUDA
-    (``kernels/block_bounds.py``), from its reference elsewhere."""
+    :func:`selection_width` of n_blocks. On CUDA the scores come from one pass over the summaries and the sorted
+    lists from one program per row (``kernels/block_bounds.py``); their references elsewhere."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     query = q.float().view(batch, kv_heads, -1, dim).mean(2) * scale                      # (B, Hkv, D)
-    in_use = -(-(_lengths(q, k, query_offset) - starts) // block_size)                     # (B,)
-    score = bounds_kernels.block_bounds if kmin.is_cuda and bounds_kernels.supports(dim) else \
-        bounds_kernels.block_bounds_reference
+    in_use = -(-(lengths_in_use(q, k, query_offset) - starts) // block_size)               # (B,)
+    on_gpu = kmin.is_cuda and bounds_kernels.supports(dim)
+    score = bounds_kernels.block_bounds if on_gpu else bounds_kernels.block_bounds_reference
     scores = score(query, kmin, kmax, in_use, local_blocks)                                # (B, Hkv, n_blocks)
     keep = torch.maximum(torch.ceil(in_use.double() * sparse_ratio).long(), torch.clamp(in_use, max=min_blocks))
     keep = torch.minimum(torch.maximum(keep, torch.clamp(in_use, max=local_blocks)), in_use)   # (B,)
     width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
-    top = scores.topk(width, dim=-1).indices                                               # (B, Hkv, S)
-    chosen = torch.arange(width, device=q.device) < keep[:, None, None]
-    indices = torch.where(chosen, top, n_blocks).sort(-1).values.to(torch.int32)
+    select = bounds_kernels.select_top_blocks if on_gpu and n_blocks <= bounds_kernels.MAX_SELECT_BLOCKS else \
+        bounds_kernels.select_top_blocks_reference
+    indices = select(scores, keep, width)                                                  # (B, Hkv, S)
     return indices, keep[:, None].expand(batch, kv_heads).to(torch.int32).contiguous()
 
 
@@ -144,9 +148,9 @@ def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, k
                  indices: Tensor, counts: Tensor, block_size: int, scale: float) -> Tensor:
     """One decode step over listed key blocks: q (B, Hq, 1, D) against the blocks ``indices[b, g, :counts[b, g]]``
     (of ``block_size`` cache positions from the row's first real position) of k, v (B, Hkv, Lk, D), within the
-    positions in use (:func:`_lengths`) and ``key_padding`` (B, Lk). The split-KV kernel on CUDA, its reference
+    positions in use (:func:`lengths_in_use`) and ``key_padding`` (B, Lk). The split-KV kernel on CUDA, its reference
     elsewhere. Returns (B, Hq, 1, Dv)."""
-    lengths = _lengths(q, k, query_offset)
+    lengths = lengths_in_use(q, k, query_offset)
     arguments = dict(key_padding=key_padding, kv_block_indices=indices, kv_block_counts=counts,
                      block_size=block_size, block_offsets=starts)
     if q.is_cuda and decode_kernels.supports(q, k, v):
@@ -213,10 +217,10 @@ class ReSA(AttentionMethod):
 
     def update_state(self, params: ReSAParams, attn, ctx):
         ctx.call(torch.ops.sparsify.resa_summaries.default, ctx.sequence_state("kmin"), ctx.sequence_state("kmax"),
-                 ctx.q, ctx.k, ctx.query_offset, self._starts(ctx), params.block_size)
+                 ctx.q, ctx.k, ctx.query_offset, self.row_starts(ctx), params.block_size)
 
     @staticmethod
-    def _starts(ctx):
+    def row_starts(ctx):
         """Each row's first real position: one node per forward (and mask description), for every layer."""
         padding = ctx.key_padding
         return ctx.shared(("resa_row_starts", getattr(padding, "name", None)),
@@ -235,11 +239,11 @@ class ReSA(AttentionMethod):
         """The selection: per layer and step (it reads this layer's query)."""
         kmin, kmax = self._summaries(ctx, attn)
         selection = ctx.call(torch.ops.sparsify.resa_select.default, ctx.q, kmin, kmax, ctx.k, ctx.query_offset,
-                             self._starts(ctx), params.block_size, params.sparse_ratio, params.min_blocks,
+                             self.row_starts(ctx), params.block_size, params.sparse_ratio, params.min_blocks,
                              params.local_blocks, attn.match.scale)
         return tuple(ctx.call(operator.getitem, selection, i) for i in range(2))
 
     def run(self, params: ReSAParams, attn, ctx, plan):
         indices, counts = plan
         return ctx.call(torch.ops.sparsify.block_decode.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
-                        ctx.key_padding, self._starts(ctx), indices, counts, params.block_size, attn.match.scale)
+                        ctx.key_padding, self.row_starts(ctx), indices, counts, params.block_size, attn.match.scale)

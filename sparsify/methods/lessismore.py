@@ -1,0 +1,244 @@
+"""``lessismore``: LessIsMore (arXiv 2508.07101, after TidalDecode), one token set chosen jointly by all heads of
+a selection layer and read by the layers after it, at decode.
+
+Layer roles, for a model of ``num_layers`` (bound by :meth:`LessIsMore.for_model`): ``dense_layers`` run dense;
+``selection_layers`` (default: the first layer not dense and one a third of the way down) run **full** attention
+and, from the same pass over K (the split-KV kernel's scores output), choose the token set
+(``sparsify.lessismore_select``); every other layer attends to the set of the latest selection layer before it
+(``sparsify.token_decode``), the same positions for all its heads, each K/V row gathered once per KV head. The set
+is an output of the selection layer's node and an input of each of its consumers: a graph edge, that the group
+planner (``passes/plan_groups``) keeps consistent (a consumer whose producer runs dense runs dense too).
+
+The set of a row, ``budget`` positions: its first ``sink`` tokens, its last ``round(budget * recent_ratio)``, and
+between them the rank-major union of every query head's top keys by scaled q.k: rank 0 of head 0, 1, ..., then
+rank 1 of each, ..., duplicates dropped, until ``budget - sink - recent`` distinct positions. A row whose real
+tokens fit the budget keeps them all (then sparse equals dense). Ablations: ``selection: per_kv_head`` unifies
+each KV head's query heads only (TidalDecode-like per-head sets, one per GQA group), ``recent_ratio: 0`` drops the
+recency window.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BeforeValidator, Field
+from torch import Tensor
+
+from ..errors import PolicyError
+from ..kernels import decode as decode_kernels
+from ..ops import inference_only
+from .base import AttentionMethod, register_method
+from .resa import ReSA, lengths_in_use
+
+TOKENS = "lessismore.tokens"
+
+
+def unify_rank_major(top: Tensor, valid: Tensor, width: int) -> Tensor:
+    """The rank-major union of per-head rankings: (B, X, width) positions, -1 where fewer than ``width`` exist.
+
+    top: (B, X, H, k) positions, each head's best first; valid: (B, X, H, k) which entries count. For each of the
+    X groups, entries are read rank by rank (rank 0 of heads 0..H-1, then rank 1, ...), and each position is kept
+    at its first appearance, the first ``width`` kept in that order. Static shapes, no host synchronisation: a
+    stable sort by position finds each position's first appearance, a cumulative sum its rank among the kept."""
+    batch, groups, heads, k = top.shape
+    order_of_reading = top.transpose(2, 3).reshape(batch, groups, k * heads)
+    counts = valid.transpose(2, 3).reshape(batch, groups, k * heads)
+    past_every_position = torch.iinfo(torch.int64).max
+    keys = torch.where(counts, order_of_reading.long(), past_every_position)
+    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
+    starts_run = torch.ones_like(counts)
+    starts_run[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
+    first = torch.zeros_like(counts).scatter_(-1, order, starts_run) & counts
+    rank = first.long().cumsum(-1) - 1
+    slot = torch.where(first & (rank < width), rank, width)  # the rest go to a discarded last slot
+    unified = torch.full((batch, groups, width + 1), -1, dtype=torch.int64, device=top.device)
+    unified.scatter_(-1, slot, torch.where(first, order_of_reading.long(), -1))
+    return unified[..., :width]
+
+
+def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, recent: int, sink: int,
+                  groups: int) -> Tensor:
+    """(B, groups, budget) int64 token positions from per-head scores (B, Hq, L) (float32; any value at positions
+    from a row's length on). Row b's real tokens are [starts[b], lengths[b]): its first ``sink``, its last
+    ``recent``, and the rank-major union (:func:`unify_rank_major`, per group of ``Hq / groups`` heads) of each
+    head's top keys in between; all its real tokens when they fit ``budget`` (the positions past its length are
+    then ignored by the kernel, as are -1)."""
+    batch, q_heads, length = scores.shape
+    middle_width = budget - recent - sink
+    position = torch.arange(length, device=scores.device)
+    middle = (position >= (starts + sink)[:, None]) & (position < (lengths - recent)[:, None])       # (B, L)
+    candidates = scores.masked_fill(~middle[:, None], float("-inf"))
+    if length < middle_width:  # a cache shorter than the width (then every row fits the budget anyway)
+        candidates = torch.nn.functional.pad(candidates, (0, middle_width - length), value=float("-inf"))
+    top = candidates.topk(middle_width, dim=-1)
+    shape = (batch, groups, q_heads // groups, middle_width)
+    unified = unify_rank_major(top.indices.view(shape), (top.values > float("-inf")).view(shape), middle_width)
+    sinks = (starts[:, None] + torch.arange(sink, device=scores.device))[:, None].expand(batch, groups, sink)
+    recents = (lengths[:, None] - recent + torch.arange(recent, device=scores.device))[:, None]
+    chosen = torch.cat([sinks, unified, recents.expand(batch, groups, recent)], dim=-1)
+    everything = (starts[:, None] + torch.arange(budget, device=scores.device))[:, None]
+    fits = (lengths - starts <= budget)[:, None, None]
+    return torch.where(fits, everything, chosen)
+
+
+# -- the ops --------------------------------------------------------------------------------------------------------
+
+
+def _decode(q, k, v, lengths, scale, **lists):
+    if q.is_cuda and decode_kernels.supports(q, k, v):
+        return decode_kernels.decode_attention(q, k, v, lengths, scale, **lists)[0]
+    return decode_kernels.decode_attention_reference(q, k, v, lengths, scale, **lists)[0]
+
+
+@torch.library.custom_op("sparsify::lessismore_select", mutates_args=())
+def lessismore_select(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, key_padding: Tensor | None,
+                      starts: Tensor, budget: int, recent: int, sink: int, per_kv_head: bool, scale: float
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """A selection layer's decode step: (out (B, Hq, 1, Dv), tokens (B, Hkv, budget) int32, counts (B, Hkv)
+    int32). ``out`` is full attention over the positions in use (:func:`~sparsify.methods.resa.lengths_in_use`)
+    and ``key_padding``; ``tokens`` the set :func:`select_tokens` chooses from the same pass's scores (over all
+    query heads, or with ``per_kv_head`` over each KV head's); each list holds ``budget`` entries, -1 or past the
+    length where a row has fewer, which the kernel ignores."""
+    batch, q_heads, _, _ = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    lengths = lengths_in_use(q, k, query_offset)
+    scores = torch.empty((batch, q_heads, length), dtype=torch.float32, device=q.device)
+    out = _decode(q, k, v, lengths, scale, key_padding=key_padding, scores_out=scores)
+    groups = kv_heads if per_kv_head else 1
+    tokens = select_tokens(scores, lengths, starts, budget, recent, sink, groups)
+    tokens = tokens.expand(batch, kv_heads, budget).to(torch.int32).contiguous()
+    return out, tokens, torch.full((batch, kv_heads), budget, dtype=torch.int32, device=q.device)
+
+
+@lessismore_select.register_fake
+def _(q, k, v, query_offset, key_padding, starts, budget, recent, sink, per_kv_head, scale):
+    batch, kv_heads = q.shape[0], k.shape[1]
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((batch, kv_heads, budget), dtype=torch.int32),
+            q.new_empty((batch, kv_heads), dtype=torch.int32))
+
+
+@torch.library.custom_op("sparsify::token_decode", mutates_args=())
+def token_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, key_padding: Tensor | None,
+                 tokens: Tensor, counts: Tensor, scale: float) -> Tensor:
+    """One decode step over listed positions: q (B, Hq, 1, D) against ``tokens[b, g, :counts[b, g]]`` of k, v
+    (B, Hkv, Lk, D), within the positions in use and ``key_padding``. The split-KV kernel's token lists on CUDA,
+    its reference elsewhere. Returns (B, Hq, 1, Dv)."""
+    return _decode(q, k, v, lengths_in_use(q, k, query_offset), scale, key_padding=key_padding,
+                   kv_token_indices=tokens, kv_token_counts=counts)
+
+
+@token_decode.register_fake
+def _(q, k, v, query_offset, key_padding, tokens, counts, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+inference_only(lessismore_select)
+inference_only(token_decode)
+
+
+# -- the method -----------------------------------------------------------------------------------------------------
+
+
+def _layer_list(value):
+    """YAML and TOML give lists: the parameters keep tuples (frozen, hashable)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+Layers = Annotated[tuple[Annotated[int, Field(ge=0)], ...], BeforeValidator(_layer_list)]
+
+
+@dataclass(frozen=True)
+class LessIsMoreParams:
+    budget: Annotated[int, Field(ge=8, description="Tokens each sparse layer attends to, per row")] = 2048
+    recent_ratio: Annotated[float, Field(ge=0.0, lt=1.0, description="Share of the budget kept for the most "
+                                                                     "recent tokens")] = 0.25
+    sink: Annotated[int, Field(ge=0, description="First tokens always kept")] = 4
+    dense_layers: Annotated[Layers, Field(description="Layers that stay dense at decode")] = (0, 1)
+    selection_layers: Annotated[Layers | None, Field(
+        description="Layers that attend fully and choose the set for the layers after them (default: the first "
+                    "layer not dense and one a third of the way down)")] = None
+    selection: Annotated[Literal["unified", "per_kv_head"], Field(
+        description="unified: one set for all heads (rank-major over every query head); per_kv_head: one per KV "
+                    "head (an ablation)")] = "unified"
+
+    @property
+    def recent(self) -> int:
+        return round(self.budget * self.recent_ratio)
+
+
+@register_method
+class LessIsMore(AttentionMethod):
+    name = "lessismore"
+    Params = LessIsMoreParams
+    phases = ("decode",)
+    summary = "one token set chosen by all heads of a selection layer, read by the layers after it (decode)"
+
+    def for_model(self, params: LessIsMoreParams, num_layers: int) -> LessIsMoreParams:
+        problems = [f"{name}: layer {layer} is out of range for a model with {num_layers} layers "
+                    f"(0-{num_layers - 1})" for name in ("dense_layers", "selection_layers")
+                    for layer in getattr(params, name) or () if layer >= num_layers]
+        if params.sink + params.recent >= params.budget:
+            problems.append(f"budget: {params.budget} leaves no token to select after sink {params.sink} and "
+                            f"recent {params.recent} (budget * recent_ratio)")
+        selection = params.selection_layers
+        if selection is None:
+            first = next((layer for layer in range(num_layers) if layer not in params.dense_layers), None)
+            third = round(num_layers / 3)
+            selection = tuple(sorted({first, third} - {None} - set(params.dense_layers)))
+        both = sorted(set(selection) & set(params.dense_layers))
+        if both:
+            problems.append(f"selection_layers: {both} are also dense_layers; a layer has one role")
+        if problems:
+            raise PolicyError("; ".join(problems))
+        return replace(params, selection_layers=tuple(sorted(selection)))
+
+    def _role(self, params: LessIsMoreParams, attn) -> str:
+        if attn.layer in params.dense_layers:
+            return "dense"
+        if params.selection_layers is None:
+            raise PolicyError("lessismore: its selection layers are resolved against the model "
+                              "(sparsify.compile binds them); this policy was not")
+        return "selection" if attn.layer in params.selection_layers else "sparse"
+
+    def unsupported_reason(self, params: LessIsMoreParams, attn):
+        if attn.phase != "decode":
+            return f"lessismore serves phases decode, not {attn.phase}"
+        if self._role(params, attn) == "dense":
+            return f"layer {attn.layer} is one of lessismore's dense_layers {list(params.dense_layers)}"
+        if not attn.match.causal_by_position:
+            return "lessismore reads the cache through a described mask (transformers models under sparsify.compile)"
+        if attn.match.model_window:
+            return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
+                    "lessismore's token set")
+        return None  # key padding is the kernel's own
+
+    def provides(self, params: LessIsMoreParams, attn) -> str | None:
+        return TOKENS if self._role(params, attn) == "selection" else None
+
+    def needs(self, params: LessIsMoreParams, attn) -> str | None:
+        return TOKENS if self._role(params, attn) == "sparse" else None
+
+    def plan(self, params: LessIsMoreParams, attn, ctx):
+        """At a selection layer: (its output, the set), the set published for the layers after it. Elsewhere: the
+        set of the latest selection layer before this one."""
+        if ctx.heads != (0, attn.q_heads):
+            raise PolicyError(f"lessismore: {attn.module_path or attn.name} splits its heads between rules; "
+                              "lessismore's set is chosen by all heads of a layer, so give it whole layers")
+        if self._role(params, attn) == "sparse":
+            return None, ctx.published(TOKENS)
+        selected = ctx.call(torch.ops.sparsify.lessismore_select.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
+                            ctx.key_padding, ReSA.row_starts(ctx), params.budget, params.recent, params.sink,
+                            params.selection == "per_kv_head", attn.match.scale)
+        out, tokens, counts = (ctx.call(operator.getitem, selected, i) for i in range(3))
+        ctx.publish(TOKENS, (tokens, counts))
+        return out, (tokens, counts)
+
+    def run(self, params: LessIsMoreParams, attn, ctx, plan):
+        out, (tokens, counts) = plan
+        if out is not None:
+            return out
+        return ctx.call(torch.ops.sparsify.token_decode.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
+                        ctx.key_padding, tokens, counts, attn.match.scale)
