@@ -32,6 +32,9 @@ LOG2E = 1.4426950408889634
 # Programs the split grid aims for, per multiprocessor: a decode step is bound by reading the cache, and a few
 # resident programs per SM hide the load latency of each other. Off CUDA (the interpreter) a nominal device.
 PROGRAMS_PER_SM = 4
+# A chunk of T new tokens per row puts T x G rows in each program's tile: at most this many (a 128 x D float32
+# accumulator per program, with 8 warps).
+MAX_CHUNK_ROWS = 128
 MAX_SPLITS = 128
 INTERPRETER_MULTIPROCESSORS = 4
 
@@ -57,23 +60,24 @@ def stages_for_decode(num_stages: int, block_n: int, head_dim: int, head_dim_v: 
 
 
 @triton.jit
-def _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, start, end, offs_t, k_cols, v_cols, qk_scale,
-                 stride_kn, stride_vn, stride_pn, HAS_PADDING: tl.constexpr, IEEE: tl.constexpr,
+def _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, start, end, row_limit, offs_t, k_cols, v_cols,
+                 qk_scale, stride_kn, stride_vn, stride_pn, HAS_PADDING: tl.constexpr, IEEE: tl.constexpr,
                  UPCAST: tl.constexpr):
     """One tile of BLOCK_N keys from position ``start``; keys at ``end`` and past are invisible (``end`` <= the
     row's length <= L, so masked loads never leave the cache). Every tile is masked: only the last of a row needs
     it without padding, but a decode step is bound by the K/V bytes, not by a compare and a select. ``k_cols`` and
     ``v_cols``: the D and Dv offsets, already times their strides."""
     offs_n = start + offs_t
-    return _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, offs_n < end, k_cols, v_cols, qk_scale,
-                   stride_kn, stride_vn, stride_pn, HAS_PADDING, IEEE, UPCAST)
+    return _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, offs_n < end, row_limit, k_cols, v_cols,
+                   qk_scale, stride_kn, stride_vn, stride_pn, HAS_PADDING, IEEE, UPCAST)
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, k_cols, v_cols, qk_scale,
+def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, row_limit, k_cols, v_cols, qk_scale,
             stride_kn, stride_vn, stride_pn, HAS_PADDING: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """The keys at positions ``offs_n`` (BLOCK_N of them, contiguous or listed) where ``visible`` (and not padding)
-    folded into the online softmax of the group's rows; also the tile's scores (scaled by ``qk_scale``, -inf where
+    folded into the online softmax of the tile's rows, row r seeing positions below ``row_limit[r]`` (a chunk's
+    causal mask; the row's length for one new token); also the tile's scores (scaled by ``qk_scale``, -inf where
     invisible)."""
     if HAS_PADDING:
         attend = tl.load(pad_base + offs_n.to(tl.int64) * stride_pn, mask=visible, other=0)
@@ -89,7 +93,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, k_cols,
         qk = tl.dot(q, k, input_precision="ieee")
     else:
         qk = tl.dot(q, k)
-    qk = tl.where(visible[None, :], qk * qk_scale, float("-inf"))
+    qk = tl.where(visible[None, :] & (offs_n[None, :] < row_limit[:, None]), qk * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen only invisible keys keeps m = -inf; shift by 0 then, so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -109,7 +113,7 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, k_cols,
 @triton.jit
 def _decode_split(
     Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, BLOCK_OFFSET, Out, Lse, Scores,
-    stride_qb, stride_qh, stride_qd, stride_len, stride_offset,
+    stride_qb, stride_qh, stride_qt, stride_qd, stride_len, stride_offset,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
@@ -118,15 +122,17 @@ def _decode_split(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
     stride_sb, stride_sh, stride_sn,
-    kv_heads, group, cache_len, n_listed, n_cache_blocks, qk_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    kv_heads, group, q_len, cache_len, n_listed, n_cache_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     HAS_TOKENS: tl.constexpr, HAS_SCORES: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads. Writes
-    out (normalised by its own sum) and natural-log lse at index ``split`` of Out/Lse: the float32 workspace, or
-    the final tensors when there is one split. A split with no visible key writes out 0 and lse -inf. With
+    """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads, for each
+    of the ``q_len`` new tokens (row r: token r // group, head r % group; token t sees the positions below
+    ``length - (q_len - 1 - t)``). Writes out (normalised by its own sum) and natural-log lse at index ``split``
+    of Out/Lse, whose rows are (query head, token) flattened: the float32 workspace, or the final tensors when
+    there is one split. A split with no visible key writes out 0 and lse -inf. With
     HAS_SCORES (no lists) also every visible key's score of every row into Scores, -inf for the invisible ones
     below the row's length."""
     split = tl.program_id(0)
@@ -135,16 +141,19 @@ def _decode_split(
     batch = batch_head // kv_heads
     kv_head = batch_head % kv_heads
 
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_t = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    row_ok = offs_g < group
-    heads = (kv_head * group + offs_g).to(tl.int64)
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
+    row_ok = offs_r < q_len * group
+    token = offs_r // group
+    heads = (kv_head * group + offs_r % group).to(tl.int64)
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + token[:, None] * stride_qt
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     # Lengths past the cache are clamped to it and negative ones to 0: a bad length can only hide keys.
     kv_len = tl.minimum(tl.maximum(tl.load(KV_LENGTHS + batch * stride_len), 0), cache_len).to(tl.int32)
+    row_limit = kv_len - (q_len - 1 - token)
+    rows = heads * q_len + token  # the row of (query head, token) in Out and Lse
 
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -154,9 +163,9 @@ def _decode_split(
     offs_kd = offs_d * stride_kd
     offs_vd = offs_dv * stride_vd
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM_V], dtype=tl.float32)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_V], dtype=tl.float32)
 
     # Each split takes a contiguous share of the blocks this row really has (its length or list count, read
     # here), not of the cache's capacity: the work stays balanced however full the cache is.
@@ -179,7 +188,7 @@ def _decode_split(
             block_end = tl.where(in_cache, tl.minimum(block_start + BLOCK_SIZE, kv_len), block_start)
             for chunk in range(0, BLOCK_SIZE, BLOCK_N):
                 acc, m_i, l_i, _ = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
-                                             block_end, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
+                                             block_end, row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
                                              stride_pn, HAS_PADDING, IEEE, UPCAST)
     elif HAS_TOKENS:
         # The lists hold token positions: BLOCK_N of them per tile, their K/V rows gathered.
@@ -197,7 +206,7 @@ def _decode_split(
             # A position outside the keys in use is ignored instead of read out of bounds.
             visible = listed & (positions >= 0) & (positions < kv_len)
             acc, m_i, l_i, _ = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.where(visible, positions, 0),
-                                    visible, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
+                                    visible, row_limit, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
                                     HAS_PADDING, IEEE, UPCAST)
     else:
         n_blocks = tl.cdiv(kv_len, BLOCK_N)
@@ -206,7 +215,7 @@ def _decode_split(
         last = tl.minimum(first + per_split, n_blocks)
         for j in range(first, last):
             acc, m_i, l_i, qk = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, j * BLOCK_N, kv_len,
-                                             offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
+                                             row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
                                              HAS_PADDING, IEEE, UPCAST)
             if HAS_SCORES:  # the same pass over K gives a selection its scores (natural units: q.k * scale)
                 offs_n = j * BLOCK_N + offs_t
@@ -217,10 +226,10 @@ def _decode_split(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # lse in natural log: m and l are in base 2 (scores were scaled by log2(e)).
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split.to(tl.int64) * stride_os
+    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + rows[:, None] * stride_oh + split.to(tl.int64) * stride_os
               + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + batch.to(tl.int64) * stride_lb + heads * stride_lh + split.to(tl.int64) * stride_ls, lse,
+    tl.store(Lse + batch.to(tl.int64) * stride_lb + rows * stride_lh + split.to(tl.int64) * stride_ls, lse,
              mask=row_ok)
 
 
@@ -286,11 +295,11 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                         ) -> None:
     """Shapes, index dtypes and devices (never values: reading them would sync with the device)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
+        raise ShapeError(f"decode_attention: q must be (B, Hq, T, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     batch, q_heads, q_len, dim = q.shape
-    if q_len != 1:
-        raise ShapeError(f"decode_attention: q must be (B, Hq, 1, D), one new token per row; got {tuple(q.shape)}")
+    if q_len < 1:
+        raise ShapeError(f"decode_attention: q must be (B, Hq, T, D) with T >= 1 new tokens; got {tuple(q.shape)}")
     if k.shape[0] != batch or k.shape[-1] != dim or v.shape[:3] != k.shape[:3]:
         raise ShapeError(f"decode_attention: k must be (B, Hkv, L, D) and v (B, Hkv, L, Dv) with q's B={batch} and "
                          f"D={dim}; got k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -323,6 +332,13 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                          f"{length}), without block or token lists; got {scores_out.dtype} "
                          f"{tuple(scores_out.shape)}" + (" with lists" if kv_block_indices is not None
                                                         or kv_token_indices is not None else ""))
+    if q_len > 1 and (kv_block_indices is not None or kv_token_indices is not None or scores_out is not None):
+        raise ShapeError(f"decode_attention: {q_len} new tokens per row (a chunk) take no block or token lists and "
+                         "no scores_out; those are for one token per row")
+    if q_len * (q_heads // kv_heads) > MAX_CHUNK_ROWS:
+        raise ShapeError(f"decode_attention: {q_len} new tokens x {q_heads // kv_heads} query heads per KV head = "
+                         f"{q_len * (q_heads // kv_heads)} rows per program; the kernel takes at most "
+                         f"{MAX_CHUNK_ROWS} (chunks of up to {MAX_CHUNK_ROWS // (q_heads // kv_heads)} tokens here)")
     for name, t in (("k", k), ("v", v), ("kv_lengths", kv_lengths), ("key_padding", key_padding),
                     ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts),
                     ("block_offsets", block_offsets), ("kv_token_indices", kv_token_indices),
@@ -354,8 +370,11 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     """Plain PyTorch, float32: the function :func:`decode_attention` computes (its launch arguments
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` are accepted and ignored).
 
-    q: (B, Hq, 1, D); k: (B, Hkv, L, D); v: (B, Hkv, L, Dv); Hq a multiple of Hkv, query head h reading KV head
-    h // (Hq / Hkv). Row b sees key j when ``j < kv_lengths[b]`` (clamped to [0, L]), ``key_padding[b, j]`` (if
+    q: (B, Hq, T, D); k: (B, Hkv, L, D); v: (B, Hkv, L, Dv); Hq a multiple of Hkv, query head h reading KV head
+    h // (Hq / Hkv). T is 1 (decode), or a chunk of T new tokens, the last T positions in use (a rectification),
+    token t seeing the keys below ``kv_lengths[b] - (T - 1 - t)`` (causal), without lists or scores; at most
+    MAX_CHUNK_ROWS / (Hq / Hkv) tokens. Row b sees key j when ``j < kv_lengths[b]`` (clamped to [0, L]),
+    ``key_padding[b, j]`` (if
     given) and, with block lists, ``(j - block_offsets[b]) // block_size`` (offsets 0 when None: row b's blocks
     start at its offset, a left-padded row's first real position) is one of
     ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
@@ -365,12 +384,12 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     position below the row's length, with query head h's score ``q_h . k_j * scale`` (-inf where padding hides
     the key); positions from the length on are left as they are (LessIsMore's selection layers: the scores come
     from the same pass over K as the attention).
-    Returns out (B, Hq, 1, Dv) in q's dtype and lse (B, Hq, 1) float32, natural log; a row that sees no key gets
+    Returns out (B, Hq, T, Dv) in q's dtype and lse (B, Hq, T) float32, natural log; a row that sees no key gets
     out 0 and lse -inf.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
                         block_offsets, kv_token_indices, kv_token_counts, scores_out)
-    batch, q_heads, _, dim = q.shape
+    batch, q_heads, q_len, dim = q.shape
     kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -389,17 +408,19 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
         visible = visible & chosen.gather(2, key_block[:, None].expand(batch, kv_heads, length))
     if kv_token_indices is not None:
         visible = visible & _listed(kv_token_indices, kv_token_counts, length)[..., :length]
-    qf = q.float().reshape(batch, kv_heads, group, dim)
-    scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale                       # (B, Hkv, G, L)
-    scores = scores.masked_fill(~visible[:, :, None], float("-inf"))
+    qf = q.float().reshape(batch, kv_heads, group, q_len, dim)
+    scores = torch.matmul(qf, k.float().transpose(-1, -2)[:, :, None]) * scale           # (B, Hkv, G, T, L)
+    limit = kv_lengths[:, None] - (q_len - 1 - torch.arange(q_len, device=q.device))      # (B, T): causal
+    causal = keys[None, None, :] < limit[:, :, None]                                      # (B, T, L)
+    scores = scores.masked_fill(~(visible[:, :, None, None] & causal[:, None, None]), float("-inf"))
     if scores_out is not None:
         below = keys < kv_lengths.clamp(0, length)[:, None]                               # (B, L)
         flat = scores.reshape(batch, q_heads, length)
         scores_out.copy_(torch.where(below[:, None], flat, scores_out))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.matmul(probs, v.float())                                                  # (B, Hkv, G, Dv)
-    return out.reshape(batch, q_heads, 1, dim_v).to(q.dtype), lse.reshape(batch, q_heads, 1)
+    out = torch.matmul(probs, v.float()[:, :, None])                                     # (B, Hkv, G, T, Dv)
+    return out.reshape(batch, q_heads, q_len, dim_v).to(q.dtype), lse.reshape(batch, q_heads, q_len)
 
 
 def _listed(indices: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
@@ -463,13 +484,15 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         raise ShapeError(f"decode_attention: num_splits must be a positive int; got {num_splits!r}")
     stages = stages_for_decode(num_stages, tile, dim, dim_v, q.element_size(), hardware.shared_memory(q.device))
 
-    out = torch.empty((batch, q_heads, 1, dim_v), device=q.device, dtype=q.dtype)
-    lse = torch.empty((batch, q_heads, 1), device=q.device, dtype=torch.float32)
+    q_len = q.shape[2]
+    out = torch.empty((batch, q_heads, q_len, dim_v), device=q.device, dtype=q.dtype)
+    lse = torch.empty((batch, q_heads, q_len), device=q.device, dtype=torch.float32)
+    rows = q_heads * q_len  # the kernels' rows: (query head, token), flattened
     if num_splits == 1:  # the split kernel writes the result itself
-        part_out, part_lse = out, lse
+        part_out, part_lse = out.view(batch, rows, 1, dim_v), lse.view(batch, rows, 1)
     else:
-        part_out = torch.empty((batch, q_heads, num_splits, dim_v), device=q.device, dtype=torch.float32)
-        part_lse = torch.empty((batch, q_heads, num_splits), device=q.device, dtype=torch.float32)
+        part_out = torch.empty((batch, rows, num_splits, dim_v), device=q.device, dtype=torch.float32)
+        part_lse = torch.empty((batch, rows, num_splits), device=q.device, dtype=torch.float32)
 
     if key_padding is not None:
         pad = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
@@ -487,21 +510,23 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
 
     _decode_split[(num_splits, batch * kv_heads)](
         q, k, v, kv_lengths, pad, idx, cnt, offsets, part_out, part_lse, scores,
-        q.stride(0), q.stride(1), q.stride(3), kv_lengths.stride(0), offset_stride,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), kv_lengths.stride(0), offset_stride,
         *k.stride(), *v.stride(), *pad_strides, *idx_strides, *cnt_strides,
         *part_out.stride(), *part_lse.stride(), *score_strides,
-        kv_heads, group, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks, scale * LOG2E,
-        HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=tile,
+        kv_heads, group, q_len, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks,
+        scale * LOG2E, HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_R=max(16, triton.next_power_of_2(group * q_len)),
+        BLOCK_N=tile,
         BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
         HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens, HAS_SCORES=scores_out is not None,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and hardware.interpreting(),
-        num_warps=num_warps, num_stages=stages,
+        num_warps=num_warps if group * q_len <= 16 else max(num_warps, 8), num_stages=stages,
     )
     if num_splits > 1:
-        _decode_combine[(batch * q_heads,)](
-            part_out, part_lse, out, lse, *part_out.stride(), *part_lse.stride(),
-            out.stride(0), out.stride(1), out.stride(3), lse.stride(0), lse.stride(1),
-            q_heads, num_splits,
+        flat_out, flat_lse = out.view(batch, rows, dim_v), lse.view(batch, rows)
+        _decode_combine[(batch * rows,)](
+            part_out, part_lse, flat_out, flat_lse, *part_out.stride(), *part_lse.stride(),
+            *flat_out.stride(), *flat_lse.stride(),
+            rows, num_splits,
             HEAD_DIM_V=dim_v, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out, lse

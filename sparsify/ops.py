@@ -180,6 +180,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query
         if window:  # the window as key padding: O(Lk) values, and the decode kernel reads padding
             key_padding = _within_window(q, k, key_padding, query_offset, window)
         return decode(q, k, v, key_padding, query_offset, causal, scale)
+    if causal and not window and q.shape[2] < k.shape[2] and takes_chunk(q, k, v):
+        # A few new tokens over a longer cache (a rectification's chunk): one tile row per (token, head) in a
+        # split-KV program; a prefill kernel would have too few query blocks to spread the cache over the GPU.
+        return decode(q, k, v, key_padding, query_offset, causal, scale)
     if causal and bool(plain if plain is not None else prefill_is_plain(q, k, key_padding, query_offset)):
         length = q.shape[2]
         if window and window < length:
@@ -224,13 +228,20 @@ def _(q, k, v, key_padding, query_offset, plain, causal, scale, state, window=0)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+def takes_chunk(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`decode` runs Lq new tokens per row on the split-KV kernel: CUDA, head sizes and dtype the
+    kernel takes, and Lq x (Hq / Hkv) rows within one program's tile."""
+    return (q.is_cuda and decode_kernels.supports(q, k, v)
+            and q.shape[2] * (q.shape[1] // k.shape[1]) <= decode_kernels.MAX_CHUNK_ROWS)
+
+
 def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool,
            scale: float) -> Tensor:
-    """One query row per sequence (Lq == 1) over the keys before and at its position, without a host sync.
-    The Triton split-KV kernel on CUDA (each KV head's K/V read once for its query heads) where it takes the head
-    sizes and dtype, SDPA with the (B, 1, 1, Lk) visibility elsewhere."""
-    if q.is_cuda and decode_kernels.supports(q, k, v):
-        visible = (query_offset.to(torch.int32) + 1 if causal and query_offset is not None
+    """The last Lq positions of each sequence (one new token, or a short chunk) over the keys before and at each
+    position, without a host sync. The Triton split-KV kernel on CUDA (each KV head's K/V read once for all its
+    query heads and tokens) where :func:`takes_chunk`, SDPA with the visibility materialised elsewhere."""
+    if takes_chunk(q, k, v):
+        visible = (query_offset.to(torch.int32) + q.shape[2] if causal and query_offset is not None
                    else torch.full((), k.shape[2], dtype=torch.int32, device=q.device))
         lengths = visible.expand(q.shape[0])
         return decode_kernels.decode_attention(q, k, v, lengths, scale, key_padding=key_padding)[0]

@@ -34,7 +34,7 @@ def check(q, k, v, kv_lengths, scale, **kwargs):
     out, lse = decode_attention(q, k, v, kv_lengths, scale, **kwargs)
     reference = {key: val for key, val in kwargs.items() if key != "num_splits"}
     ref_out, ref_lse = decode_attention_reference(q, k, v, kv_lengths, scale, **reference)
-    assert out.dtype == q.dtype and out.shape == (q.shape[0], q.shape[1], 1, v.shape[-1])
+    assert out.dtype == q.dtype and out.shape == (*q.shape[:3], v.shape[-1])
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     assert not out.isnan().any() and not lse.isnan().any()
     tol = TOLERANCE[q.dtype]
@@ -288,8 +288,12 @@ def test_bad_inputs():
     q, k, v = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 50, 64), torch.randn(2, 2, 50, 64)
     lengths = torch.tensor([50, 10])
     cases = [
-        ((q[:, :, :0], k, v, lengths), {}, r"q must be \(B, Hq, 1, D\), one new token"),
-        ((q[0], k, v, lengths), {}, r"q must be \(B, Hq, 1, D\), k \(B, Hkv, L, D\)"),
+        ((q[:, :, :0], k, v, lengths), {}, r"q must be \(B, Hq, T, D\) with T >= 1 new tokens"),
+        ((q.expand(2, 4, 3, 64), k, v, lengths), dict(kv_token_indices=torch.zeros(2, 2, 3, dtype=torch.int32),
+                                                       kv_token_counts=torch.zeros(2, 2, dtype=torch.int32)),
+         "3 new tokens per row \\(a chunk\\) take no block or token lists"),
+        ((q.expand(2, 4, 65, 64), k, v, lengths), {}, "65 new tokens x 2 query heads per KV head = 130 rows"),
+        ((q[0], k, v, lengths), {}, r"q must be \(B, Hq, T, D\), k \(B, Hkv, L, D\)"),
         ((q, k[:1], v, lengths), {}, r"k must be \(B, Hkv, L, D\) and v \(B, Hkv, L, Dv\) with q's B=2 and D=64"),
         ((q, k, v[:, :, :40], lengths), {}, r"k must be \(B, Hkv, L, D\) and v"),
         ((q[:, :3], k, v, lengths), {}, r"query heads \(3\) must be a multiple of key/value heads \(2\)"),
@@ -341,3 +345,21 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     q, k, v = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 8, 64), torch.randn(1, 1, 8, 64)
     with pytest.raises(ShapeError, match="needs CUDA tensors"):
         decode_attention(q, k, v, torch.tensor([8]), None)
+
+
+@pytest.mark.parametrize("tokens, group", [(2, 2), (5, 3), (32, 4)])
+def test_a_chunk_of_new_tokens_is_causal_attention_over_the_cache(tokens, group):
+    """T new tokens at the end of each row's positions in use (a rectification's chunk over a static cache, rows
+    of different lengths, padding): the kernel equals its reference, and the reference equals SDPA with the
+    causal visibility materialised."""
+    gen = torch.Generator().manual_seed(tokens)
+    q, k, v = make_qkv(gen, 2, 2, group, 90, 32)
+    q = torch.randn(2, 2 * group, tokens, 32, generator=gen)
+    lengths = torch.tensor([90, 40])
+    padding = torch.rand(2, 90, generator=gen) > 0.1
+    check(q, k, v, lengths, None, key_padding=padding, num_splits=3)
+    out, _ = decode_attention_reference(q, k, v, lengths, None, key_padding=padding)
+    position = lengths[:, None] - tokens + torch.arange(tokens)                           # (B, T)
+    visible = (torch.arange(90) <= position[..., None]) & padding[:, None]                # (B, T, L)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

@@ -79,3 +79,31 @@ def test_shift_rows_moves_each_row_by_its_start_and_back():
     torch.testing.assert_close(back[0, :, 2:], x[0, :, 2:], rtol=0, atol=0)
     assert back[0, :, :2].abs().sum() == 0
     torch.library.opcheck(torch.ops.sparsify.shift_rows.default, (x, starts, True))
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_a_short_chunk_over_a_longer_cache_runs_the_split_kv_kernel_exactly(static, monkeypatch):
+    """A rectification's 8 tokens over a cache of 40 (static: a capacity of 64 with an offset; dynamic: the keys
+    end with the chunk), with padding: ``sparsify.attention`` through the split-KV kernel (what CUDA runs; here
+    the interpreter) equals the materialised-mask path."""
+    from sparsify import ops
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 8, 16)
+    k, v = torch.randn(2, 2, 64 if static else 40, 16), torch.randn(2, 2, 64 if static else 40, 16)
+    padding = torch.ones(2, k.shape[2], dtype=torch.bool)
+    padding[1, :5] = False
+    offset = torch.tensor(32) if static else None
+    expected = torch.ops.sparsify.attention(q, k, v, padding, offset, None, True, 0.25, [])
+    calls = []
+    kernel = ops.decode_kernels.decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "takes_chunk", lambda q, k, v: True)
+    monkeypatch.setattr(ops.decode_kernels, "decode_attention", spy)
+    actual = torch.ops.sparsify.attention(q, k, v, padding, offset, None, True, 0.25, [])
+    assert calls == [q.shape]
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
