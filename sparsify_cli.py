@@ -16,7 +16,7 @@ import argparse
 import os
 from pathlib import Path
 
-BENCHMARKS = ("e2e", "first_call", "prefill", "delta", "delta_rows", "delta_shift", "decode", "resa_e2e",
+BENCHMARKS = ("e2e", "first_call", "prefill", "delta", "delta_rows", "delta_shift", "decode", "resa_e2e", "lessismore",
               "gpu_correctness")
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_question_first", "variable_tracking",
               "aggregation")
