@@ -124,7 +124,7 @@ def _decode_split(
     stride_sb, stride_sh, stride_sn,
     kv_heads, group, q_len, cache_len, n_listed, n_cache_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
     HAS_TOKENS: tl.constexpr, HAS_SCORES: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -169,7 +169,32 @@ def _decode_split(
 
     # Each split takes a contiguous share of the blocks this row really has (its length or list count, read
     # here), not of the cache's capacity: the work stays balanced however full the cache is.
-    if HAS_BLOCKS:
+    if HAS_BLOCKS and BLOCKS_PER_TILE > 1:
+        # Blocks smaller than a tile: each tile gathers BLOCKS_PER_TILE listed blocks, so that a tile's loads
+        # are BLOCK_N keys in flight, not one small block behind its index load.
+        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
+        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
+        n_tiles = tl.cdiv(count, BLOCKS_PER_TILE)
+        per_split = tl.cdiv(n_tiles, num_splits)
+        first = split * per_split
+        last = tl.minimum(first + per_split, n_tiles)
+        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
+        offset = 0
+        if HAS_OFFSETS:
+            offset = tl.load(BLOCK_OFFSET + batch * stride_offset).to(tl.int32)
+        lane_block = offs_t // BLOCK_SIZE
+        lane_key = offs_t % BLOCK_SIZE
+        for j in range(first, last):
+            slot = j * BLOCKS_PER_TILE + lane_block
+            listed = (lane_block < BLOCKS_PER_TILE) & (slot < count)
+            block = tl.load(index_row + slot * stride_is, mask=listed, other=-1).to(tl.int32)
+            positions = block * BLOCK_SIZE + offset + lane_key
+            # An index outside the cache is ignored instead of read out of bounds.
+            visible = listed & (block >= 0) & (block < n_cache_blocks) & (positions < kv_len)
+            acc, m_i, l_i, _ = _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, tl.where(visible, positions, 0),
+                                       visible, row_limit, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
+                                       stride_pn, HAS_PADDING, IEEE, UPCAST)
+    elif HAS_BLOCKS:
         count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
         count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
         per_split = tl.cdiv(count, num_splits)
@@ -188,8 +213,8 @@ def _decode_split(
             block_end = tl.where(in_cache, tl.minimum(block_start + BLOCK_SIZE, kv_len), block_start)
             for chunk in range(0, BLOCK_SIZE, BLOCK_N):
                 acc, m_i, l_i, _ = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, block_start + chunk,
-                                             block_end, row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
-                                             stride_pn, HAS_PADDING, IEEE, UPCAST)
+                                                block_end, row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn,
+                                                stride_vn, stride_pn, HAS_PADDING, IEEE, UPCAST)
     elif HAS_TOKENS:
         # The lists hold token positions: BLOCK_N of them per tile, their K/V rows gathered.
         count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
@@ -442,8 +467,9 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
 
     Takes float16/bfloat16 (and float32, computed in IEEE float32) with D and Dv powers of 2 in [16, 256], on
     CUDA, or on any device under TRITON_INTERPRET=1. k/v may have any strides (a slice of a preallocated cache).
-    ``block_n``: keys per tile (a power of 2 >= 16; with block lists, min(block_n, block_size rounded up to a
-    power of 2), a block taking several tiles when larger). ``num_splits`` None: :func:`decode_num_splits`.
+    ``block_n``: keys per tile (a power of 2 >= 16). With block lists of blocks at most half a tile, a tile gathers
+    ``block_n // block_size`` listed blocks; otherwise a tile is min(block_n, block_size rounded up to a power of
+    2) keys, a block taking several tiles when larger. ``num_splits`` None: :func:`decode_num_splits`.
     ``num_stages`` is lowered to fit shared memory. No host synchronisation: CUDA-graph capturable.
     The listed blocks of a (row, KV head) must be distinct (sorted, as the layouts give them; the kernel itself
     needs no order): a repeated block would count twice here, once in the reference. Token lists likewise: each
@@ -467,10 +493,14 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     has_blocks, has_tokens = kv_block_indices is not None, kv_token_indices is not None
+    blocks_per_tile = 1
     if has_blocks:
-        tile = min(block_n, max(16, triton.next_power_of_2(block_size)))
-        n_units = kv_block_indices.shape[-1]
         n_cache_blocks = -(-length // block_size)
+        if 2 * block_size <= block_n:  # several listed blocks per tile
+            tile, blocks_per_tile = block_n, block_n // block_size
+        else:
+            tile = min(block_n, max(16, triton.next_power_of_2(block_size)))
+        n_units = -(-kv_block_indices.shape[-1] // blocks_per_tile)
     elif has_tokens:
         tile = block_n
         n_units = -(-kv_token_indices.shape[-1] // tile)  # tiles of listed tokens
@@ -516,7 +546,7 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         kv_heads, group, q_len, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks,
         scale * LOG2E, HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_R=max(16, triton.next_power_of_2(group * q_len)),
         BLOCK_N=tile,
-        BLOCK_SIZE=block_size if has_blocks else tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
+        BLOCK_SIZE=block_size if has_blocks else tile, BLOCKS_PER_TILE=blocks_per_tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
         HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens, HAS_SCORES=scores_out is not None,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and hardware.interpreting(),
         num_warps=num_warps if group * q_len <= 16 else max(num_warps, 8), num_stages=stages,

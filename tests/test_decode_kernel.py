@@ -108,7 +108,9 @@ def random_block_lists(gen, batch, kv_heads, n_cache_blocks, listed):
     (401, 3, 2, 4, 300, 64, 4, False),
     (402, 1, 1, 3, 1000, 128, 6, False),  # blocks of two 64-key tiles
     (403, 3, 1, 1, 200, 48, 4, True),     # blocks that are no power of 2, and left padding
-    (404, 1, 2, 8, 130, 16, 8, False),
+    (404, 1, 2, 8, 130, 16, 8, False),    # four listed blocks gathered per 64-key tile
+    (405, 2, 2, 3, 157, 5, 9, True),      # twelve blocks of 5 per tile (4 lanes idle), padding
+    (406, 2, 1, 4, 170, 24, 5, False),    # two blocks of 24 per tile (16 lanes idle)
 ])
 def test_block_lists(seed, batch, kv_heads, group, length, block_size, listed, padded):
     gen = torch.Generator().manual_seed(seed)
