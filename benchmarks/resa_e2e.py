@@ -20,19 +20,25 @@ import math
 
 import torch
 
+from sparsify.policy import Policy
+
 from .common import write_result
-from .e2e import llama3_8b_shaped, measure
+from .e2e import llama3_8b_shaped, measure, policy_of
 
 POLICIES = {"dense": "sparsify_dense", "resa": "sparsify_resa", "resa_4k": "sparsify_resa-4k"}
-# What each ReSA row keeps: (sparse_ratio, min_blocks), block_size 16, local 1, rectify_every 32.
-KEPT = {"resa": (0.1, 16), "resa_4k": (0.01, 256)}
-BLOCK_SIZE, EVERY = 16, 32
+
+
+def resa_params(impl: str):
+    """The ReSA parameters of a row's policy (its one decode rule), as the run uses them."""
+    policy = Policy.load(policy_of(POLICIES[impl]))
+    spec, = [rule.spec for rule in policy.rules if rule.spec.name == "resa"]
+    return spec.params
 
 
 def step_gbytes(model, impl: str, seq: int, batch: int) -> float:
     """The bytes one decode step must read (GB): every weight but the embedding (a gather of B rows), and per layer
     the K/V a step attends to; for resa also both summaries of every block, and a rectification's dense chunk
-    (weights + all K/V once, replacing a step) at its share of EVERY steps."""
+    (weights + all K/V once, replacing a step) at its share of ``rectify_every`` steps."""
     config = model.config
     weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed_tokens" not in name)
     head_dim = config.hidden_size // config.num_attention_heads
@@ -40,11 +46,12 @@ def step_gbytes(model, impl: str, seq: int, batch: int) -> float:
     dense = weights + per_token * seq
     if impl == "dense":
         return dense / 1e9
-    ratio, min_blocks = KEPT[impl]
-    blocks = -(-seq // BLOCK_SIZE)
-    kept = max(math.ceil(blocks * ratio), min(blocks, min_blocks))
-    sparse = weights + per_token * (kept * BLOCK_SIZE + blocks)  # the summaries: two D-vectors a block, as K/V
-    return ((EVERY - 1) * sparse + dense) / EVERY / 1e9
+    params = resa_params(impl)
+    blocks = -(-seq // params.block_size)
+    kept = max(math.ceil(blocks * params.sparse_ratio), min(blocks, params.min_blocks))
+    sparse = weights + per_token * (kept * params.block_size + blocks)  # summaries: two D-vectors a block, as K/V
+    every = params.rectify_every
+    return (((every - 1) * sparse + dense) / every if every else sparse) / 1e9
 
 
 def main(argv=None) -> None:

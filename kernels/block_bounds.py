@@ -139,11 +139,11 @@ def _select_top(
     exists = offs < n_blocks
     scores = tl.load(Scores + batch * stride_sb + head * stride_sh + offs.to(tl.int64) * stride_sn, mask=exists,
                      other=float("-inf"))
-    bits = scores.to(tl.int32, bitcast=True)
+    bits = tl.where(scores == 0.0, 0, scores.to(tl.int32, bitcast=True))  # -0.0 ties with +0.0
     # Negative floats order backwards as integers: flipping their magnitude bits makes the order the floats'.
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
     key = tl.where(exists, key, -(2**31) - 1)  # below every real key
-    keep = tl.minimum(tl.load(Keep + batch * stride_k), n_blocks).to(tl.int32)
+    keep = tl.minimum(tl.minimum(tl.load(Keep + batch * stride_k), n_blocks), width).to(tl.int32)
     low = tl.full((), -(2**31), tl.int64)
     high = tl.full((), 2**31 - 1, tl.int64)
     for _ in range(32):  # the largest t with count(key >= t) >= keep
@@ -163,11 +163,24 @@ def _select_top(
              mask=(rest >= keep) & (rest < width))
 
 
+def _check_selection(scores: torch.Tensor, keep: torch.Tensor, width: int) -> None:
+    if scores.dim() != 3 or scores.dtype != torch.float32:
+        raise ShapeError(f"select_top_blocks: scores must be a float32 tensor (B, Hkv, n_blocks); got {scores.dtype} "
+                         f"{tuple(scores.shape)}")
+    if keep.shape != (scores.shape[0],) or keep.dtype not in (torch.int32, torch.int64) or keep.device != scores.device:
+        raise ShapeError(f"select_top_blocks: keep must be an int32 or int64 tensor of shape ({scores.shape[0]},) on "
+                         f"{scores.device}; got {keep.dtype} {tuple(keep.shape)} on {keep.device}")
+    if not 1 <= width <= scores.shape[-1]:
+        raise ShapeError(f"select_top_blocks: width must be in [1, n_blocks = {scores.shape[-1]}]; got {width}")
+
+
 def select_top_blocks_reference(scores: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, Hkv, width) int32: per row of ``scores`` (B, Hkv, n_blocks), the positions of its ``keep[b]`` highest
-    scores, ascending, then ``n_blocks`` (an index the decode kernel ignores). ``keep`` (B,) at most ``width``."""
+    """(B, Hkv, width) int32: per row of ``scores`` (B, Hkv, n_blocks) float32, the positions of its ``keep[b]``
+    highest scores (at most ``width``; ties at the last kept score to the lowest positions), ascending, then
+    ``n_blocks`` (an index the decode kernel ignores)."""
+    _check_selection(scores, keep, width)
     n_blocks = scores.shape[-1]
-    top = scores.topk(width, dim=-1).indices
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :width]  # ties: the lowest positions
     chosen = torch.arange(width, device=scores.device) < keep[:, None, None]
     return torch.where(chosen, top, n_blocks).sort(-1).values.to(torch.int32)
 
@@ -175,6 +188,7 @@ def select_top_blocks_reference(scores: torch.Tensor, keep: torch.Tensor, width:
 def select_top_blocks(scores: torch.Tensor, keep: torch.Tensor, width: int) -> torch.Tensor:
     """Launch the kernel: :func:`select_top_blocks_reference`'s result, ties at the last kept score going to the
     lowest positions. One program per row; rows of at most :data:`MAX_SELECT_BLOCKS` blocks."""
+    _check_selection(scores, keep, width)
     batch, kv_heads, n_blocks = scores.shape
     if n_blocks > MAX_SELECT_BLOCKS:
         raise ShapeError(f"select_top_blocks: {n_blocks} blocks a row; the kernel takes at most "
@@ -201,14 +215,14 @@ def _update_summaries(
     kv_heads, n_blocks, q_len, cache_len,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, POSITIONS: tl.constexpr,
 ):
-    """Touched block ``program_id(1)`` of (batch, KV head) ``program_id(0)``: its min and max over its positions
-    in use, from the cache."""
-    row = tl.program_id(0)
-    touched = tl.program_id(1)
+    """Touched block ``program_id(0)`` of (batch, KV head) ``program_id(1)``: its min and max over its positions
+    in use, from the cache (a block with none keeps what it had)."""
+    touched = tl.program_id(0)
+    row = tl.program_id(1)
     batch = (row // kv_heads).to(tl.int64)
     head = (row % kv_heads).to(tl.int64)
-    used = tl.load(Used + batch * stride_u)
-    start = tl.load(Starts + batch * stride_s)
+    used = tl.load(Used + batch * stride_u).to(tl.int64)
+    start = tl.load(Starts + batch * stride_s).to(tl.int64)
     first = tl.maximum((used - q_len - start) // BLOCK_SIZE, 0)
     block = tl.minimum(first + touched, n_blocks - 1)
     offs_p = tl.arange(0, POSITIONS)
@@ -233,8 +247,14 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, us
     last ``q_len`` positions in use touch: row b's blocks from ``starts[b]``, positions below ``used[b]``.
     kmin, kmax: (B, Hkv, n_blocks, D); k: (B, Hkv, L, D), any strides. One program per touched block."""
     batch, kv_heads, n_blocks, dim = kmin.shape
+    if kmax.shape != kmin.shape or k.dim() != 4 or k.shape[:2] != (batch, kv_heads) or k.shape[3] != dim \
+            or used.shape != (batch,) or starts.shape != (batch,) or not supports(dim):
+        raise ShapeError(f"update_summaries: kmin and kmax must be (B, Hkv, n_blocks, D) with D a power of 2 in "
+                         f"[16, 256], k (B, Hkv, L, D), used and starts (B,); got kmin {tuple(kmin.shape)}, kmax "
+                         f"{tuple(kmax.shape)}, k {tuple(k.shape)}, used {tuple(used.shape)}, starts "
+                         f"{tuple(starts.shape)}")
     touched = min(n_blocks, -(-q_len // block_size) + 1)
-    _update_summaries[(batch * kv_heads, touched)](
+    _update_summaries[(touched, batch * kv_heads)](
         kmin, kmax, k, used, starts, *kmin.stride(), *kmax.stride(), *k.stride(), used.stride(0), starts.stride(0),
         kv_heads, n_blocks, q_len, k.shape[2], HEAD_DIM=dim, BLOCK_SIZE=block_size,
         POSITIONS=triton.next_power_of_2(block_size), num_warps=4)

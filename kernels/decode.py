@@ -1,9 +1,10 @@
-"""Flash-decoding (split-KV) attention: one new query token per sequence against its KV cache, the decode step.
+"""Flash-decoding (split-KV) attention: one new query token per sequence against its KV cache, the decode step
+(or a short chunk of T new tokens, causal over the cache: a rectification's).
 
 One query row per head leaves a prefill tile almost empty and one program per (batch, head) too few programs to
 fill the GPU, so the keys are split instead: the grid is ``(num_splits, B * Hkv)``. A program takes ALL the G
-query heads of one KV group as the rows of its tile (the M of a ``tl.dot``, padded to >= 16 rows under a mask),
-so each K/V tile is read from memory once per group, not once per query head; it walks its share of the key
+query heads of one KV group (times the T tokens of a chunk) as the rows of its tile (the M of a ``tl.dot``,
+padded to >= 16 rows under a mask), so each K/V tile is read from memory once per group, not once per query head; it walks its share of the key
 blocks with an online softmax and writes a partial output and log-sum-exp to a float32 workspace. A second small
 kernel combines the splits by their lse (with one split the first kernel writes the result itself).
 
@@ -265,15 +266,15 @@ def _decode_combine(
     stride_qb, stride_qh, stride_qs,
     stride_ob, stride_oh, stride_od,
     stride_lb, stride_lh,
-    q_heads, num_splits,
+    rows, num_splits,
     HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """One query head: ``out = sum_s exp(lse_s - lse) out_s``, ``lse = log sum_s exp(lse_s)``, splits read
-    BLOCK_S at a time (two passes: the max first, so no exp overflows). Splits with lse -inf weigh 0; a head
-    whose splits are all empty gets out 0, lse -inf."""
+    """One row (a query head, or a (query head, token) of a chunk): ``out = sum_s exp(lse_s - lse) out_s``,
+    ``lse = log sum_s exp(lse_s)``, splits read BLOCK_S at a time (two passes: the max first, so no exp
+    overflows). Splits with lse -inf weigh 0; a row whose splits are all empty gets out 0, lse -inf."""
     batch_head = tl.program_id(0)
-    batch = batch_head // q_heads
-    head = batch_head % q_heads
+    batch = batch_head // rows
+    head = batch_head % rows
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     lse_base = LsePart + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
@@ -360,7 +361,7 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
     if q_len > 1 and (kv_block_indices is not None or kv_token_indices is not None or scores_out is not None):
         raise ShapeError(f"decode_attention: {q_len} new tokens per row (a chunk) take no block or token lists and "
                          "no scores_out; those are for one token per row")
-    if q_len * (q_heads // kv_heads) > MAX_CHUNK_ROWS:
+    if q_len > 1 and q_len * (q_heads // kv_heads) > MAX_CHUNK_ROWS:
         raise ShapeError(f"decode_attention: {q_len} new tokens x {q_heads // kv_heads} query heads per KV head = "
                          f"{q_len * (q_heads // kv_heads)} rows per program; the kernel takes at most "
                          f"{MAX_CHUNK_ROWS} (chunks of up to {MAX_CHUNK_ROWS // (q_heads // kv_heads)} tokens here)")
@@ -435,7 +436,7 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
         visible = visible & _listed(kv_token_indices, kv_token_counts, length)[..., :length]
     qf = q.float().reshape(batch, kv_heads, group, q_len, dim)
     scores = torch.matmul(qf, k.float().transpose(-1, -2)[:, :, None]) * scale           # (B, Hkv, G, T, L)
-    limit = kv_lengths[:, None] - (q_len - 1 - torch.arange(q_len, device=q.device))      # (B, T): causal
+    limit = kv_lengths.clamp(0, length)[:, None] - (q_len - 1 - torch.arange(q_len, device=q.device))  # (B, T)
     causal = keys[None, None, :] < limit[:, :, None]                                      # (B, T, L)
     scores = scores.masked_fill(~(visible[:, :, None, None] & causal[:, None, None]), float("-inf"))
     if scores_out is not None:

@@ -230,17 +230,19 @@ def _(q, k, v, key_padding, query_offset, plain, causal, scale, state, window=0)
 
 def takes_chunk(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`decode` runs Lq new tokens per row on the split-KV kernel: CUDA, head sizes and dtype the
-    kernel takes, and Lq x (Hq / Hkv) rows within one program's tile."""
+    kernel takes, and one token, or Lq x (Hq / Hkv) rows within one program's tile."""
+    rows = q.shape[2] * (q.shape[1] // k.shape[1])
     return (q.is_cuda and decode_kernels.supports(q, k, v)
-            and q.shape[2] * (q.shape[1] // k.shape[1]) <= decode_kernels.MAX_CHUNK_ROWS)
+            and (q.shape[2] == 1 or rows <= decode_kernels.MAX_CHUNK_ROWS))
 
 
 def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_offset: Tensor | None, causal: bool,
            scale: float) -> Tensor:
     """The last Lq positions of each sequence (one new token, or a short chunk) over the keys before and at each
     position, without a host sync. The Triton split-KV kernel on CUDA (each KV head's K/V read once for all its
-    query heads and tokens) where :func:`takes_chunk`, SDPA with the visibility materialised elsewhere."""
-    if takes_chunk(q, k, v):
+    query heads and tokens) where :func:`takes_chunk` (several tokens: causal only, the kernel's mask), SDPA with
+    the visibility materialised elsewhere."""
+    if takes_chunk(q, k, v) and (causal or q.shape[2] == 1):
         visible = (query_offset.to(torch.int32) + q.shape[2] if causal and query_offset is not None
                    else torch.full((), k.shape[2], dtype=torch.int32, device=q.device))
         lengths = visible.expand(q.shape[0])

@@ -255,8 +255,8 @@ class Policy:
         for where, spec in [(rule.describe(), rule.spec) for rule in self.rules] + [("default", self.default)]:
             try:
                 bound[where] = MethodSpec(spec.name, spec.method.for_model(spec.params, num_layers))
-            except PolicyError as error:
-                problems.append(f"{where}.with: {error}")
+            except PolicyError as error:  # one problem a line, each under the rule's path
+                problems += [f"{where}.with.{line}" for line in str(error).splitlines()]
         group = num_heads // kv_heads if kv_heads else 1
         for rule in self.rules:
             for field, ranges, count, noun in (

@@ -97,28 +97,55 @@ def test_the_top_blocks_kernel_equals_the_reference(n_blocks):
 
 
 def test_ties_at_the_last_kept_score_go_to_the_lowest_positions():
-    scores = torch.tensor([[[1.0, 3.0, 2.0, 2.0, -0.0, 2.0, 0.0, -5.0]]])
-    out = select_top_blocks(scores, torch.tensor([3]), 5)
-    assert out.tolist() == [[[1, 2, 3, 8, 8]]]
-    negative = torch.tensor([[[-1.0, -3.0, -2.0, float("-inf"), -0.5]]])
-    assert select_top_blocks(negative, torch.tensor([2]), 2).tolist() == [[[0, 4]]]
+    """In the kernel and the reference alike: equal scores, -0.0 against +0.0, +inf local blocks, all -inf."""
+    cases = [([1.0, 3.0, 2.0, 2.0, -0.0, 2.0, 0.0, -5.0], 3, 5, [1, 2, 3, 8, 8]),
+             ([-1.0, -3.0, -2.0, float("-inf"), -0.5], 2, 2, [0, 4]),
+             ([0.0, 1.0, -0.0, -1.0], 2, 2, [0, 1]),                       # -0.0 at the threshold ties with 0.0
+             ([float("inf"), 1.0, float("inf"), float("inf")], 2, 3, [0, 2, 4]),
+             ([float("-inf")] * 4, 2, 2, [0, 1])]
+    for scores, keep, width, expected in cases:
+        scores, keep = torch.tensor([[scores]]), torch.tensor([keep])
+        for select in (select_top_blocks, select_top_blocks_reference):
+            assert select(scores, keep, width).tolist() == [[expected]], (select.__name__, scores)
+
+
+def test_a_keep_over_the_width_fills_the_width_only():
+    """A keep past the lists' width (a caller's mistake) writes the width's best, never past the row."""
+    scores = torch.arange(8.0).view(1, 2, 4)
+    out = select_top_blocks(scores, torch.tensor([4]), 2)
+    assert out.tolist() == select_top_blocks_reference(scores, torch.tensor([4]), 2).tolist() == [[[2, 3], [2, 3]]]
+
+
+def test_the_selection_kernel_checks_its_inputs():
+    scores = torch.zeros(1, 2, 4)
+    with pytest.raises(ShapeError, match="scores must be a float32 tensor"):
+        select_top_blocks(scores.bfloat16(), torch.tensor([1]), 2)
+    with pytest.raises(ShapeError, match=r"keep must be an int32 or int64 tensor of shape \(1,\)"):
+        select_top_blocks(scores, torch.tensor([1, 1]), 2)
+    with pytest.raises(ShapeError, match=r"width must be in \[1, n_blocks = 4\]"):
+        select_top_blocks_reference(scores, torch.tensor([1]), 5)
+    with pytest.raises(ShapeError, match="update_summaries: kmin and kmax must be"):
+        update_summaries(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 9, 8),
+                         torch.tensor([9]), torch.tensor([0]), 9, 4)
 
 
 @pytest.mark.parametrize("block_size", [4, 16, 5])
 def test_the_summary_kernel_equals_the_reference_on_the_blocks_in_use(block_size):
-    """A prefill of 37 positions then an append of one, on a cache of 48 (a static cache's view), from each row's
-    own first position: the kernel and the op's reference give the same summaries on every block in use."""
+    """A prefill of 37 positions then an append of one, on a bfloat16 cache of 48 seen through a strided view (a
+    static cache's), from each row's own first position: the kernel and the op's reference keep the same
+    summaries, the blocks in use and the others (left as they were)."""
     gen = torch.Generator().manual_seed(block_size)
-    k = torch.randn(2, 3, 48, 16, generator=gen)
+    k = torch.randn(2, 48, 3, 16, generator=gen).bfloat16().transpose(1, 2)
     starts = torch.tensor([0, 7])
     n_blocks = -(-48 // block_size)
+    before = [torch.randn(2, 3, n_blocks, 16, generator=gen).bfloat16() for _ in range(2)]
+    kernel, reference = [t.clone() for t in before], [t.clone() for t in before]
     for used, q_len in ((37, 37), (38, 1)):
-        kernel = [torch.zeros(2, 3, n_blocks, 16) for _ in range(2)]
-        reference = [torch.zeros(2, 3, n_blocks, 16) for _ in range(2)]
         update_summaries(*kernel, k, torch.full((2,), used), starts, q_len, block_size)
         torch.ops.sparsify.resa_summaries(*reference, torch.empty(2, 1, q_len, 0), k,
                                           torch.tensor(used - q_len), starts, block_size)
-        for row, start in enumerate(starts.tolist()):
-            blocks = -(-(used - start) // block_size)
-            for got, want in zip(kernel, reference):
-                torch.testing.assert_close(got[row, :, :blocks], want[row, :, :blocks])
+        for got, want in zip(kernel, reference):
+            torch.testing.assert_close(got, want)
+    blocks = -(-(38 - 7) // block_size)  # the padded row's blocks in use; the ones after it were never touched
+    assert torch.equal(kernel[0][1, :, blocks + 1:], before[0][1, :, blocks + 1:])
+    assert torch.equal(kernel[0][0, :, 0], k[0, :, :block_size].amin(1))

@@ -365,3 +365,13 @@ def test_a_chunk_of_new_tokens_is_causal_attention_over_the_cache(tokens, group)
     visible = (torch.arange(90) <= position[..., None]) & padding[:, None]                # (B, T, L)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], enable_gqa=True)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_chunk_with_lengths_past_the_cache_sees_what_the_clamped_length_allows():
+    """Lengths are clamped to the cache before each token's causal limit, in the kernel and the reference."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 3, 16, generator=gen)
+    k, v = torch.randn(1, 1, 20, 16, generator=gen), torch.randn(1, 1, 20, 16, generator=gen)
+    check(q, k, v, torch.tensor([22]), None, num_splits=1)
+    out, _ = decode_attention_reference(q, k, v, torch.tensor([22]), None)
+    torch.testing.assert_close(out, decode_attention_reference(q, k, v, torch.tensor([20]), None)[0])

@@ -146,5 +146,12 @@ def test_layers_the_model_does_not_have_are_refused_naming_the_field():
         sparsify.compile(model, lessismore(selection_layers=[1]))
     with pytest.raises(PolicyError, match="budget: 16 leaves no token to select"):
         sparsify.compile(model, lessismore(sink=12))
-    with pytest.raises(PolicyError, match="selection"):
+    with pytest.raises(PolicyError, match="Input should be 'unified' or 'per_kv_head'"):
         sparsify.compile(model, lessismore(selection="per_query_head"))
+    with pytest.raises(PolicyError, match="selection_layers: none"):
+        sparsify.compile(model, lessismore(selection_layers=[]))
+    # Every problem on a line of its own, under the rule's path.
+    with pytest.raises(PolicyError) as caught:
+        sparsify.compile(model, lessismore(selection_layers=[9], sink=12))
+    assert "rules[0].with.selection_layers: layer 9" in str(caught.value)
+    assert "rules[0].with.budget: 16 leaves no token" in str(caught.value)

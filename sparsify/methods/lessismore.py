@@ -188,24 +188,28 @@ class LessIsMore(AttentionMethod):
             first = next((layer for layer in range(num_layers) if layer not in params.dense_layers), None)
             third = round(num_layers / 3)
             selection = tuple(sorted({first, third} - {None} - set(params.dense_layers)))
+        if not selection:
+            problems.append("selection_layers: none; the sparse layers need a selection layer before them")
         both = sorted(set(selection) & set(params.dense_layers))
         if both:
             problems.append(f"selection_layers: {both} are also dense_layers; a layer has one role")
         if problems:
-            raise PolicyError("; ".join(problems))
+            raise PolicyError("\n".join(problems))
         return replace(params, selection_layers=tuple(sorted(selection)))
 
     def _role(self, params: LessIsMoreParams, attn) -> str:
-        if attn.layer in params.dense_layers:
+        if attn.layer is None or attn.layer in params.dense_layers:
             return "dense"
         if params.selection_layers is None:
-            raise PolicyError("lessismore: its selection layers are resolved against the model "
-                              "(sparsify.compile binds them); this policy was not")
+            raise PolicyError("lessismore: selection_layers: the default is resolved from the model's layer count "
+                              "(config.num_hidden_layers), which this model does not give; list them explicitly")
         return "selection" if attn.layer in params.selection_layers else "sparse"
 
     def unsupported_reason(self, params: LessIsMoreParams, attn):
         if attn.phase != "decode":
             return f"lessismore serves phases decode, not {attn.phase}"
+        if attn.layer is None:
+            return "lessismore assigns roles by layer; this attention has no layer index"
         if self._role(params, attn) == "dense":
             return f"layer {attn.layer} is one of lessismore's dense_layers {list(params.dense_layers)}"
         if not attn.match.causal_by_position:

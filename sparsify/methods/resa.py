@@ -72,8 +72,9 @@ def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offse
     k: (B, Hkv, Lk, D), the cache after this call's update; q: (B, Hq, q_len, D) (its length only). Each touched
     block's min and max are over its positions in use (:func:`lengths_in_use`), so a partial last block is exact and
     rewritten when it grows. A static number of blocks is read (``ceil(q_len / block_size) + 1``): a decode step
-    reads one or two blocks, whatever the cache's length. No host synchronisation. On CUDA one program per touched
-    block (``kernels/block_bounds.py``), which leaves a block with no position in use as it was."""
+    reads one or two blocks, whatever the cache's length; a touched block with no position in use (past a short
+    row's end) keeps what it had. No host synchronisation. On CUDA one program per touched block
+    (``kernels/block_bounds.py``)."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     used = lengths_in_use(q, k, query_offset)
     if kmin.is_cuda and bounds_kernels.supports(dim):  # one program per touched block
@@ -89,9 +90,10 @@ def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offse
     keys = k.gather(2, index).view(batch, kv_heads, touched, block_size, dim)
     valid = in_use[:, None, :, :, None]
     big = torch.finfo(k.dtype).max
-    low = torch.where(valid, keys, big).amin(3)
-    high = torch.where(valid, keys, -big).amax(3)
     target = blocks[:, None, :, None].expand(batch, kv_heads, touched, dim)
+    some = in_use.any(-1)[:, None, :, None]  # a touched block with no position in use keeps what it had
+    low = torch.where(some, torch.where(valid, keys, big).amin(3), kmin.gather(2, target))
+    high = torch.where(some, torch.where(valid, keys, -big).amax(3), kmax.gather(2, target))
     kmin.scatter_(2, target, low.to(kmin.dtype))
     kmax.scatter_(2, target, high.to(kmax.dtype))
 
@@ -118,7 +120,8 @@ def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: 
     always, and the best-scoring others up to ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their
     indices sorted, first ``counts`` of each row (the rest hold ``n_blocks``, which the kernel ignores). S is
     :func:`selection_width` of n_blocks. On CUDA the scores come from one pass over the summaries and the sorted
-    lists from one program per row (``kernels/block_bounds.py``); their references elsewhere."""
+    lists from one program per row (``kernels/block_bounds.py``; rows of more than MAX_SELECT_BLOCKS blocks, and
+    other devices, use the references). Ties at the last kept score go to the lowest blocks."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     query = q.float().view(batch, kv_heads, -1, dim).mean(2) * scale                      # (B, Hkv, D)
     in_use = -(-(lengths_in_use(q, k, query_offset) - starts) // block_size)               # (B,)
