@@ -38,6 +38,16 @@ def time_ms(fn, *, warmup: int = 3, runs: int = 20) -> float:
     return statistics.median(samples)
 
 
+def decode_inputs(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, device):
+    """A decode step's q (B, Hq, 1, D) and a full cache k, v (B, Hkv, seq, D), bf16, fresh from a generator seeded
+    by the shape (so every implementation of a case, in any run, gets the same tensors)."""
+    generator = torch.Generator(device=device).manual_seed(seq + batch)
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, seq, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
+            for _ in range(2))
+    return q, k, v
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||``, computed in float32."""
     expected = expected.float()

@@ -31,7 +31,7 @@ import sparsify  # noqa: F401  (registers torch.ops.sparsify)
 from sparsify.kernels.decode import decode_attention_reference
 from sparsify.methods.resa import selection_width
 
-from .common import relative_error, time_ms, write_result
+from .common import decode_inputs, relative_error, time_ms, write_result
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BLOCK_SIZE, MIN_BLOCKS, LOCAL_BLOCKS = 16, 16, 1
@@ -180,10 +180,7 @@ def main(argv=None) -> None:
              "block_size": BLOCK_SIZE, "parts_ms": {}}
     for seq in args.seq:
         for batch in args.batch:
-            generator = torch.Generator(device=device).manual_seed(seq + batch)
-            q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
-            k, v = (torch.randn(batch, KV_HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16,
-                                generator=generator) for _ in range(2))
+            q, k, v = decode_inputs(batch, seq, HEADS, KV_HEADS, HEAD_DIM, device)
             step = ResaStep(q, k, v, args.budget / seq)
             mask = step.block_mask()
             calls = {

@@ -24,7 +24,7 @@ import sparsify  # noqa: F401  (registers torch.ops.sparsify)
 from sparsify.methods import METHODS
 from sparsify.methods.lessismore import LessIsMoreParams
 
-from .common import time_ms, write_result
+from .common import decode_inputs, time_ms, write_result
 from .decode import graphed
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
@@ -87,10 +87,7 @@ def main(argv=None) -> None:
     rows, ratios, parts = [], {}, {}
     for seq in args.seq:
         for batch in args.batch:
-            generator = torch.Generator(device=device).manual_seed(seq + batch)
-            q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
-            k, v = (torch.randn(batch, KV_HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16,
-                                generator=generator) for _ in range(2))
+            q, k, v = decode_inputs(batch, seq, HEADS, KV_HEADS, HEAD_DIM, device)
             step = Step(q, k, v, params)
             _, tokens, counts = step.select()
             timed = {"lessismore": time_ms(graphed(step.lessismore)), "dense": time_ms(graphed(step.all_dense))}

@@ -170,19 +170,23 @@ def _decode_split(
 
     # Each split takes a contiguous share of the blocks this row really has (its length or list count, read
     # here), not of the cache's capacity: the work stays balanced however full the cache is.
+    if HAS_BLOCKS or HAS_TOKENS:
+        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
+        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
+        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
+        # A split's share in units of list entries per tile: BLOCK_N tokens, BLOCKS_PER_TILE small blocks, or
+        # one block (which takes one or more tiles).
+        n_units = tl.cdiv(count, BLOCK_N if HAS_TOKENS else BLOCKS_PER_TILE)
+        per_split = tl.cdiv(n_units, num_splits)
+        first = split * per_split
+        last = tl.minimum(first + per_split, n_units)
+    # Row b's blocks start at its offset (a left-padded row's first real position), as they would alone.
+    offset = 0
+    if HAS_OFFSETS:
+        offset = tl.load(BLOCK_OFFSET + batch * stride_offset).to(tl.int32)
     if HAS_BLOCKS and BLOCKS_PER_TILE > 1:
         # Blocks smaller than a tile: each tile gathers BLOCKS_PER_TILE listed blocks, so that a tile's loads
         # are BLOCK_N keys in flight, not one small block behind its index load.
-        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
-        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
-        n_tiles = tl.cdiv(count, BLOCKS_PER_TILE)
-        per_split = tl.cdiv(n_tiles, num_splits)
-        first = split * per_split
-        last = tl.minimum(first + per_split, n_tiles)
-        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
-        offset = 0
-        if HAS_OFFSETS:
-            offset = tl.load(BLOCK_OFFSET + batch * stride_offset).to(tl.int32)
         lane_block = offs_t // BLOCK_SIZE
         lane_key = offs_t % BLOCK_SIZE
         for j in range(first, last):
@@ -196,16 +200,6 @@ def _decode_split(
                                        visible, row_limit, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
                                        stride_pn, HAS_PADDING, IEEE, UPCAST)
     elif HAS_BLOCKS:
-        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
-        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
-        per_split = tl.cdiv(count, num_splits)
-        first = split * per_split
-        last = tl.minimum(first + per_split, count)
-        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
-        # Row b's blocks start at its offset (a left-padded row's first real position), as they would alone.
-        offset = 0
-        if HAS_OFFSETS:
-            offset = tl.load(BLOCK_OFFSET + batch * stride_offset).to(tl.int32)
         for i in range(first, last):
             block = tl.load(index_row + i * stride_is).to(tl.int32)
             # An index outside the cache is ignored (end = start hides every key) instead of read out of bounds.
@@ -218,13 +212,6 @@ def _decode_split(
                                                 stride_vn, stride_pn, HAS_PADDING, IEEE, UPCAST)
     elif HAS_TOKENS:
         # The lists hold token positions: BLOCK_N of them per tile, their K/V rows gathered.
-        count = tl.load(BLOCK_CNT + batch.to(tl.int64) * stride_cb + kv_head.to(tl.int64) * stride_ch)
-        count = tl.minimum(tl.maximum(count, 0), n_listed).to(tl.int32)
-        n_tiles = tl.cdiv(count, BLOCK_N)
-        per_split = tl.cdiv(n_tiles, num_splits)
-        first = split * per_split
-        last = tl.minimum(first + per_split, n_tiles)
-        index_row = BLOCK_IDX + batch.to(tl.int64) * stride_ib + kv_head.to(tl.int64) * stride_ih
         for j in range(first, last):
             slots = j * BLOCK_N + offs_t
             listed = slots < count

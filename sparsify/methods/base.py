@@ -161,6 +161,20 @@ class AttentionMethod:
         return self.run(params, attn, ctx, self.plan(params, attn, ctx))
 
 
+def cache_decode_reason(name: str, attn: "AttentionInfo", pattern: str) -> str | None:
+    """Why a decode method that reads a layer's whole KV cache itself (its positions, its padding, the query's
+    offset) cannot serve ``attn``, or None: it serves decode calls with a described mask (a transformers model under
+    ``sparsify.compile``) and does not intersect its ``pattern`` with a model's own sliding window."""
+    if attn.phase != "decode":
+        return f"{name} serves phases decode, not {attn.phase}"
+    if not attn.match.causal_by_position:
+        return f"{name} reads the cache through a described mask (transformers models under sparsify.compile)"
+    if attn.match.model_window:
+        return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
+                f"{name}'s {pattern}")
+    return None  # key padding is the kernels' own
+
+
 METHODS: Registry[AttentionMethod] = Registry("method")
 
 

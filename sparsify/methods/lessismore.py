@@ -30,7 +30,7 @@ from torch import Tensor
 from ..errors import PolicyError
 from ..kernels import decode as decode_kernels
 from ..ops import inference_only
-from .base import AttentionMethod, register_method
+from .base import AttentionMethod, cache_decode_reason, register_method
 from .resa import ReSA, lengths_in_use
 
 TOKENS = "lessismore.tokens"
@@ -206,18 +206,11 @@ class LessIsMore(AttentionMethod):
         return "selection" if attn.layer in params.selection_layers else "sparse"
 
     def unsupported_reason(self, params: LessIsMoreParams, attn):
-        if attn.phase != "decode":
-            return f"lessismore serves phases decode, not {attn.phase}"
-        if attn.layer is None:
+        if attn.phase == "decode" and attn.layer is None:
             return "lessismore assigns roles by layer; this attention has no layer index"
-        if self._role(params, attn) == "dense":
+        if attn.phase == "decode" and self._role(params, attn) == "dense":
             return f"layer {attn.layer} is one of lessismore's dense_layers {list(params.dense_layers)}"
-        if not attn.match.causal_by_position:
-            return "lessismore reads the cache through a described mask (transformers models under sparsify.compile)"
-        if attn.match.model_window:
-            return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
-                    "lessismore's token set")
-        return None  # key padding is the kernel's own
+        return cache_decode_reason(self.name, attn, "token set")
 
     def provides(self, params: LessIsMoreParams, attn) -> str | None:
         return TOKENS if self._role(params, attn) == "selection" else None

@@ -31,7 +31,7 @@ from ..kernels import block_bounds as bounds_kernels
 from ..kernels import decode as decode_kernels
 from ..ops import inference_only
 from ..state import StateSpec
-from .base import AttentionMethod, register_method
+from .base import AttentionMethod, cache_decode_reason, register_method
 
 
 def lengths_in_use(q: Tensor, k: Tensor, query_offset: Tensor | None) -> Tensor:
@@ -197,14 +197,7 @@ class ReSA(AttentionMethod):
     summary = "block-sparse decode over min/max key-block summaries, with periodic dense rectification"
 
     def unsupported_reason(self, params: ReSAParams, attn):
-        if attn.phase != "decode":
-            return f"resa serves phases decode, not {attn.phase}"
-        if not attn.match.causal_by_position:
-            return "resa reads the cache through a described mask (transformers models under sparsify.compile)"
-        if attn.match.model_window:
-            return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
-                    "resa's blocks")
-        return None  # key padding is the kernel's own
+        return cache_decode_reason(self.name, attn, "blocks")
 
     def state_specs(self, params: ReSAParams):
         def summaries(size):
