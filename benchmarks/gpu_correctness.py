@@ -3,7 +3,8 @@ SDPA in bf16 against the same reference: the block-sparse prefill kernel per lay
 as the kernel's hard limit among them), block top-k over the shifted rows of a left-padded batch, exact attention
 under a model's sliding window (``sparsify.attention``, prefill and decode), and the split-KV decode kernel (a
 batch with per-row lengths and left padding; over ReSA's block lists from each padded row's own offset and over
-LessIsMore's token lists). Also: the plan ops build their layouts without a host
+LessIsMore's token lists; a rectification's 32-token chunk), and ReSA's selection kernels against their
+references. Also: the plan ops build their layouts without a host
 synchronisation. Writes benchmarks/results/gpu_correctness.json.
 
     python -m benchmarks.gpu_correctness
@@ -15,8 +16,12 @@ import torch
 
 from sparsify.kernels.block_sparse_attention import (KernelConfig, block_sparse_attention,
                                                       block_sparse_attention_reference)
+from sparsify.kernels.block_bounds import (block_bounds, block_bounds_reference, select_top_blocks,
+                                           select_top_blocks_reference, update_summaries)
 from sparsify.kernels.decode import decode_attention, decode_attention_reference
 from sparsify.kernels.layout import block_topk_layout, causal_layout, dense_layout, sink_window_layout
+
+from sparsify.methods.resa import resa_summaries
 
 from .common import relative_error, write_result
 
@@ -62,6 +67,7 @@ def main(argv=None) -> None:
     model_window_rows(device, rows, ratios)
     decode_rows(device, rows, ratios)
     listed_decode_rows(device, rows, ratios)
+    chunk_and_selection_rows(device, rows, ratios)
     plans_without_sync(device, rows)
     write_result("gpu_correctness", rows, ratios)
 
@@ -152,6 +158,46 @@ def listed_decode_rows(device: torch.device, rows: list, ratios: dict) -> None:
         reference_bf16, _ = decode_attention_reference(qb, kb, vb, lengths, None, key_padding=padding, **lists)
         _check(f"decode_{name}@{capacity}/B{batch}", ours, reference_bf16, expected, rows, ratios,
                baseline="reference_bf16")
+
+
+def chunk_and_selection_rows(device: torch.device, rows: list, ratios: dict) -> None:
+    """A rectification's chunk (32 new tokens over a 32K static cache with left padding) through the split-KV
+    kernel, against the float32 reference beside SDPA's bf16 error; and ReSA's selection kernels (block bounds,
+    sorted top blocks, summary update) equal to their PyTorch references on the same bf16 summaries."""
+    capacity, heads, kv_heads, head_dim, batch, chunk = 32768, 32, 8, 128, 2, 32
+    generator = torch.Generator(device=device).manual_seed(17)
+    q = torch.randn(batch, heads, chunk, head_dim, device=device, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, capacity, head_dim, device=device, generator=generator) for _ in range(2))
+    lengths = torch.tensor([capacity, 20000], dtype=torch.int32, device=device)
+    padding = torch.arange(capacity, device=device)[None, :] >= torch.tensor([[0], [300]], device=device)
+    expected, _ = decode_attention_reference(q, k, v, lengths, None, key_padding=padding)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    ours, _ = decode_attention(qb, kb, vb, lengths, None, key_padding=padding)
+    position = lengths[:, None].long() - chunk + torch.arange(chunk, device=device)
+    visible = (torch.arange(capacity, device=device) <= position[..., None]) & padding[:, None]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible[:, None], enable_gqa=True)
+    _check(f"decode_chunk_{chunk}@{capacity}/B{batch}", ours, sdpa, expected, rows, ratios)
+
+    n_blocks, starts = capacity // 16, torch.tensor([0, 300], device=device)
+    kmin, kmax = (torch.zeros(batch, kv_heads, n_blocks, head_dim, device=device, dtype=torch.bfloat16)
+                  for _ in range(2))
+    update_summaries(kmin, kmax, kb, lengths.long(), starts, capacity, 16)
+    # The op's PyTorch path, on the CPU: over the keys' whole length, so the blocks before each row's last agree.
+    ref_min, ref_max = torch.zeros_like(kmin, device="cpu"), torch.zeros_like(kmax, device="cpu")
+    resa_summaries(ref_min, ref_max, torch.empty(batch, 1, capacity, 0), kb.cpu(), None, starts.cpu(), 16)
+    in_use = -(-(lengths.long() - starts) // 16)
+    for row in range(batch):
+        used = int(in_use[row])
+        assert torch.equal(kmin[row, :, :used - 1].cpu(), ref_min[row, :, :used - 1]), "summary kmin"
+        assert torch.equal(kmax[row, :, :used - 1].cpu(), ref_max[row, :, :used - 1]), "summary kmax"
+    query = qb[:, :, 0].float().view(batch, kv_heads, -1, head_dim).mean(2) * head_dim ** -0.5
+    scores = block_bounds(query, kmin, kmax, in_use, 1)
+    torch.testing.assert_close(scores, block_bounds_reference(query, kmin, kmax, in_use, 1), atol=1e-3, rtol=1e-4)
+    keep = torch.minimum(in_use, torch.tensor(256, device=device))
+    same = (select_top_blocks(scores, keep, 256) == select_top_blocks_reference(scores, keep, 256)).float().mean()
+    rows.append({"case": f"resa_selection@{capacity}/B{batch}", "impl": "sparsify", "equal_to_reference": same.item()})
+    print(f"{'resa selection':>40}: summaries equal, bounds close, top blocks {same.item():.4f} equal", flush=True)
+    assert same.item() >= 0.99
 
 
 def plans_without_sync(device: torch.device, rows: list) -> None:
