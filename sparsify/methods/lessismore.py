@@ -45,13 +45,13 @@ def unify_rank_major(top: Tensor, valid: Tensor, width: int) -> Tensor:
     stable sort by position finds each position's first appearance, a cumulative sum its rank among the kept."""
     batch, groups, heads, k = top.shape
     order_of_reading = top.transpose(2, 3).reshape(batch, groups, k * heads)
-    counts = valid.transpose(2, 3).reshape(batch, groups, k * heads)
+    counted = valid.transpose(2, 3).reshape(batch, groups, k * heads)
     past_every_position = torch.iinfo(torch.int64).max
-    keys = torch.where(counts, order_of_reading.long(), past_every_position)
+    keys = torch.where(counted, order_of_reading.long(), past_every_position)
     sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    starts_run = torch.ones_like(counts)
+    starts_run = torch.ones_like(counted)
     starts_run[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
-    first = torch.zeros_like(counts).scatter_(-1, order, starts_run) & counts
+    first = torch.zeros_like(counted).scatter_(-1, order, starts_run) & counted
     rank = first.long().cumsum(-1) - 1
     slot = torch.where(first & (rank < width), rank, width)  # the rest go to a discarded last slot
     unified = torch.full((batch, groups, width + 1), -1, dtype=torch.int64, device=top.device)
