@@ -539,11 +539,14 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     backend = SparsifyBackend(resolved, compile_options, layout)
     dynamo_forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
     every = rectify_period(resolved) if not layout.empty else 0
+    # Asked once, not at every decode step.
+    parameters = _forward_parameters(compiled) if every else []
+    geometry = _kv_geometry(compiled.config) if not layout.empty else None
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
         if every and args:  # by keyword from here on, so that a rectification can replace the per-token inputs
-            kwargs = {**dict(zip(_forward_parameters(compiled), args)), **kwargs}
+            kwargs = {**dict(zip(parameters, args)), **kwargs}
             args = ()
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         inputs = args[0] if args else kwargs.get("input_ids")
@@ -556,7 +559,7 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
                 # The cache the model would make itself, made here so that the state rides on it: a caller who
                 # passes the returned cache back continues the same sequence.
                 cache = kwargs[_cache_keyword(compiled)] = _dynamic_cache(compiled.config)
-            size = StateSize(inputs.shape[0], _capacity(cache, compiled), *_kv_geometry(compiled.config))
+            size = StateSize(inputs.shape[0], _capacity(cache, compiled), *geometry)
             state = kwargs[STATE_ATTRIBUTE] = state_for_call(cache, layout, size, compiled.device, compiled.dtype)
             if state.recent.tokens + inputs.shape[1] > state.capacity:
                 raise StateError(f"sparsify: this call takes the sequence to {state.recent.tokens + inputs.shape[1]} "
