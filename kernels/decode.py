@@ -4,9 +4,10 @@
 One query row per head leaves a prefill tile almost empty and one program per (batch, head) too few programs to
 fill the GPU, so the keys are split instead: the grid is ``(num_splits, B * Hkv)``. A program takes ALL the G
 query heads of one KV group (times the T tokens of a chunk) as the rows of its tile (the M of a ``tl.dot``,
-padded to >= 16 rows under a mask), so each K/V tile is read from memory once per group, not once per query head; it walks its share of the key
-blocks with an online softmax and writes a partial output and log-sum-exp to a float32 workspace. A second small
-kernel combines the splits by their lse (with one split the first kernel writes the result itself).
+padded to >= 16 rows under a mask), so each K/V tile is read from memory once per group, not once per query
+head; it walks its share of the key blocks with an online softmax and writes a partial output and log-sum-exp
+to a float32 workspace. A second small kernel combines the splits by their lse (with one split the first kernel
+writes the result itself).
 
 Nothing on the host depends on a tensor's values: the number of splits comes from static shapes and the device's
 multiprocessor count, the lengths (``kv_lengths``) and block lists are read by the kernel, and each split takes
@@ -125,7 +126,8 @@ def _decode_split(
     stride_sb, stride_sh, stride_sn,
     kv_heads, group, q_len, cache_len, n_listed, n_cache_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_OFFSETS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
     HAS_TOKENS: tl.constexpr, HAS_SCORES: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -228,7 +230,8 @@ def _decode_split(
         last = tl.minimum(first + per_split, n_blocks)
         for j in range(first, last):
             acc, m_i, l_i, qk = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, j * BLOCK_N, kv_len,
-                                             row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn, stride_pn,
+                                             row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
+                                             stride_pn,
                                              HAS_PADDING, IEEE, UPCAST)
             if HAS_SCORES:  # the same pass over K gives a selection its scores (natural units: q.k * scale)
                 offs_n = j * BLOCK_N + offs_t
@@ -497,7 +500,8 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         tile = block_n
         n_units = n_cache_blocks = -(-length // block_n)
     if num_splits is None:
-        num_splits = decode_num_splits(batch, kv_heads, n_units, hardware.multiprocessors(q.device, INTERPRETER_MULTIPROCESSORS))
+        num_splits = decode_num_splits(batch, kv_heads, n_units,
+                                       hardware.multiprocessors(q.device, INTERPRETER_MULTIPROCESSORS))
     elif not isinstance(num_splits, int) or num_splits < 1:
         raise ShapeError(f"decode_attention: num_splits must be a positive int; got {num_splits!r}")
     stages = stages_for_decode(num_stages, tile, dim, dim_v, q.element_size(), hardware.shared_memory(q.device))
@@ -523,7 +527,8 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     else:
         idx = cnt = kv_lengths  # placeholders
         idx_strides, cnt_strides = (0, 0, 0), (0, 0)
-    offsets, offset_stride = (block_offsets, block_offsets.stride(0)) if block_offsets is not None else (idx, 0)  # placeholder
+    # Without offsets, a placeholder the compiled-out branch never reads.
+    offsets, offset_stride = (block_offsets, block_offsets.stride(0)) if block_offsets is not None else (idx, 0)
     scores, score_strides = (scores_out, scores_out.stride()) if scores_out is not None else (part_lse, (0, 0, 0))
 
     _decode_split[(num_splits, batch * kv_heads)](
@@ -534,7 +539,8 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
         kv_heads, group, q_len, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks,
         scale * LOG2E, HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_R=max(16, triton.next_power_of_2(group * q_len)),
         BLOCK_N=tile,
-        BLOCK_SIZE=block_size if has_blocks else tile, BLOCKS_PER_TILE=blocks_per_tile, HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
+        BLOCK_SIZE=block_size if has_blocks else tile, BLOCKS_PER_TILE=blocks_per_tile,
+        HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
         HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens, HAS_SCORES=scores_out is not None,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and hardware.interpreting(),
         num_warps=num_warps if group * q_len <= 16 else max(num_warps, 8), num_stages=stages,

@@ -1,13 +1,14 @@
 """Sequence state: the tensors sparse methods carry from one forward to the next, owned by the sequence's KV cache.
 
 A method declares the tensors it keeps per layer (:class:`StateSpec`: a shape from the batch size, the cache's
-capacity and the layer's KV heads and head_dim, a dtype, what cropping the cache does to it). Before capture, :meth:`StateLayout.for_policy` collects
-every layer's tensors from the methods its rules can pick. At each forward of a compiled transformers model the
-compiler finds the cache's :class:`SequenceState` (made at the first forward over an empty cache, zeroed when the
-cache is reset) and passes it down the model as the keyword ``sparsify_state``; the attention implementation hands
-each layer's tensors to ``sparsify.attention``, so they are inputs of the captured graph, never module buffers. The
-rewrite gives them to the methods (``RewriteContext.sequence_state``), whose ops update them in place and declare
-it (``mutates_args``): the prefill frame and every decode frame read and write the same tensors.
+capacity and the layer's KV heads and head_dim, a dtype, what cropping the cache does to it). Before capture,
+:meth:`StateLayout.for_policy` collects every layer's tensors from the methods its rules can pick. At each forward
+of a compiled transformers model the compiler finds the cache's :class:`SequenceState` (made at the first forward
+over an empty cache, zeroed when the cache is reset) and passes it down the model as the keyword ``sparsify_state``;
+the attention implementation hands each layer's tensors to ``sparsify.attention``, so they are inputs of the
+captured graph, never module buffers. The rewrite gives them to the methods (``RewriteContext.sequence_state``),
+whose ops update them in place and declare it (``mutates_args``): the prefill frame and every decode frame read and
+write the same tensors.
 
 Why beside the cache rather than a cache subclass: ``generate()`` makes its own cache (a DynamicCache, or a
 StaticCache from ``cache_implementation``) and users pass theirs; a subclass would have to replace each of them.

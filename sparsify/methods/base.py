@@ -139,8 +139,8 @@ class AttentionMethod:
 
     def needs(self, params: Any, attn: "AttentionInfo") -> str | None:
         """The name of a value this method reads at ``attn`` (``ctx.published``) from an earlier attention of the
-        same forward; None by default. Where no earlier attention runs a method that provides it (its producer fell back to
-        dense, or none exists), this attention runs dense too, with that reason (``passes/plan_groups``)."""
+        same forward; None by default. Where no earlier attention runs a method that provides it (its producer fell
+        back to dense, or none exists), this attention runs dense too, with that reason (``passes/plan_groups``)."""
         return None
 
     def plan(self, params: Any, attn: "AttentionInfo", ctx: "RewriteContext") -> Any:
