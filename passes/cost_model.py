@@ -151,7 +151,7 @@ class CostModel:
         key = (spec, batch_heads, head_dim, causal)
         if key not in self._plans:
             ceilings = self._load_ceilings(head_dim)
-            config = ceilings.config_for(head_dim)
+            config = ceilings.config_for(head_dim, spec.method.kernel_blocks(spec.params))
             dense_tflops, sparse_tflops = ceilings.rates_for(head_dim)
             sparse = predicted_ms(spec.method.visited_pairs(spec.params, N, config), batch_heads, head_dim,
                                   sparse_tflops, 2 * ceilings.launch_overhead_ms)

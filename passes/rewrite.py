@@ -202,7 +202,8 @@ def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_l
             for segment in decision.segments:
                 sparse = segment.spec.name != "dense"
                 ctx.heads = (segment.start, segment.stop)
-                ctx.method_name = segment.spec.name
+                ctx.method_name = segment.spec.name if state_layout is None else \
+                    state_layout.prefix(attention.layer, segment.spec)
                 ctx.config = segment.config
                 ctx.q = match.q if whole else ctx.call(aten.slice.Tensor, match.q, 1, segment.start, segment.stop)
                 ctx.k, ctx.v = all_k, all_v = tuple(
@@ -251,7 +252,7 @@ def _update_states(ctx: RewriteContext, attention: AttentionInfo, layout: StateL
     match = attention.match
     ctx.q, ctx.k, ctx.v, ctx.heads, ctx.config = match.q, match.k, match.v, (0, attention.q_heads), None
     for owner in layout.owners_of(attention.layer):
-        ctx.method_name = owner.name
+        ctx.method_name = layout.prefix(attention.layer, owner)
         owner.method.update_state(owner.params, attention, ctx)
 
 

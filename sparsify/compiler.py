@@ -40,7 +40,7 @@ from .passes.rewrite import fallback_counter_name
 from .pipeline import PipelineResult, analyse, decide, run_pipeline
 from .policy import Policy
 from .rectify import last_token_logits, prepare_call, rectify_period
-from .state import STATE_ATTRIBUTE, StateLayout, StateSize, state_for_call
+from .state import STATE_ATTRIBUTE, SequenceState, StateLayout, StateSize, state_for_call
 
 
 @dataclass(frozen=True)
@@ -323,6 +323,17 @@ class SparsifyHandle:
     model_name: str = ""
     notes: dict = field(default_factory=dict)
     uncompiled: Any = None  # sparsify.hf.UncompiledCalls of a transformers model, else None
+    geometry: tuple[int, int, int] | None = None  # the model's (KV heads, head_dim, heads) where it keeps state
+
+    def sequence_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype
+                       ) -> SequenceState | None:
+        """A fresh sequence state for ``batch`` rows of at most ``capacity`` tokens, for a caller that runs whole
+        sequences without a cache (the diffusion loop passes it as ``sparsify_state`` to every step of one
+        request); None where the policy's methods keep no state."""
+        layout = self.backend.state_layout
+        if layout.empty or self.geometry is None:
+            return None
+        return SequenceState(layout, StateSize(batch, capacity, *self.geometry), device, dtype)
 
     @property
     def uncompiled_calls(self) -> int:
@@ -465,12 +476,12 @@ def _forward_parameters(model: torch.nn.Module) -> list[str]:
     return list(inspect.signature(type(model).forward).parameters)[1:]
 
 
-def _kv_geometry(config: Any) -> tuple[int, int]:
-    """(KV heads, head_dim) of a transformers config."""
+def _kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(KV heads, head_dim, query heads) of a transformers config, in :class:`StateSize`'s order."""
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return kv_heads, head_dim
+    return kv_heads, head_dim, heads
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
@@ -531,6 +542,9 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     """
     resolved = Policy.load(policy)
     compile_options = CompileOptions(**options)
+    if compile_options.phase == "auto" and getattr(model, "is_diffusion_lm", False):
+        # A masked diffusion LM's bidirectional forwards are denoising steps (sparsify.diffusion).
+        compile_options = dataclasses.replace(compile_options, phase="diffusion")
     resolved = policy_for(model, resolved)
     compiled = _private_copy(model, compile_options.hf_attention)
     # Sequence state reaches the graph through the sparsify attention implementation alone.
@@ -554,7 +568,9 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
         allocate_static_cache(cache, compiled, inputs)
         mark_static_cache(cache)
         rectified = False
-        if not layout.empty and isinstance(inputs, torch.Tensor):
+        # The diffusion loop passes its request's state (SparsifyHandle.sequence_state): each call is the whole
+        # sequence, with no cache to carry it.
+        if STATE_ATTRIBUTE not in kwargs and not layout.empty and isinstance(inputs, torch.Tensor):
             if cache is None and kwargs.get("use_cache", compiled.config.use_cache):
                 # The cache the model would make itself, made here so that the state rides on it: a caller who
                 # passes the returned cache back continues the same sequence.
@@ -577,5 +593,6 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     compiled.forward = forward
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     compiled.sparsify = SparsifyHandle(resolved, compile_options, backend, model_name=name,
-                                       uncompiled=getattr(compiled, "sparsify_uncompiled_calls", None))
+                                       uncompiled=getattr(compiled, "sparsify_uncompiled_calls", None),
+                                       geometry=geometry)
     return compiled

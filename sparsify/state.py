@@ -39,12 +39,14 @@ STATE_ATTRIBUTE = "sparsify_state"  # on the cache object; also the keyword the 
 @dataclass(frozen=True)
 class StateSize:
     """What a state tensor's shape may depend on: the batch, ``capacity`` (the most tokens the cache can hold: a
-    static cache's length, else the model's ``max_position_embeddings``), and the model's KV heads and head_dim."""
+    static cache's length, else the model's ``max_position_embeddings``; under the diffusion loop, the sequence's
+    length), and the model's KV heads, head_dim and query heads."""
 
     batch: int
     capacity: int
     kv_heads: int = 1
     head_dim: int = 1
+    heads: int = 1
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,21 @@ class StateSpec:
     ``shape(size)`` gives its shape from a :class:`StateSize`, batch first. ``dtype`` None: the model's dtype (as
     its keys are). ``crop(tensor, kept)`` updates it in place when the cache is cropped to its first ``kept``
     tokens; None: the method cannot follow a crop, which is refused. Tensors start as zeros, at every new sequence.
+    ``host``: kept on the CPU, for values the runtime sets before a forward and ops read without a device
+    synchronisation (the diffusion loop's :data:`DIFFUSION_CLOCK`).
     """
 
     name: str
     shape: Callable[[StateSize], tuple[int, ...]]
     dtype: torch.dtype | None
     crop: Callable[[torch.Tensor, int], None] | None = None
+    host: bool = False
+
+
+# The diffusion loop's clock, per batch row (denoising step, total steps, prompt length), on the host: a method
+# that names it in its state_specs reads the step of every forward without a device sync and without a recompile
+# (its values change, the graph does not). One tensor serves every layer; SequenceState.set_clock sets it.
+DIFFUSION_CLOCK = StateSpec("clock", lambda size: (size.batch, 3), torch.int64, host=True)
 
 
 @dataclass(frozen=True)
@@ -70,25 +81,42 @@ class StateLayout:
 
     layers: tuple[tuple[tuple[str, StateSpec], ...], ...]
     owners: tuple[tuple["MethodSpec", ...], ...] = ()
+    # Per layer and owner, the prefix of its tensors' names (see prefix), in the owners' order.
+    prefixes: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
     def for_policy(cls, policy: "Policy", num_layers: int) -> "StateLayout":
         """Every tensor that a method some rule (or the default) can pick for a layer keeps. Over-provisioned where a
         rule's other conditions (phase, length, modules) would keep the method off a layer: unused state is zeros.
-        One tensor per method and name and layer, whatever rule picks the method."""
-        layers, owners = [], []
+        One set of tensors per distinct method spec and layer: rules giving one method the same parameters share
+        it, rules giving it different ones (two block sizes by length) have one each."""
+        layers, owners, prefixes = [], [], []
         for layer in range(num_layers):
             specs: dict[str, StateSpec] = {}
-            keepers: dict[str, "MethodSpec"] = {}
+            keepers: list[tuple["MethodSpec", str]] = []
             candidates = [rule.spec for rule in policy.rules
                           if rule.when.layers is None or layer in rule.when.layers] + [policy.default]
             for spec in candidates:
-                for state in spec.method.state_specs(spec.params):
-                    specs.setdefault(f"{spec.name}.{state.name}", state)
-                    keepers.setdefault(spec.name, spec)
+                states = spec.method.state_specs(spec.params)
+                if not states or any(known == spec for known, _ in keepers):
+                    continue
+                same = sum(known.name == spec.name for known, _ in keepers)
+                prefix = spec.name if same == 0 else f"{spec.name}#{same + 1}"
+                keepers.append((spec, prefix))
+                specs.update((f"{prefix}.{state.name}", state) for state in states)
             layers.append(tuple(specs.items()))
-            owners.append(tuple(keepers.values()))
-        return cls(tuple(layers), tuple(owners))
+            owners.append(tuple(spec for spec, _ in keepers))
+            prefixes.append(tuple(prefix for _, prefix in keepers))
+        return cls(tuple(layers), tuple(owners), tuple(prefixes))
+
+    def prefix(self, layer: int | None, spec: "MethodSpec") -> str:
+        """What the names of ``spec``'s tensors at ``layer`` start with: the method's name, then ``#k`` for the k-th
+        distinct parameter set of that method at the layer."""
+        if layer is not None and 0 <= layer < len(self.owners):
+            for known, prefix in zip(self.owners[layer], self.prefixes[layer]):
+                if known == spec:
+                    return prefix
+        return spec.name
 
     @property
     def empty(self) -> bool:
@@ -126,7 +154,9 @@ class SequenceState:
         self.size = size
         self.device = torch.device(device)
         self.dtype = dtype  # the model's: that of the tensors whose spec names none
-        self.tensors = [[self._zeros(spec) for _, spec in layer] for layer in layout.layers]
+        self.clock = self._zeros(DIFFUSION_CLOCK)  # every layer's clock entry is this one tensor
+        self.tensors = [[self.clock if spec is DIFFUSION_CLOCK else self._zeros(spec) for _, spec in layer]
+                        for layer in layout.layers]
         self.recent = RecentTokens()
 
     @property
@@ -138,7 +168,8 @@ class SequenceState:
         return self.size.capacity
 
     def _zeros(self, spec: StateSpec) -> torch.Tensor:
-        tensor = torch.zeros(spec.shape(self.size), dtype=spec.dtype or self.dtype, device=self.device)
+        device = torch.device("cpu") if spec.host else self.device
+        tensor = torch.zeros(spec.shape(self.size), dtype=spec.dtype or self.dtype, device=device)
         if tensor.dim() == 0 or tensor.shape[0] != self.batch:
             raise ValueError(f"sequence state {spec.name}: shape {tuple(tensor.shape)} must start with the batch "
                              f"({self.batch})")
@@ -155,10 +186,16 @@ class SequenceState:
             raise KeyError(f"sequence state: layer {layer} has no {name!r}; it has {', '.join(names) or 'nothing'}")
         return self.tensors[layer][names.index(name)]
 
+    def set_clock(self, step: int, steps: int, prompt_tokens: int) -> None:
+        """The diffusion loop's next forward is denoising step ``step`` of ``steps``, over a sequence whose first
+        ``prompt_tokens`` tokens are the prompt (every row's)."""
+        self.clock[:, 0], self.clock[:, 1], self.clock[:, 2] = step, steps, prompt_tokens
+
     def reset(self) -> None:
         for layer in self.tensors:
             for tensor in layer:
                 tensor.zero_()
+        self.clock.zero_()
         self.recent = RecentTokens()
 
     def crop(self, kept: int) -> None:
@@ -180,21 +217,27 @@ class SequenceState:
         """The cache kept (and reordered) these batch rows: beam search's reordering, or a selection of rows."""
         self._recent_rows(lambda t: t.index_select(0, rows.to(t.device)))
         if rows.numel() == self.batch:  # a reordering: same shapes, so in place (addresses kept)
-            for tensors in self.tensors:
-                for tensor in tensors:
-                    tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
+            for tensor in self._distinct():
+                tensor.copy_(tensor.index_select(0, rows.to(tensor.device)))
             return
-        self.tensors = [[_fixed_address(tensor.index_select(0, rows.to(tensor.device))) for tensor in tensors]
-                        for tensors in self.tensors]
+        self._replace_rows(lambda t: t.index_select(0, rows.to(t.device)))
         self.size = dataclasses.replace(self.size, batch=rows.numel())
 
     def repeat_rows(self, repeats: int) -> None:
         """The cache repeated each row ``repeats`` times (beam search's or sampling's expansion)."""
         self._recent_rows(lambda t: t.repeat_interleave(repeats, dim=0))
-        self.tensors = [[_fixed_address(tensor.repeat_interleave(repeats, dim=0)) for tensor in tensors]
-                        for tensors in self.tensors]
+        self._replace_rows(lambda t: t.repeat_interleave(repeats, dim=0))
         self.size = dataclasses.replace(self.size, batch=self.batch * repeats)
 
+    def _distinct(self) -> list[torch.Tensor]:
+        """Every state tensor once (the clock is in every layer that reads it)."""
+        return list({id(t): t for t in [self.clock, *(t for layer in self.tensors for t in layer)]}.values())
+
+    def _replace_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every tensor by ``rows`` of it, keeping shared tensors shared."""
+        new = {id(t): _fixed_address(rows(t)) for t in self._distinct()}
+        self.clock = new[id(self.clock)]
+        self.tensors = [[new[id(t)] for t in layer] for layer in self.tensors]
 
     def _recent_rows(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-row operation to the remembered decode inputs that have one row per sequence row."""

@@ -105,6 +105,11 @@ class AttentionMethod:
         methods without one (used to draw patterns; the rewritten graph builds its layouts with ops)."""
         return None
 
+    def kernel_blocks(self, params: Any) -> tuple[int, int] | None:
+        """(block_m, block_n) the block-sparse kernel must run with, where the method's own pattern fixes them;
+        None (the default): the cost model picks the device's fastest."""
+        return None
+
     def structure(self, params: Any, config) -> str:
         """How the emitted nodes are organised under launch ``config``, for ``explain`` (e.g. what is fused);
         empty when there is nothing to say."""

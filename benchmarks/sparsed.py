@@ -1,0 +1,150 @@
+"""SparseD speed: the attention of one layer over a whole denoising run, against dense bidirectional SDPA at every
+step and against FlexAttention over the same cached masks.
+
+bf16, B=1, 32 query heads / 8 KV heads, D=128, the sequence a prompt plus ``--gen`` generated tokens. One layer's
+steps are timed apart (CUDA events, median after warm-up) and summed over the run, as the run executes them:
+``end = int(steps * dense_fraction) + 1`` dense steps (SDPA) before the switch; the switch step (SDPA, plus the
+pattern build: two log-sum-exp passes, the tile scores, the top-k and the layout); then ``steps - end - 1`` sparse
+steps (sparsify's block-sparse kernel over the built pattern, or FlexAttention with the same blocks). Every layer
+of a model runs this, so a layer's ratio is the model's attention ratio. The pattern is built from this step's q and
+k; on random inputs the scores are meaningless but the amount of work (``keep_ratio`` of the blocks in each of the
+two selections) is what a real model's would be.
+
+Rows (names from shared/docs/benchmarks.md): case ``run``, impls ``sparsed``, ``sdpa``, ``flex``, with
+``steps_ms`` (each kind of step) beside; ``correctness``: bf16 errors of the sparse step and of the tile scores
+against float32 references at 4K.
+
+    python -m benchmarks.sparsed --seq 16384 32768 65536 --steps 256
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+import sparsify  # noqa: F401  (registers torch.ops.sparsify)
+from sparsify.kernels import block_sparse_attention as block_kernels
+from sparsify.kernels import sparsed as pattern_kernels
+from sparsify.kernels.layout import BlockLayout, TokenMask
+from sparsify.methods import METHODS
+from sparsify.methods.sparsed import SparseDParams, kernel_block_n, switch_step
+from sparsify.state import StateSize
+
+from .common import relative_error, time_ms, write_result
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+class Layer:
+    """One layer's q, k, v (B=1) and its SparseD state, with a clock set by the caller."""
+
+    def __init__(self, seq: int, gen: int, params: SparseDParams, device):
+        generator = torch.Generator(device=device).manual_seed(seq)
+        self.q = torch.randn(1, HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
+        self.k, self.v = (torch.randn(1, KV_HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16,
+                                      generator=generator) for _ in range(2))
+        self.params, self.seq, self.prompt = params, seq, seq - gen
+        size = StateSize(1, seq, KV_HEADS, HEAD_DIM, HEADS)
+        # The method's state tensors, in its order: clock, built, full_counts, full_indices, tail_counts, tail_indices.
+        self.state = [torch.zeros(spec.shape(size), dtype=spec.dtype, device="cpu" if spec.host else device)
+                      for spec in METHODS.get("sparsed").state_specs(params)]
+        self.clock = self.state[0]
+        self.scale = HEAD_DIM ** -0.5
+
+    def at(self, step: int, steps: int) -> None:
+        self.clock[:] = torch.tensor([step, steps, self.prompt])
+
+    def build(self):
+        p = self.params
+        torch.ops.sparsify.sparsed_pattern(self.q, self.k, self.v, *self.state, p.dense_fraction, p.keep_ratio,
+                                           p.block_size, self.scale)
+
+    def attention(self):
+        return torch.ops.sparsify.sparsed_attention(self.q, self.k, self.v, *self.state, self.params.dense_fraction,
+                                                    self.params.block_size, self.scale, 8, 3)
+
+    def layout(self):
+        _, built, full_counts, full_indices, tail_counts, tail_indices = self.state
+        rows = -(-self.seq // self.params.block_size)
+        return BlockLayout(tail_counts[..., :rows], tail_indices[..., :rows], full_counts[..., :rows],
+                           full_indices[..., :rows], self.params.block_size, kernel_block_n(self.params.block_size),
+                           self.seq, self.seq, TokenMask(causal=False))
+
+
+def correctness(params: SparseDParams, device) -> dict:
+    """bf16 errors at 4K: the sparse step against the float32 reference over the same layout, and the tile scores
+    kernel against its float32 reference."""
+    layer = Layer(4096, 512, params, device)
+    steps = 100
+    layer.at(switch_step(steps, params.dense_fraction), steps)
+    layer.build()
+    layer.at(steps - 1, steps)
+    ours = layer.attention()
+    layout = layer.layout()
+    expected, _ = block_kernels.block_sparse_attention_reference(layer.q.float(), layer.k.float(), layer.v.float(),
+                                                                 layout, layer.scale)
+    lse = torch.logsumexp(torch.matmul(layer.q.float(), layer.k.float().repeat_interleave(4, 1).transpose(-1, -2))
+                          * layer.scale, -1)
+    gen_start = pattern_kernels.generation_start_block(layer.prompt, params.block_size) * params.block_size
+    scores, _ = pattern_kernels.tile_scores(layer.q, layer.k, lse, None, gen_start, params.block_size, layer.scale)
+    reference, _ = pattern_kernels.tile_scores_reference(layer.q, layer.k, lse, None, gen_start, params.block_size,
+                                                         layer.scale)
+    return {"sparse_step_vs_reference": relative_error(ours, expected),
+            "tile_scores_vs_reference": relative_error(scores, reference),
+            "density": layout.density()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768, 65536])
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--gen", type=int, default=1024, help="generated tokens (the rest is prompt)")
+    parser.add_argument("--dense-fraction", type=float, default=0.2)
+    parser.add_argument("--keep-ratio", type=float, default=0.3)
+    parser.add_argument("--block-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    params = SparseDParams(args.dense_fraction, args.keep_ratio, args.block_size)
+    flex = torch.compile(flex_attention, dynamic=False)
+    end = switch_step(args.steps, params.dense_fraction)
+    sparse_steps = args.steps - end - 1
+    rows, ratios, parts = [], {}, {}
+    errors = correctness(params, device)
+    print(f"bf16 errors {errors}", flush=True)
+    for seq in args.seq:
+        layer = Layer(seq, args.gen, params, device)
+        layer.at(0, args.steps)
+        dense_ms = time_ms(layer.attention)                          # a step before the switch: SDPA
+        layer.at(end, args.steps)
+        build_ms = time_ms(layer.build, warmup=1, runs=5)            # the switch step's extra work
+        layer.at(end + 1, args.steps)
+        sparse_ms = time_ms(layer.attention)
+        block_mask = layer.layout().to_block_mask()
+        flex_ms = time_ms(lambda: flex(layer.q, layer.k, layer.v, block_mask=block_mask, scale=layer.scale,
+                                       enable_gqa=True))
+        density = layer.layout().density()
+        runs = {"sparsed": end * dense_ms + dense_ms + build_ms + sparse_steps * sparse_ms,
+                "sdpa": args.steps * dense_ms,
+                "flex": end * dense_ms + dense_ms + build_ms + sparse_steps * flex_ms}
+        parts[str(seq)] = {"dense_step": dense_ms, "build": build_ms, "sparse_step": sparse_ms,
+                           "flex_step": flex_ms, "density": density}
+        rows += [{"case": "run", "seq_len": seq, "impl": impl, "ms": ms} for impl, ms in runs.items()]
+        ratios[f"run@{seq} sdpa/sparsed"] = runs["sdpa"] / runs["sparsed"]
+        ratios[f"run@{seq} flex/sparsed"] = runs["flex"] / runs["sparsed"]
+        ratios[f"step@{seq} flex/sparsed"] = flex_ms / sparse_ms
+        print(f"N={seq:>6}: run sparsed {runs['sparsed']:9.1f} ms  sdpa {runs['sdpa']:9.1f}  flex {runs['flex']:9.1f}"
+              f"  steps {parts[str(seq)]}", flush=True)
+        del layer, block_mask
+        torch.cuda.empty_cache()
+    extra = {"steps": args.steps, "switch_step": end, "gen_tokens": args.gen, "params": vars(args),
+             "steps_ms": parts, "bf16_rel_errors_4096": errors,
+             "how": "one layer's steps timed apart (median, CUDA events) and summed: switch_step dense steps, the "
+                    "switch step (dense + build), then the sparse steps",
+             "ratio_meaning": "other's time / sparsed's (> 1: sparsed faster)"}
+    print(f"wrote {write_result('sparsed', rows, ratios, extra)}")
+
+
+if __name__ == "__main__":
+    main()
