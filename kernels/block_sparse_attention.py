@@ -270,6 +270,12 @@ def check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
     if (layout.q_len, layout.kv_len) != (q_len, k.shape[2]):
         raise ShapeError(f"layout is for q_len={layout.q_len}, kv_len={layout.kv_len}; inputs have "
                          f"q_len={q_len}, kv_len={k.shape[2]}")
+    if layout.kv_indices.shape != layout.full_kv_indices.shape or \
+            layout.kv_num_blocks.shape != layout.full_kv_num_blocks.shape:
+        # The kernel walks both lists with one set of strides.
+        raise ShapeError(f"layout: the partial and full lists must have one shape; got counts "
+                         f"{tuple(layout.kv_num_blocks.shape)} and {tuple(layout.full_kv_num_blocks.shape)}, indices "
+                         f"{tuple(layout.kv_indices.shape)} and {tuple(layout.full_kv_indices.shape)}")
     lb, lh = layout.kv_num_blocks.shape[:2]
     if lb not in (1, batch) or lh not in (1, q_heads) or layout.kv_num_blocks.shape[2] != layout.n_q_blocks:
         raise ShapeError(f"layout grid {tuple(layout.kv_num_blocks.shape)} does not fit batch {batch}, "

@@ -25,6 +25,7 @@ from ..errors import ShapeError
 from .layout import BlockLayout, Geometry, TokenMask, compress
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # what a kernel may read of the module
 
 
 def generation_start_block(prompt_tokens: int, block_size: int) -> int:
@@ -56,10 +57,10 @@ def _tile_scores_kernel(Q, K, Lse, LseGen, Scores, ScoresGen,
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     lse_ptrs = Lse + batch * stride_lb + head * stride_lh + offs_m * stride_lm
     # Rows past the length get +inf: their p is 0.
-    lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf")) * LOG2E
+    lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf")) * _LOG2E
     if HAS_GEN:
         lse_gen = tl.load(LseGen + batch * stride_lb + head * stride_lh + offs_m * stride_lm, mask=row_ok,
-                          other=float("inf")) * LOG2E
+                          other=float("inf")) * _LOG2E
     rows = tl.minimum(length - q_block * BLOCK_SIZE, BLOCK_SIZE).to(tl.float32)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     s_base = Scores + batch * stride_sb + head * stride_sh + q_block * stride_sm
@@ -172,10 +173,11 @@ def select_blocks(scores: torch.Tensor, scores_gen: torch.Tensor | None, gen_blo
     return kept.scatter_(-1, top_gen + gen_block, True)
 
 
-def kernel_layout(kept: torch.Tensor, length: int, block_size: int, block_n: int) -> BlockLayout:
+def kernel_layout(kept: torch.Tensor, length: int, block_size: int, block_n: int, width: int) -> BlockLayout:
     """The block-sparse kernel's bidirectional layout (query blocks of ``block_size``, key blocks of ``block_n``,
     which divides it) visiting the ``kept`` key blocks (B, Hq, nQ, nK) of ``block_size``: full blocks, and the
-    sequence's partial tail block as the only partial one."""
+    sequence's partial tail block as the only partial one. Both index lists are ``width`` wide (the kernel reads
+    them with one set of strides), which must hold every row's full blocks."""
     if block_size % block_n:
         raise ShapeError(f"block_n ({block_n}) must divide block_size ({block_size})")
     geometry = Geometry(length, length, block_size, block_n, TokenMask(causal=False))
@@ -185,8 +187,11 @@ def kernel_layout(kept: torch.Tensor, length: int, block_size: int, block_n: int
     full, partial = visited & whole, visited & ~whole
     full_num, full_idx = compress(full)
     part_num, part_idx = compress(partial)
-    return BlockLayout(part_num, part_idx[..., :1], full_num, full_idx, block_size, block_n, length, length,
-                       geometry.mask)
+    if int(full_num.max()) > width:
+        raise ShapeError(f"kernel_layout: a query block keeps {int(full_num.max())} key blocks, more than the lists' "
+                         f"width {width}")
+    return BlockLayout(part_num, part_idx[..., :width], full_num, full_idx[..., :width], block_size, block_n, length,
+                       length, geometry.mask)
 
 
 def index_width(capacity: int, block_size: int, block_n: int, keep_ratio: float) -> int:

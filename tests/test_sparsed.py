@@ -2,6 +2,8 @@
 (``sparsify/diffusion.py``): the pattern against its definition computed densely, the tile-score kernel against
 its reference, the step switch, compile counts, and the loop under the dense policy against the uncompiled model."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -99,10 +101,27 @@ def test_tile_scores_reject_bad_shapes():
 def test_kernel_layout_visits_exactly_the_kept_blocks():
     torch.manual_seed(0)
     kept = torch.rand(1, 2, 5, 5) < 0.4
-    layout = kernels.kernel_layout(kept, 150, 32, 16)                     # 150 = 4 blocks of 32 and a tail
+    layout = kernels.kernel_layout(kept, 150, 32, 16, width=10)           # 150 = 4 blocks of 32 and a tail
     visible = layout.to_dense_mask()
     tokens = kept.repeat_interleave(32, -1).repeat_interleave(32, -2)[..., :150, :150]
     assert torch.equal(visible, tokens)
+    assert layout.kv_indices.shape == layout.full_kv_indices.shape  # the kernel reads both lists with one stride
+    with pytest.raises(ShapeError, match="width"):
+        kernels.kernel_layout(torch.ones(1, 1, 5, 5, dtype=torch.bool), 150, 32, 16, width=4)
+
+
+def test_the_kernel_refuses_lists_of_different_widths():
+    """The kernel walks the partial and full lists with one set of strides: lists of two widths are refused, not
+    read wrongly."""
+    from sparsify.kernels.block_sparse_attention import block_sparse_attention, block_sparse_attention_reference
+    from sparsify.kernels.layout import dense_layout
+
+    layout = dense_layout(64, 64, 32, 16)
+    narrow = dataclasses.replace(layout, kv_indices=layout.kv_indices[..., :1])
+    q = k = v = torch.randn(1, 2, 64, 16)
+    for attend in (block_sparse_attention, block_sparse_attention_reference):
+        with pytest.raises(ShapeError, match="one shape"):
+            attend(q, k, v, narrow)
 
 
 def test_with_keep_ratio_one_the_sparse_steps_equal_dense():

@@ -87,7 +87,8 @@ def sparsed_pattern(q: Tensor, k: Tensor, v: Tensor, clock: Tensor, built: Tenso
 
     q: (B, Hq, N, D), k, v: (B, Hkv, N, D). The state: ``built`` (B, 1) host int64, set to 1 once built; the
     kernel layout's full lists ``full_counts`` (B, Hq, nQ') / ``full_indices`` (B, Hq, nQ', W) and the tail block's
-    ``tail_counts`` / ``tail_indices`` (B, Hq, nQ', 1), nQ' >= N / block_size (sized for the state's capacity)."""
+    ``tail_counts`` / ``tail_indices`` alike (the kernel walks both lists with one set of strides), nQ' >= N /
+    block_size (sized for the state's capacity)."""
     step, steps, prompt = _clock(clock)
     if steps == 0 or step != switch_step(steps, dense_fraction):
         return
@@ -103,18 +104,16 @@ def sparsed_pattern(q: Tensor, k: Tensor, v: Tensor, clock: Tensor, built: Tenso
     scores_of = pattern_kernels.tile_scores if q.is_cuda else pattern_kernels.tile_scores_reference
     scores, scores_gen = scores_of(q, k, lse, lse_gen, gen_block * block_size, block_size, scale)
     kept = pattern_kernels.select_blocks(scores, scores_gen, gen_block, keep_ratio)
-    layout = pattern_kernels.kernel_layout(kept, length, block_size, block_n)
-    width = layout.full_kv_indices.shape[-1]
-    if full_indices.shape[-1] < min(width, int(layout.full_kv_num_blocks.max())):
-        raise StateError(f"sparsed: the state's index lists ({full_indices.shape[-1]} wide) are narrower than the "
-                         f"pattern needs; its capacity ({full_counts.shape[-1] * block_size} tokens) is below the "
-                         f"sequence's {length}")
-    rows = layout.full_kv_num_blocks.shape[-1]
-    kept_width = min(width, full_indices.shape[-1])
+    width = full_indices.shape[-1]
+    if pattern_kernels.index_width(length, block_size, block_n, keep_ratio) > width:
+        raise StateError(f"sparsed: the state's index lists ({width} wide) are narrower than a {length}-token "
+                         f"sequence needs; its capacity ({full_counts.shape[-1] * block_size} tokens) is too small")
+    layout = pattern_kernels.kernel_layout(kept, length, block_size, block_n, width)
+    rows, columns = layout.full_kv_indices.shape[-2:]
     full_counts[..., :rows].copy_(layout.full_kv_num_blocks)
-    full_indices[..., :rows, :kept_width].copy_(layout.full_kv_indices[..., :kept_width])
     tail_counts[..., :rows].copy_(layout.kv_num_blocks)
-    tail_indices[..., :rows, :].copy_(layout.kv_indices)
+    full_indices[..., :rows, :columns].copy_(layout.full_kv_indices)
+    tail_indices[..., :rows, :columns].copy_(layout.kv_indices)
     built.fill_(1)
 
 
@@ -219,7 +218,7 @@ class SparseD(AttentionMethod):
                 StateSpec("built", lambda size: (size.batch, 1), torch.int64, host=True),
                 StateSpec("full_counts", counts, torch.int32), StateSpec("full_indices", full, torch.int32),
                 StateSpec("tail_counts", counts, torch.int32),
-                StateSpec("tail_indices", lambda size: (*counts(size), 1), torch.int32))
+                StateSpec("tail_indices", full, torch.int32))
 
     def _state(self, ctx, heads: tuple[int, int] | None = None) -> list:
         names = ("clock", "built", "full_counts", "full_indices", "tail_counts", "tail_indices")
