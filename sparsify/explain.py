@@ -75,7 +75,8 @@ def _state_summary(layout) -> str:
             runs.append((layer, layer, names))
     parts = [f"layers {a}-{b}: {', '.join(names)}" if a != b else f"layer {a}: {', '.join(names)}"
              for a, b, names in runs if names]
-    return "sequence state (kept with the KV cache): " + "; ".join(parts) if parts else ""
+    return ("sequence state (kept with the KV cache, or per request by the diffusion loop): " + "; ".join(parts)
+            if parts else "")
 
 
 def explain(compiled) -> str:
