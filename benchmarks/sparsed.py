@@ -27,9 +27,8 @@ from torch.nn.attention.flex_attention import flex_attention
 import sparsify  # noqa: F401  (registers torch.ops.sparsify)
 from sparsify.kernels import block_sparse_attention as block_kernels
 from sparsify.kernels import sparsed as pattern_kernels
-from sparsify.kernels.layout import BlockLayout, TokenMask
 from sparsify.methods import METHODS
-from sparsify.methods.sparsed import SparseDParams, kernel_block_n, switch_step
+from sparsify.methods.sparsed import SparseDParams, state_layout, switch_step
 from sparsify.state import StateSize
 
 from .common import relative_error, time_ms, write_result
@@ -66,11 +65,7 @@ class Layer:
                                                     self.params.block_size, self.scale, 8, 3)
 
     def layout(self):
-        _, built, full_counts, full_indices, tail_counts, tail_indices = self.state
-        rows = -(-self.seq // self.params.block_size)
-        return BlockLayout(tail_counts[..., :rows], tail_indices[..., :rows], full_counts[..., :rows],
-                           full_indices[..., :rows], self.params.block_size, kernel_block_n(self.params.block_size),
-                           self.seq, self.seq, TokenMask(causal=False))
+        return state_layout(*self.state[2:], self.seq, self.params.block_size)
 
 
 def correctness(params: SparseDParams, device) -> dict:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import sparsify
 from sparsify.diffusion import MaskedDiffusionLM, generate
+from sparsify.methods.sparsed import switch_step
 from sparsify.models import load_model
 
 from .common import write_result
@@ -75,8 +76,6 @@ def main(argv=None) -> None:
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2)
     args = parser.parse_args(argv)
-    from sparsify.methods.sparsed import switch_step
-
     args.switch = switch_step(args.steps, 0.2)
     model, tokenizer, name = load(args.weights)
     rows, ratios, runs = [], {}, []

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import ShapeError, StateError
 from ..kernels import block_sparse_attention as block_kernels
 from ..kernels import sparsed as pattern_kernels
-from ..kernels.layout import BlockLayout, Geometry, TokenMask, from_block_masks
+from ..kernels.layout import BlockLayout, TokenMask
 from ..ops import check_attention_inputs, inference_only
 from ..state import DIFFUSION_CLOCK, StateSpec
 from .base import AttentionMethod, register_method
@@ -56,26 +56,29 @@ def switch_step(steps: int, dense_fraction: float) -> int:
     return int(steps * dense_fraction) + 1
 
 
-def _is_sparse_step(clock: Tensor, dense_fraction: float) -> tuple[bool, int, int, int]:
-    step, steps, prompt = _clock(clock)
-    return steps > 0 and step > switch_step(steps, dense_fraction), step, steps, prompt
-
-
 # -- the ops --------------------------------------------------------------------------------------------------------
 
 
-def _dense_lse(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, scale: float, block_size: int) -> Tensor:
-    """The rows' log-sum-exp over the key blocks (of ``kernel_block_n``) marked in ``key_blocks`` (n_kv,) bool:
-    the block-sparse kernel over that layout on CUDA, its reference elsewhere."""
+def _dense_lse(q: Tensor, k: Tensor, v: Tensor, first_block: int, scale: float, block_size: int) -> Tensor:
+    """The rows' log-sum-exp over the keys from pattern block ``first_block`` on (0: all keys): the block-sparse
+    kernel over that layout on CUDA, its reference elsewhere."""
     length = q.shape[2]
+    n_blocks = -(-length // block_size)
+    kept = (torch.arange(n_blocks, device=q.device) >= first_block).expand(1, 1, n_blocks, n_blocks)
     block_n = kernel_block_n(block_size)
-    geometry = Geometry(length, length, block_size, block_n, TokenMask(causal=False))
-    _, whole = geometry.rule_blocks(q.device)
-    visited = key_blocks[None, :].expand_as(whole)
-    layout = from_block_masks((visited & whole)[None, None], (visited & ~whole)[None, None], geometry)
+    layout = pattern_kernels.kernel_layout(kept, length, block_size, block_n, -(-length // block_n))
     if q.is_cuda:
         return block_kernels.block_sparse_attention(q, k, v, layout, scale)[1]
     return block_kernels.block_sparse_attention_reference(q, k, v, layout, scale)[1]
+
+
+def state_layout(full_counts: Tensor, full_indices: Tensor, tail_counts: Tensor, tail_indices: Tensor, length: int,
+                 block_size: int) -> BlockLayout:
+    """The kernel layout a built state holds, for a sequence of ``length`` (the state may be sized for more)."""
+    rows = -(-length // block_size)
+    return BlockLayout(tail_counts[..., :rows], tail_indices[..., :rows, :], full_counts[..., :rows],
+                       full_indices[..., :rows, :], block_size, kernel_block_n(block_size), length, length,
+                       TokenMask(causal=False))
 
 
 @torch.library.custom_op("sparsify::sparsed_pattern",
@@ -96,11 +99,8 @@ def sparsed_pattern(q: Tensor, k: Tensor, v: Tensor, clock: Tensor, built: Tenso
     block_n = kernel_block_n(block_size)
     gen_block = pattern_kernels.generation_start_block(prompt, block_size)
     n_blocks = -(-length // block_size)
-    kernel_key_blocks = torch.arange(-(-length // block_n), device=q.device)
-    lse = _dense_lse(q, k, v, torch.ones_like(kernel_key_blocks, dtype=torch.bool), scale, block_size)
-    has_gen = gen_block < n_blocks
-    lse_gen = _dense_lse(q, k, v, kernel_key_blocks * block_n >= gen_block * block_size, scale, block_size) \
-        if has_gen else None
+    lse = _dense_lse(q, k, v, 0, scale, block_size)
+    lse_gen = _dense_lse(q, k, v, gen_block, scale, block_size) if gen_block < n_blocks else None
     scores_of = pattern_kernels.tile_scores if q.is_cuda else pattern_kernels.tile_scores_reference
     scores, scores_gen = scores_of(q, k, lse, lse_gen, gen_block * block_size, block_size, scale)
     kept = pattern_kernels.select_blocks(scores, scores_gen, gen_block, keep_ratio)
@@ -131,20 +131,16 @@ def sparsed_attention(q: Tensor, k: Tensor, v: Tensor, clock: Tensor, built: Ten
     kernel over the layer's built pattern (the state of :func:`sparsed_pattern`, for the query heads served).
     q: (B, Hq, N, D), k, v: (B, Hkv, N, D) -> (B, Hq, N, Dv)."""
     check_attention_inputs(q, k, v, "sparsify.sparsed_attention")
-    sparse, step, steps, _ = _is_sparse_step(clock, dense_fraction)
-    if not sparse:
+    step, steps, _ = _clock(clock)
+    if steps == 0 or step <= switch_step(steps, dense_fraction):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if not bool(built.all()):
         raise StateError(f"sparsed: step {step} of {steps} is past the switch step "
                          f"({switch_step(steps, dense_fraction)}) but this layer's pattern was never built: a "
                          "request must run its steps from 0 in one sequence state (sparsify.diffusion.generate)")
-    length = q.shape[2]
-    rows = -(-length // block_size)
-    block_n = kernel_block_n(block_size)
-    layout = BlockLayout(tail_counts[..., :rows], tail_indices[..., :rows, :], full_counts[..., :rows],
-                         full_indices[..., :rows, :], block_size, block_n, length, length, TokenMask(causal=False))
+    layout = state_layout(full_counts, full_indices, tail_counts, tail_indices, q.shape[2], block_size)
     if q.is_cuda:
-        config = block_kernels.KernelConfig(block_size, block_n, num_warps, num_stages)
+        config = block_kernels.KernelConfig(block_size, layout.block_n, num_warps, num_stages)
         return block_kernels.block_sparse_attention(q, k, v, layout, scale, config=config)[0]
     return block_kernels.block_sparse_attention_reference(q, k, v, layout, scale)[0]
 
