@@ -20,6 +20,7 @@ against float32 references at 4K.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
@@ -27,8 +28,10 @@ from torch.nn.attention.flex_attention import flex_attention
 import sparsify  # noqa: F401  (registers torch.ops.sparsify)
 from sparsify.kernels import block_sparse_attention as block_kernels
 from sparsify.kernels import sparsed as pattern_kernels
+from sparsify.kernels.block_sparse_attention import KernelConfig
 from sparsify.methods import METHODS
 from sparsify.methods.sparsed import SparseDParams, state_layout, switch_step
+from sparsify.passes.cost_model import load_ceilings
 from sparsify.state import StateSize
 
 from .common import relative_error, time_ms, write_result
@@ -39,12 +42,12 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 class Layer:
     """One layer's q, k, v (B=1) and its SparseD state, with a clock set by the caller."""
 
-    def __init__(self, seq: int, gen: int, params: SparseDParams, device):
+    def __init__(self, seq: int, gen: int, params: SparseDParams, config: KernelConfig, device):
         generator = torch.Generator(device=device).manual_seed(seq)
         self.q = torch.randn(1, HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=generator)
         self.k, self.v = (torch.randn(1, KV_HEADS, seq, HEAD_DIM, device=device, dtype=torch.bfloat16,
                                       generator=generator) for _ in range(2))
-        self.params, self.seq, self.prompt = params, seq, seq - gen
+        self.params, self.config, self.seq, self.prompt = params, config, seq, seq - gen
         size = StateSize(1, seq, KV_HEADS, HEAD_DIM, HEADS)
         # The method's state tensors, in its order: clock, built, full_counts, full_indices, tail_counts, tail_indices.
         self.state = [torch.zeros(spec.shape(size), dtype=spec.dtype, device="cpu" if spec.host else device)
@@ -61,17 +64,19 @@ class Layer:
                                            p.block_size, self.scale)
 
     def attention(self):
+        c = self.config
         return torch.ops.sparsify.sparsed_attention(self.q, self.k, self.v, *self.state, self.params.dense_fraction,
-                                                    self.params.block_size, self.scale, 8, 3)
+                                                    self.params.block_size, self.scale, c.num_warps, c.num_stages,
+                                                    c.use_tma)
 
     def layout(self):
         return state_layout(*self.state[2:], self.seq, self.params.block_size)
 
 
-def correctness(params: SparseDParams, device) -> dict:
+def correctness(params: SparseDParams, config: KernelConfig, device) -> dict:
     """bf16 errors at 4K: the sparse step against the float32 reference over the same layout, and the tile scores
     kernel against its float32 reference."""
-    layer = Layer(4096, 512, params, device)
+    layer = Layer(4096, 512, params, config, device)
     steps = 100
     layer.at(switch_step(steps, params.dense_fraction), steps)
     layer.build()
@@ -106,10 +111,14 @@ def main(argv=None) -> None:
     end = switch_step(args.steps, params.dense_fraction)
     sparse_steps = args.steps - end - 1
     rows, ratios, parts = [], {}, {}
-    errors = correctness(params, device)
+    # The launch config sparsify.compile would run: the device's calibration on the scattered problem
+    config = load_ceilings(device, HEAD_DIM).config_for(HEAD_DIM, METHODS.get("sparsed").kernel_blocks(params),
+                                                        METHODS.get("sparsed").calibration_problem)
+    print(f"launch config {config}", flush=True)
+    errors = correctness(params, config, device)
     print(f"bf16 errors {errors}", flush=True)
     for seq in args.seq:
-        layer = Layer(seq, args.gen, params, device)
+        layer = Layer(seq, args.gen, params, config, device)
         layer.at(0, args.steps)
         dense_ms = time_ms(layer.attention)                          # a step before the switch: SDPA
         layer.at(end, args.steps)
@@ -134,7 +143,7 @@ def main(argv=None) -> None:
         del layer, block_mask
         torch.cuda.empty_cache()
     extra = {"steps": args.steps, "switch_step": end, "gen_tokens": args.gen, "params": vars(args),
-             "steps_ms": parts, "bf16_rel_errors_4096": errors,
+             "steps_ms": parts, "bf16_rel_errors_4096": errors, "launch_config": dataclasses.asdict(config),
              "how": "one layer's steps timed apart (median, CUDA events) and summed: switch_step dense steps, the "
                     "switch step (dense + build), then the sparse steps",
              "ratio_meaning": "other's time / sparsed's (> 1: sparsed faster)"}

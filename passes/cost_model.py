@@ -34,15 +34,22 @@ N = sympy.Symbol("N", positive=True)
 # Candidate launch configs per head_dim, each tried with and without TMA loads; calibration picks the fastest,
 # the first is the default (no calibration, or no CUDA).
 _SHAPES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2)),
+    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 4, 2)),
     128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
-          (128, 32, 4, 4)),
+          (128, 32, 4, 4), (128, 64, 4, 2)),
     256: ((64, 64, 4, 2), (64, 32, 4, 2)),
 }
 CANDIDATE_CONFIGS: dict[int, tuple[KernelConfig, ...]] = {
     dim: tuple(KernelConfig(*shape, use_tma=tma) for tma in (False, True) for shape in shapes)
     for dim, shapes in _SHAPES.items()
 }
+
+
+# What the calibration times each candidate on (AttentionMethod.calibration_problem names one): "contiguous", a
+# dense causal problem (its key blocks one run per query block); "scattered", bidirectional attention over a random
+# SCATTERED_DENSITY of the key blocks of each query block and head, as block top-k selections visit them.
+CALIBRATION_PROBLEMS = ("contiguous", "scattered")
+SCATTERED_DENSITY = 0.3
 
 
 def calibration_dim(head_dim: int) -> int:
@@ -60,8 +67,9 @@ class DeviceCeilings:
     dense_tflops: float
     sparse_tflops: float
     launch_overhead_ms: float
-    configs: dict[int, KernelConfig] = field(default_factory=dict)
-    # Every candidate the calibration ran: {"head_dim", "config" (as a dict), "tflops"}; and those that failed.
+    configs: dict[int, KernelConfig] = field(default_factory=dict)  # per head_dim, the contiguous problem's best
+    # Every candidate the calibration ran: {"head_dim", "problem", "config" (as a dict), "tflops"}; and those that
+    # failed.
     measured: list[dict] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     rates: dict[int, tuple[float, float]] = field(default_factory=dict)  # head_dim -> (dense, sparse) TFLOP/s
@@ -80,18 +88,27 @@ class DeviceCeilings:
         return dataclasses.replace(self, configs={**self.configs, **other.configs}, measured=kept + other.measured,
                                    rejected={**rejected, **other.rejected}, rates={**self.rates, **other.rates})
 
-    def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None) -> KernelConfig:
-        """The fastest calibrated config for ``head_dim`` (with ``blocks`` = (block_m, block_n) if given, for
-        layouts whose block size is fixed by the method), else the default candidate."""
-        if blocks is not None:
-            fitting = [m for m in self.measured if m["head_dim"] == head_dim and m["config"] != "sdpa"
-                       and (m["config"]["block_m"], m["config"]["block_n"]) == blocks]
-            if fitting:
-                return KernelConfig(**max(fitting, key=lambda m: m["tflops"])["config"])
-            defaults = [c for c in CANDIDATE_CONFIGS.get(head_dim, ()) if (c.block_m, c.block_n) == blocks]
-            return defaults[0] if defaults else KernelConfig(*blocks)
-        return self.configs.get(head_dim) or self.configs.get(calibration_dim(head_dim)) or \
+    def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None,
+                   problem: str = "contiguous") -> KernelConfig:
+        """The fastest config the calibration measured on ``problem`` for ``head_dim`` (with ``blocks`` =
+        (block_m, block_n) if given, for layouts whose block size is fixed by the method), else the default
+        candidate."""
+        if problem not in CALIBRATION_PROBLEMS:
+            raise ValueError(f"problem: {problem!r} is not one of {', '.join(CALIBRATION_PROBLEMS)}")
+        default = self.configs.get(head_dim) or self.configs.get(calibration_dim(head_dim)) or \
             CANDIDATE_CONFIGS[calibration_dim(head_dim)][0]
+        if blocks is None and problem == "contiguous":
+            return default
+        dim = head_dim if any(m["head_dim"] == head_dim for m in self.measured) else calibration_dim(head_dim)
+        fitting = [m for m in self.measured if m["head_dim"] == dim and m["config"] != "sdpa"
+                   and m.get("problem", "contiguous") == problem
+                   and (blocks is None or (m["config"]["block_m"], m["config"]["block_n"]) == blocks)]
+        if fitting:
+            return KernelConfig(**max(fitting, key=lambda m: m["tflops"])["config"])
+        if blocks is None:
+            return default
+        defaults = [c for c in CANDIDATE_CONFIGS.get(calibration_dim(head_dim), ()) if (c.block_m, c.block_n) == blocks]
+        return defaults[0] if defaults else KernelConfig(*blocks)
 
 
 # The CPU path runs the PyTorch reference: sparse work costs about as much per pair as dense, plus overhead.
@@ -151,7 +168,8 @@ class CostModel:
         key = (spec, batch_heads, head_dim, causal)
         if key not in self._plans:
             ceilings = self._load_ceilings(head_dim)
-            config = ceilings.config_for(head_dim, spec.method.kernel_blocks(spec.params))
+            config = ceilings.config_for(head_dim, spec.method.kernel_blocks(spec.params),
+                                         spec.method.calibration_problem)
             dense_tflops, sparse_tflops = ceilings.rates_for(head_dim)
             sparse = predicted_ms(spec.method.visited_pairs(spec.params, N, config), batch_heads, head_dim,
                                   sparse_tflops, 2 * ceilings.launch_overhead_ms)
@@ -219,7 +237,7 @@ def cost_model(
 def cache_path(device_name: str) -> Path:
     root = Path(os.environ.get("SPARSIFY_CACHE", Path.home() / ".cache" / "sparsify"))
     safe = "".join(c if c.isalnum() else "-" for c in f"{device_name}-torch{torch.__version__}")
-    return root / f"ceilings-{safe}.json"
+    return root / f"ceilings-v2-{safe}.json"  # v2: with the scattered problem's timings
 
 
 def load_ceilings(device: torch.device, head_dim: int) -> DeviceCeilings:
@@ -245,36 +263,50 @@ def load_ceilings(device: torch.device, head_dim: int) -> DeviceCeilings:
     return ceilings
 
 
+def calibration_layouts(config: KernelConfig, seq_len: int, heads: int, device, generator) -> dict:
+    """{problem: layout} for ``config``'s blocks: the causal layout, and a bidirectional one keeping a random
+    SCATTERED_DENSITY of the key blocks of each query block and head (CALIBRATION_PROBLEMS)."""
+    from ..kernels.layout import causal_layout
+    from ..kernels.sparsed import kernel_layout
+
+    n_blocks = -(-seq_len // config.block_m)
+    kept = torch.rand(1, heads, n_blocks, n_blocks, device=device, generator=generator) < SCATTERED_DENSITY
+    return {"contiguous": causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device),
+            "scattered": kernel_layout(kept, seq_len, config.block_m, config.block_n, seq_len // config.block_n)}
+
+
 def calibrate(device: torch.device, head_dim: int, seq_len: int = 8192, heads: int = 8) -> DeviceCeilings:
-    """Time SDPA and every candidate config of the kernel for ``head_dim`` on a causal bf16 problem: one kernel
-    compile per candidate (most of the time), then a few milliseconds of timing each."""
+    """Time SDPA and every candidate config of the kernel for ``head_dim`` on each of CALIBRATION_PROBLEMS, in
+    bf16: a kernel compile per candidate and direction (most of the time), then a few milliseconds of timing each.
+    The contiguous problem's rates are the ones predictions use (they are a kernel's rate per visited pair)."""
     import triton.testing
 
     from ..kernels.block_sparse_attention import block_sparse_attention
-    from ..kernels.layout import causal_layout
 
-    pairs = seq_len * (seq_len + 1) / 2
+    causal_pairs = seq_len * (seq_len + 1) / 2
     generator = torch.Generator(device=device).manual_seed(0)
     best: tuple[float, KernelConfig] | None = None
     measured: list[dict] = []
     rejected: dict[str, str] = {}
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=torch.bfloat16, generator=generator)
                for _ in range(3))
-    flops = 4 * head_dim * heads * pairs
+    flops = 4 * head_dim * heads * causal_pairs
     ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     dense_rate = flops / ms / 1e9
-    measured.append({"head_dim": head_dim, "config": "sdpa", "tflops": dense_rate})
+    measured.append({"head_dim": head_dim, "problem": "contiguous", "config": "sdpa", "tflops": dense_rate})
     for config in CANDIDATE_CONFIGS[head_dim]:
-        layout = causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device)
-        try:
-            ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
-        except Exception as error:  # a config this device cannot run (shared memory, TMA) is no candidate
-            rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
-            continue
-        rate = flops / ms / 1e9
-        measured.append({"head_dim": head_dim, "config": dataclasses.asdict(config), "tflops": rate})
-        if best is None or rate > best[0]:
-            best = (rate, config)
+        for problem, layout in calibration_layouts(config, seq_len, heads, device, generator).items():
+            try:
+                ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
+            except Exception as error:  # a config this device cannot run (shared memory, TMA) is no candidate
+                rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
+                break
+            pairs = causal_pairs if problem == "contiguous" else layout.density() * seq_len ** 2
+            rate = 4 * head_dim * heads * pairs / ms / 1e9
+            measured.append({"head_dim": head_dim, "problem": problem, "config": dataclasses.asdict(config),
+                             "tflops": rate})
+            if problem == "contiguous" and (best is None or rate > best[0]):
+                best = (rate, config)
     if best is None:
         raise RuntimeError(f"sparsify: no kernel config ran on {torch.cuda.get_device_name(device)} for head_dim "
                            f"{head_dim}: {rejected}")

@@ -2,13 +2,15 @@
 
 import json
 
+import pytest
 import sympy
 import torch
 
 from sparsify.kernels.block_sparse_attention import KernelConfig
 from sparsify.methods.base import METHODS, parse_method_spec
-from sparsify.passes.cost_model import (CPU_NOMINAL, N, DeviceCeilings, cache_path, dense_pairs, dense_threshold,
-                                        load_ceilings, predicted_ms)
+from sparsify.passes.cost_model import (CPU_NOMINAL, SCATTERED_DENSITY, CostModel, N, DeviceCeilings, cache_path,
+                                        calibration_layouts, dense_pairs, dense_threshold, load_ceilings,
+                                        predicted_ms)
 
 
 def test_dense_threshold_solves_the_crossing():
@@ -81,6 +83,43 @@ def test_config_for_fixed_blocks_uses_the_calibration_record():
     assert ceilings.config_for(128) == KernelConfig(64, 64, 4, 3, True)
     assert ceilings.config_for(128, (128, 128)) == KernelConfig(**fast)
     assert ceilings.config_for(64, (128, 128)).block_n == 128
+
+
+def test_top_k_methods_take_the_config_timed_on_scattered_blocks():
+    """A config's speed on runs of key blocks says little about blocks picked one by one (on an H200 the best
+    causal config was 1.4x slower than another on a 30% top-k layout): top-k methods choose from the scattered
+    problem's timings, the others from the contiguous problem's."""
+    causal_best = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "use_tma": False}
+    scattered_best = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2, "use_tma": True}
+    measured = [{"head_dim": 128, "problem": "contiguous", "config": causal_best, "tflops": 500.0},
+                {"head_dim": 128, "problem": "contiguous", "config": scattered_best, "tflops": 400.0},
+                {"head_dim": 128, "problem": "scattered", "config": causal_best, "tflops": 300.0},
+                {"head_dim": 128, "problem": "scattered", "config": scattered_best, "tflops": 420.0}]
+    ceilings = DeviceCeilings("x", 600.0, 500.0, 0.01, configs={128: KernelConfig(**causal_best)}, measured=measured,
+                              rates={128: (600.0, 500.0)})
+    assert ceilings.config_for(128) == KernelConfig(**causal_best)
+    assert ceilings.config_for(128, (128, 64), "scattered") == KernelConfig(**scattered_best)
+    assert ceilings.config_for(96, None, "scattered") == KernelConfig(**scattered_best)  # 128's timings serve 96
+    with pytest.raises(ValueError, match="problem: 'random' is not one of contiguous, scattered"):
+        ceilings.config_for(128, None, "random")
+    model = CostModel(lambda head_dim: ceilings)
+    for policy, problem, expected in (({"use": "sparsed"}, "scattered", scattered_best),
+                                      ({"use": "block_topk"}, "scattered", scattered_best),
+                                      ({"use": "sink_window"}, "contiguous", causal_best)):
+        spec = parse_method_spec(policy, "test")
+        assert spec.method.calibration_problem == problem
+        assert model._plan(spec, 32, 128, spec.name != "sparsed").config == KernelConfig(**expected)
+
+
+def test_calibration_layouts_are_causal_and_scattered_bidirectional():
+    generator = torch.Generator().manual_seed(0)
+    layouts = calibration_layouts(KernelConfig(128, 64), 2048, 4, torch.device("cpu"), generator)
+    assert layouts["contiguous"].mask.causal and not layouts["scattered"].mask.causal
+    full, partial = layouts["scattered"].block_masks()
+    assert not partial.any() and full.shape == (1, 4, 16, 32)
+    pairs = full.view(1, 4, 16, 16, 2)
+    assert (pairs[..., 0] == pairs[..., 1]).all()  # a 128-key block kept whole: both of its 64-key blocks
+    assert abs(layouts["scattered"].density() - SCATTERED_DENSITY) < 0.05
 
 
 def test_the_cost_model_pass_leaves_the_decisions_it_was_given_unchanged():

@@ -78,6 +78,10 @@ class AttentionMethod:
     # True when the method intersects its pattern with the model's own sliding window (Mistral's), so it can serve
     # such layers; the others leave them to exact (windowed) dense attention.
     serves_model_window: ClassVar[bool] = False
+    # The calibration problem whose timings choose this method's launch config (passes.cost_model): "contiguous"
+    # (runs of key blocks: causal, windows, sinks) or "scattered" (key blocks picked one by one, as top-k
+    # selections are: an index load before each K/V load, where fewer warps and stages win on an H200).
+    calibration_problem: ClassVar[str] = "contiguous"
     params_validator: "ParamsValidator"  # set by register_method
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:

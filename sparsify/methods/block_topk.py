@@ -52,6 +52,7 @@ class BlockTopkParams:
 @register_method
 class BlockTopk(BlockSparseMethod):
     name = "block_topk"
+    calibration_problem = "scattered"
     Params = BlockTopkParams
     phases = ("prefill", "diffusion")
     summary = "top-k key blocks per query block from pooled scores (MInference/FlexPrefill-style)"

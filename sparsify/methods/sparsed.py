@@ -126,7 +126,7 @@ def _(q, k, v, clock, built, full_counts, full_indices, tail_counts, tail_indice
 @torch.library.custom_op("sparsify::sparsed_attention", mutates_args=())
 def sparsed_attention(q: Tensor, k: Tensor, v: Tensor, clock: Tensor, built: Tensor, full_counts: Tensor,
                       full_indices: Tensor, tail_counts: Tensor, tail_indices: Tensor, dense_fraction: float,
-                      block_size: int, scale: float, num_warps: int, num_stages: int) -> Tensor:
+                      block_size: int, scale: float, num_warps: int, num_stages: int, use_tma: bool) -> Tensor:
     """Bidirectional attention of one denoising step: dense SDPA up to the switch step, then the block-sparse
     kernel over the layer's built pattern (the state of :func:`sparsed_pattern`, for the query heads served).
     q: (B, Hq, N, D), k, v: (B, Hkv, N, D) -> (B, Hq, N, Dv)."""
@@ -140,14 +140,14 @@ def sparsed_attention(q: Tensor, k: Tensor, v: Tensor, clock: Tensor, built: Ten
                          "request must run its steps from 0 in one sequence state (sparsify.diffusion.generate)")
     layout = state_layout(full_counts, full_indices, tail_counts, tail_indices, q.shape[2], block_size)
     if q.is_cuda:
-        config = block_kernels.KernelConfig(block_size, layout.block_n, num_warps, num_stages)
+        config = block_kernels.KernelConfig(block_size, layout.block_n, num_warps, num_stages, use_tma)
         return block_kernels.block_sparse_attention(q, k, v, layout, scale, config=config)[0]
     return block_kernels.block_sparse_attention_reference(q, k, v, layout, scale)[0]
 
 
 @sparsed_attention.register_fake
 def _(q, k, v, clock, built, full_counts, full_indices, tail_counts, tail_indices, dense_fraction, block_size,
-      scale, num_warps, num_stages):
+      scale, num_warps, num_stages, use_tma):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -176,6 +176,7 @@ class SparseDParams:
 @register_method
 class SparseD(AttentionMethod):
     name = "sparsed"
+    calibration_problem = "scattered"
     Params = SparseDParams
     phases = ("diffusion",)
     summary = "diffusion LMs: dense early steps, then per-head block patterns built once and reused"
@@ -235,4 +236,4 @@ class SparseD(AttentionMethod):
         config = ctx.config
         return ctx.call(torch.ops.sparsify.sparsed_attention.default, ctx.q, ctx.k, ctx.v, *self._state(ctx, heads),
                         params.dense_fraction, params.block_size, attn.match.scale, config.num_warps,
-                        config.num_stages)
+                        config.num_stages, config.use_tma)
