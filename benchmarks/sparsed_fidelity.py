@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -93,10 +94,22 @@ def main(argv=None) -> None:
     # The policy to the letter (as sparsify eval runs it): the cost model would keep short sequences dense.
     sparse = sparsify.compile(model, "sparsed", inductor=False, cost_model_fallback=False)
     control = sparsify.compile(model, "dense", inductor=False)
+    training = args.weights / "training.json" if args.weights else None
+    extra = {"model": name, "options": {k: v for k, v in vars(args).items() if k != "weights"},
+             "training": json.loads(training.read_text()) if training and training.is_file() else None,
+             "ratio_meaning": "agreement: share of generated tokens equal to the dense (uncompiled) run's; control "
+                              "agreement: the same for the dense policy through sparsify (the floor set by "
+                              "kernel rounding alone: one flipped near-tie changes every later step); step argmax "
+                              "agreement: on the dense run's own inputs, the share of masked positions whose "
+                              "argmax is dense's, averaged over the sparse steps"}
     rows, ratios, runs = [], {}, []
-    for length in args.lengths:
+    for index, length in enumerate(args.lengths):
         prompts = sequences(tokenizer, length - args.gen)[-args.samples:].cuda()  # the held-out end of the corpus
-        results = [fidelity(model, sparse, control, prompt[None], args) for prompt in prompts]
+        results = []
+        for prompt in prompts:
+            started = time.perf_counter()
+            results.append(fidelity(model, sparse, control, prompt[None], args))
+            print(f"N={length}: a sample in {time.perf_counter() - started:.1f} s", flush=True)
         summary = {key: _mean([r[key] for r in results]) for key in
                    ("agreement", "control_agreement", "mean_kl_sparse_steps", "mean_argmax_agreement_sparse_steps")}
         rows.append({"case": "fidelity", "seq_len": length, "impl": "sparsed", **summary})
@@ -106,16 +119,11 @@ def main(argv=None) -> None:
         runs += [{"seq_len": length, **r} for r in results]
         print(f"{name} N={length}: {summary} {results[0]['methods_applied']} {results[0]['dense_reasons']}",
               flush=True)
-    training = args.weights / "training.json" if args.weights else None
-    extra = {"model": name, "options": {k: v for k, v in vars(args).items() if k != "weights"},
-             "runs": runs, "training": json.loads(training.read_text()) if training and training.is_file() else None,
-             "ratio_meaning": "agreement: share of generated tokens equal to the dense (uncompiled) run's; control "
-                              "agreement: the same for the dense policy through sparsify (the floor set by "
-                              "kernel rounding alone: one flipped near-tie changes every later step); step argmax "
-                              "agreement: on the dense run's own inputs, the share of masked positions whose "
-                              "argmax is dense's, averaged over the sparse steps"}
-    print(f"wrote {write_result(f'sparsed-fidelity-{name}', rows, ratios, extra)}")
-
+        # Written after every length, marked interrupted until the last: a run stopped by a time limit keeps
+        # the lengths it finished.
+        path = write_result(f"sparsed-fidelity-{name}", rows, ratios,
+                            {**extra, "runs": runs, "interrupted": index < len(args.lengths) - 1})
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()
