@@ -32,6 +32,7 @@ import torch.fx
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
+from .distributed import HeadSplit, head_split
 from .errors import PolicyWarning, StateError
 from .passes.apply_policy import apply_policy
 from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
@@ -324,6 +325,7 @@ class SparsifyHandle:
     notes: dict = field(default_factory=dict)
     uncompiled: Any = None  # sparsify.hf.UncompiledCalls of a transformers model, else None
     geometry: tuple[int, int, int] | None = None  # the model's (KV heads, head_dim, heads) where it keeps state
+    head_split: HeadSplit | None = None  # how a tensor-parallel model's heads are split over its ranks
 
     def sequence_state(self, batch: int, capacity: int, device: torch.device, dtype: torch.dtype
                        ) -> SequenceState | None:
@@ -418,14 +420,17 @@ def _own_forward(module: torch.nn.Module) -> Callable:
 
 def policy_for(model: torch.nn.Module, policy: Policy) -> Policy:
     """``policy`` bound to ``model`` (:meth:`Policy.for_model`) when its config gives layer and head counts, else
-    as it is."""
+    as it is. On a tensor-parallel model its heads, checked against the whole model's, are mapped to this rank's
+    own (:meth:`sparsify.distributed.HeadSplit.local_policy`)."""
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None)
     if layers is None or heads is None:
         return policy
-    return policy.for_model(int(layers), int(heads), kv_heads=int(kv_heads) if kv_heads else None)
+    bound = policy.for_model(int(layers), int(heads), kv_heads=int(kv_heads) if kv_heads else None)
+    split = head_split(model)
+    return split.local_policy(bound) if split is not None else bound
 
 
 # Dynamo compiles a new frame for each distinct set of keyword arguments and for prefill and decode (static, then
@@ -476,12 +481,14 @@ def _forward_parameters(model: torch.nn.Module) -> list[str]:
     return list(inspect.signature(type(model).forward).parameters)[1:]
 
 
-def _kv_geometry(config: Any) -> tuple[int, int, int]:
-    """(KV heads, head_dim, query heads) of a transformers config, in :class:`StateSize`'s order."""
+def _kv_geometry(config: Any, split: HeadSplit | None) -> tuple[int, int, int]:
+    """(KV heads, head_dim, query heads) of a transformers config, in :class:`StateSize`'s order: this rank's own
+    heads under tensor parallelism (``split``)."""
     heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return kv_heads, head_dim, heads
+    if split is not None:
+        return split.kv_heads, head_dim, split.q_heads
+    return int(getattr(config, "num_key_value_heads", None) or heads), head_dim, heads
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
@@ -555,7 +562,8 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     every = rectify_period(resolved) if not layout.empty else 0
     # Asked once, not at every decode step.
     parameters = _forward_parameters(compiled) if every else []
-    geometry = _kv_geometry(compiled.config) if not layout.empty else None
+    split = head_split(model)
+    geometry = _kv_geometry(compiled.config, split) if not layout.empty else None
 
     @functools.wraps(dynamo_forward)
     def forward(*args, **kwargs):
@@ -594,5 +602,5 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     compiled.sparsify = SparsifyHandle(resolved, compile_options, backend, model_name=name,
                                        uncompiled=getattr(compiled, "sparsify_uncompiled_calls", None),
-                                       geometry=geometry)
+                                       geometry=geometry, head_split=split)
     return compiled

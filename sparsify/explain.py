@@ -87,6 +87,8 @@ def explain(compiled) -> str:
     out = io.StringIO()
     console = Console(file=out, width=200, force_terminal=False)
     console.print(handle.policy.describe())
+    if handle.head_split is not None:
+        console.print(handle.head_split.describe())
     state_line = _state_summary(handle.backend.state_layout)
     if state_line:
         console.print(state_line)
