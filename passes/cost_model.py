@@ -34,7 +34,8 @@ N = sympy.Symbol("N", positive=True)
 # Candidate launch configs per head_dim, each tried with and without TMA loads; calibration picks the fastest,
 # the first is the default (no calibration, or no CUDA).
 _SHAPES: dict[int, tuple[tuple[int, int, int, int], ...]] = {
-    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 4, 2)),
+    64: ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 2), (128, 64, 4, 2),
+         (128, 128, 4, 3), (128, 128, 4, 2)),
     128: ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3),
           (128, 32, 4, 4), (128, 64, 4, 2)),
     256: ((64, 64, 4, 2), (64, 32, 4, 2)),

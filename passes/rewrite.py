@@ -49,8 +49,10 @@ class RewriteContext:
     launch config the cost model chose.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, plan_at_capture: bool = True):
+    def __init__(self, gm: torch.fx.GraphModule, plan_at_capture: bool = True, head_split=None):
         self.gm = gm
+        # How a tensor-parallel model's heads are split over ranks (sparsify.distributed.HeadSplit), else None
+        self.head_split = head_split
         self.plan_at_capture = plan_at_capture  # off: length plans stay graph nodes (an exported program's)
         self.method_name = ""  # the method emitting now: its sequence state is named "<method>.<tensor>"
         self.state_nodes: dict[str, torch.fx.Node] = {}  # this attention's sequence state, "<method>.<tensor>"
@@ -172,13 +174,13 @@ class RewriteContext:
 
 
 def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_layout: StateLayout | None = None,
-                      plan_at_capture: bool = True) -> tuple[torch.fx.GraphModule, RewriteReport]:
+                      plan_at_capture: bool = True, head_split=None) -> tuple[torch.fx.GraphModule, RewriteReport]:
     """A rewritten copy of ``gm`` (which, like ``decisions``, is left as it is): each decided attention replaced by
     its method's nodes, those left untouched keeping theirs. ``state_layout`` names the sequence-state tensors each
     ``sparsify.attention`` call carries (None: the graph carries none). ``plan_at_capture`` off keeps every length
     plan a node of the graph (a program to save holds no tensors the graph reads as attributes)."""
     gm, copies = copy_graph_module(gm)
-    ctx = RewriteContext(gm, plan_at_capture)
+    ctx = RewriteContext(gm, plan_at_capture, head_split)
     rewritten = untouched = 0
     replaced: list[torch.fx.Node] = []
     for decision in decisions.decisions:

@@ -141,10 +141,12 @@ class CompiledFrame:
     """
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: list, policy: Policy, options: CompileOptions,
-                 ceilings: Callable[[int], DeviceCeilings], device: torch.device, state_layout: StateLayout):
+                 ceilings: Callable[[int], DeviceCeilings], device: torch.device, state_layout: StateLayout,
+                 head_split: HeadSplit | None = None):
         self.original = gm
         self.policy = policy
         self.state_layout = state_layout
+        self.head_split = head_split
         self.costs = CostModel(ceilings, options.cost_model_fallback)
         self.diffusion = options.phase == "diffusion"
         self._example_inputs = example_inputs
@@ -207,7 +209,7 @@ class CompiledFrame:
         these lengths lead to."""
         if key not in self.variants:
             result = run_pipeline(self.original, self.policy, self.costs, diffusion=self.diffusion,
-                                  seq_lens=seq_lens, state_layout=self.state_layout)
+                                  seq_lens=seq_lens, state_layout=self.state_layout, head_split=self.head_split)
             self.variants[key] = dataclasses.replace(self._compile(result),
                                                      length_reader=self._explain_reader)
         self.current = self.variants[key]
@@ -285,10 +287,12 @@ def _graph_device(gm: torch.fx.GraphModule) -> torch.device:
 class SparsifyBackend:
     """The Dynamo backend: every frame it is given becomes a :class:`CompiledFrame`."""
 
-    def __init__(self, policy: Policy, options: CompileOptions, state_layout: StateLayout):
+    def __init__(self, policy: Policy, options: CompileOptions, state_layout: StateLayout,
+                 head_split: HeadSplit | None = None):
         self.policy = policy
         self.options = options
         self.state_layout = state_layout
+        self.head_split = head_split
         self.frames: list[CompiledFrame] = []
         self._ceilings: dict[tuple[torch.device, int], DeviceCeilings] = {}
 
@@ -302,7 +306,7 @@ class SparsifyBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         device = _graph_device(gm)
         frame = CompiledFrame(gm, example_inputs, self.policy, self.options,
-                              functools.partial(self.ceilings, device), device, self.state_layout)
+                              functools.partial(self.ceilings, device), device, self.state_layout, self.head_split)
         self.frames.append(frame)
         if not any(f.annotations.attentions for f in self.frames) and self.policy.uses_sparse_methods:
             warnings.warn("sparsify: 0 attentions matched in a captured frame: it runs unchanged (no sparse method "
@@ -418,10 +422,11 @@ def _own_forward(module: torch.nn.Module) -> Callable:
     return forward
 
 
-def policy_for(model: torch.nn.Module, policy: Policy) -> Policy:
+def policy_for(model: torch.nn.Module, policy: Policy, split: HeadSplit | None = None) -> Policy:
     """``policy`` bound to ``model`` (:meth:`Policy.for_model`) when its config gives layer and head counts, else
-    as it is. On a tensor-parallel model its heads, checked against the whole model's, are mapped to this rank's
-    own (:meth:`sparsify.distributed.HeadSplit.local_policy`)."""
+    as it is. On a tensor-parallel model (``split``, :func:`sparsify.distributed.head_split`'s answer) its heads,
+    checked against the whole model's, are mapped to this rank's own
+    (:meth:`sparsify.distributed.HeadSplit.local_policy`)."""
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -429,7 +434,6 @@ def policy_for(model: torch.nn.Module, policy: Policy) -> Policy:
     if layers is None or heads is None:
         return policy
     bound = policy.for_model(int(layers), int(heads), kv_heads=int(kv_heads) if kv_heads else None)
-    split = head_split(model)
     return split.local_policy(bound) if split is not None else bound
 
 
@@ -552,17 +556,17 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     if compile_options.phase == "auto" and getattr(model, "is_diffusion_lm", False):
         # A masked diffusion LM's bidirectional forwards are denoising steps (sparsify.diffusion).
         compile_options = dataclasses.replace(compile_options, phase="diffusion")
-    resolved = policy_for(model, resolved)
+    split = head_split(model)
+    resolved = policy_for(model, resolved, split)
     compiled = _private_copy(model, compile_options.hf_attention)
     # Sequence state reaches the graph through the sparsify attention implementation alone.
     carries_state = hasattr(compiled, "sparsify_uncompiled_calls")
     layout = StateLayout.for_policy(resolved, _num_layers(model)) if carries_state else StateLayout(())
-    backend = SparsifyBackend(resolved, compile_options, layout)
+    backend = SparsifyBackend(resolved, compile_options, layout, split)
     dynamo_forward = torch.compile(_own_forward(compiled), backend=backend, dynamic=compile_options.dynamic)
     every = rectify_period(resolved) if not layout.empty else 0
     # Asked once, not at every decode step.
     parameters = _forward_parameters(compiled) if every else []
-    split = head_split(model)
     geometry = _kv_geometry(compiled.config, split) if not layout.empty else None
 
     @functools.wraps(dynamo_forward)

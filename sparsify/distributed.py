@@ -90,6 +90,7 @@ class HeadSplit:
     ranks: int
     model_q_heads: int
     model_kv_heads: int
+    group_name: str = ""  # the ranks' process group (methods whose selection spans heads gather over it)
 
     def __post_init__(self):
         for name in ("model_q_heads", "model_kv_heads"):
@@ -183,4 +184,5 @@ def head_split(model: torch.nn.Module) -> HeadSplit | None:
     mesh = meshes.pop()
     if mesh.ndim != 1:
         raise ShapeError(f"the q/k/v weights' mesh: {mesh.ndim}-D; allowed: 1-D (the tensor-parallel ranks)")
-    return HeadSplit(rank=mesh.get_local_rank(), ranks=mesh.size(), model_q_heads=heads, model_kv_heads=kv_heads)
+    return HeadSplit(rank=mesh.get_local_rank(), ranks=mesh.size(), model_q_heads=heads, model_kv_heads=kv_heads,
+                     group_name=mesh.get_group().group_name)

@@ -15,6 +15,7 @@ import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .compiler import policy_for
+from .distributed import head_split
 from .errors import PolicyError
 from .passes.apply_policy import DENSE, resolve_attention
 from .passes.cost_model import CostModel, load_ceilings
@@ -51,7 +52,8 @@ def export(
     fails with "We ran into an error when deserializing the saved file" (its warning says it failed to resolve
     ``torch.ops.sparsify.*``), which does not name the fix.
     """
-    resolved = policy_for(model, Policy.load(policy))
+    split = head_split(model)
+    resolved = policy_for(model, Policy.load(policy), split)
     program = torch.export.export(model, tuple(example_inputs), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
     gm = program.graph_module
     _refuse_decisions_by_dynamic_length(gm, resolved, diffusion=diffusion, cost_model_fallback=cost_model_fallback)
@@ -59,7 +61,7 @@ def export(
                    if isinstance(v, torch.Tensor) and v.is_floating_point()), torch.device("cpu"))
     costs = CostModel(functools.cache(functools.partial(load_ceilings, device)), cost_model_fallback)
     # Length plans stay nodes: a saved program cannot hold tensors its graph reads as attributes.
-    result = run_pipeline(gm, resolved, costs, diffusion=diffusion, plan_at_capture=False)
+    result = run_pipeline(gm, resolved, costs, diffusion=diffusion, plan_at_capture=False, head_split=split)
     # The program keeps its own module (its signature names its nodes): the rewritten graph and the buffers the
     # rewrite added move into it.
     for name in result.rewrite.state_buffers:

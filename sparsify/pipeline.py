@@ -46,11 +46,13 @@ def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy
 def run_pipeline(
     gm: torch.fx.GraphModule, policy: Policy, costs: CostModel, *, diffusion: bool = False,
     seq_lens: dict[int, int] | None = None, state_layout: StateLayout | None = None, plan_at_capture: bool = True,
+    head_split=None,
 ) -> PipelineResult:
     """The rewritten graph (a new module; ``gm`` is left as it is) and every pass's report. ``seq_lens`` gives
     concrete key lengths for attentions whose length is symbolic; ``state_layout`` names the sequence state the
-    graph's attentions carry; ``plan_at_capture`` off keeps length plans as graph nodes (for export)."""
+    graph's attentions carry; ``plan_at_capture`` off keeps length plans as graph nodes (for export);
+    ``head_split`` says how a tensor-parallel model's heads are split (sparsify.distributed.HeadSplit)."""
     matches, annotations = analyse(gm, diffusion=diffusion)
     decisions, cost_report, groups = decide(gm, annotations, policy, costs, seq_lens)
-    gm, rewrite = rewrite_attention(gm, decisions, state_layout, plan_at_capture)
+    gm, rewrite = rewrite_attention(gm, decisions, state_layout, plan_at_capture, head_split)
     return PipelineResult(gm, matches, annotations, decisions, cost_report, rewrite, groups)

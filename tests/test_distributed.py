@@ -34,6 +34,10 @@ GENERATE_CASES = {
     "sink_window": ("sink_window", POLICIES["sink_window"], {}),
     "resa": ("resa", "resa", {}),
     "sink_window, static cache": ("sink_window", POLICIES["sink_window"], {"cache_implementation": "static"}),
+    # Its set is unified over all the model's heads: each rank gathers the other's rankings (64 of 256 tokens).
+    "lessismore": ("lessismore", {"rules": [{"when": {"phase": "decode"}, "use": "lessismore",
+                                             "with": {"budget": 64, "dense_layers": [], "selection_layers": [0]}}]},
+                   {}),
 }
 NEW_TOKENS = 6
 TIMEOUT_S = 240  # a hung collective fails the test instead of stalling the suite
@@ -165,6 +169,9 @@ def test_generate_on_each_rank_gives_the_logits_of_one_process(ranks, name):
         result = result[f"generate {name}"]
         torch.testing.assert_close(result["logits"], expected, atol=1e-5, rtol=1e-5, msg=f"rank {rank}")
         assert result["applied"] == ({method}, set()), f"rank {rank}"
+    if method != "resa":  # resa rectifies; the others are sparse at every step: not dense generation's logits
+        dense = generated_logits(sparsify.compile(tiny_model("llama", layers=2), "dense"), **kwargs)
+        assert (expected - dense).abs().max() > 1e-3
     if name == "resa":  # (KV heads, head_dim, query heads) of each rank's state: half the model's heads
         assert [result[f"generate {name}"]["geometry"] for result in ranks] == [(1, 16, 2)] * RANKS
 

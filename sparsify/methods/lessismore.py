@@ -60,12 +60,16 @@ def unify_rank_major(top: Tensor, valid: Tensor, width: int) -> Tensor:
 
 
 def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, recent: int, sink: int,
-                  groups: int) -> Tensor:
+                  groups: int, heads_group: str = "") -> Tensor:
     """(B, groups, budget) int64 token positions from per-head scores (B, Hq, L) (float32; any value at positions
     from a row's length on). Row b's real tokens are [starts[b], lengths[b]): its first ``sink``, its last
     ``recent``, and the rank-major union (:func:`unify_rank_major`, per group of ``Hq / groups`` heads) of each
     head's top keys in between; all its real tokens when they fit ``budget`` (the positions past its length are
-    then ignored by the kernel, as are -1)."""
+    then ignored by the kernel, as are -1).
+
+    ``heads_group``: the name of a process group over which the model's query heads are split, rank r holding
+    the r-th run of Hq of them (tensor parallelism, ``groups`` 1): every rank's rankings are gathered first, so
+    the union is over all the model's heads in their order, and every rank chooses the same set."""
     batch, q_heads, length = scores.shape
     middle_width = budget - recent - sink
     position = torch.arange(length, device=scores.device)
@@ -74,14 +78,29 @@ def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, 
     if length < middle_width:  # a cache shorter than the width (then every row fits the budget anyway)
         candidates = torch.nn.functional.pad(candidates, (0, middle_width - length), value=float("-inf"))
     top = candidates.topk(middle_width, dim=-1)
-    shape = (batch, groups, q_heads // groups, middle_width)
-    unified = unify_rank_major(top.indices.view(shape), (top.values > float("-inf")).view(shape), middle_width)
+    ranked = torch.where(top.values > float("-inf"), top.indices, -1)  # (B, Hq, k), -1 where a row ran out
+    if heads_group:
+        ranked = _gather_heads(ranked, heads_group)
+    shape = (batch, groups, ranked.shape[1] // groups, middle_width)
+    unified = unify_rank_major(ranked.view(shape), (ranked >= 0).view(shape), middle_width)
     sinks = (starts[:, None] + torch.arange(sink, device=scores.device))[:, None].expand(batch, groups, sink)
     recents = (lengths[:, None] - recent + torch.arange(recent, device=scores.device))[:, None]
     chosen = torch.cat([sinks, unified, recents.expand(batch, groups, recent)], dim=-1)
     everything = (starts[:, None] + torch.arange(budget, device=scores.device))[:, None]
     fits = (lengths - starts <= budget)[:, None, None]
     return torch.where(fits, everything, chosen)
+
+
+def _gather_heads(ranked: Tensor, group_name: str) -> Tensor:
+    """(B, Hq, k) of this rank -> (B, R * Hq, k): every rank's, in rank order (the model's head order). One
+    all-gather of B * Hq * k indices (a few KB per step)."""
+    from torch.distributed import all_gather
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    group = _resolve_process_group(group_name)
+    parts = [torch.empty_like(ranked) for _ in range(group.size())]
+    all_gather(parts, ranked.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 # -- the ops --------------------------------------------------------------------------------------------------------
@@ -95,26 +114,28 @@ def _decode(q, k, v, lengths, scale, **lists):
 
 @torch.library.custom_op("sparsify::lessismore_select", mutates_args=())
 def lessismore_select(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, key_padding: Tensor | None,
-                      starts: Tensor, budget: int, recent: int, sink: int, per_kv_head: bool, scale: float
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+                      starts: Tensor, budget: int, recent: int, sink: int, per_kv_head: bool, scale: float,
+                      heads_group: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """A selection layer's decode step: (out (B, Hq, 1, Dv), tokens (B, Hkv, budget) int32, counts (B, Hkv)
     int32). ``out`` is full attention over the positions in use (:func:`~sparsify.methods.resa.lengths_in_use`)
     and ``key_padding``; ``tokens`` the set :func:`select_tokens` chooses from the same pass's scores (over all
     query heads, or with ``per_kv_head`` over each KV head's); each list holds ``budget`` entries, -1 or past the
-    length where a row has fewer, which the kernel ignores."""
+    length where a row has fewer, which the kernel ignores. ``heads_group``: the process group over which the
+    model's heads are split (tensor parallelism), whose ranks' rankings the unified set is chosen from; "" for
+    none."""
     batch, q_heads, _, _ = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
     lengths = lengths_in_use(q, k, query_offset)
     scores = torch.empty((batch, q_heads, length), dtype=torch.float32, device=q.device)
     out = _decode(q, k, v, lengths, scale, key_padding=key_padding, scores_out=scores)
     groups = kv_heads if per_kv_head else 1
-    tokens = select_tokens(scores, lengths, starts, budget, recent, sink, groups)
+    tokens = select_tokens(scores, lengths, starts, budget, recent, sink, groups, "" if per_kv_head else heads_group)
     tokens = tokens.expand(batch, kv_heads, budget).to(torch.int32).contiguous()
     return out, tokens, torch.full((batch, kv_heads), budget, dtype=torch.int32, device=q.device)
 
 
 @lessismore_select.register_fake
-def _(q, k, v, query_offset, key_padding, starts, budget, recent, sink, per_kv_head, scale):
+def _(q, k, v, query_offset, key_padding, starts, budget, recent, sink, per_kv_head, scale, heads_group=""):
     batch, kv_heads = q.shape[0], k.shape[1]
     return (q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((batch, kv_heads, budget), dtype=torch.int32),
             q.new_empty((batch, kv_heads), dtype=torch.int32))
@@ -226,9 +247,12 @@ class LessIsMore(AttentionMethod):
                               "lessismore's set is chosen by all heads of a layer, so give it whole layers")
         if self._role(params, attn) == "sparse":
             return None, ctx.published(TOKENS)
+        # Under tensor parallelism the unified set is chosen from every rank's heads (a per-KV-head set needs only
+        # the rank's own: its query heads are whole GQA groups).
+        heads_group = ctx.head_split.group_name if ctx.head_split is not None else ""
         selected = ctx.call(torch.ops.sparsify.lessismore_select.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
                             ctx.key_padding, ReSA.row_starts(ctx), params.budget, params.recent, params.sink,
-                            params.selection == "per_kv_head", attn.match.scale)
+                            params.selection == "per_kv_head", attn.match.scale, heads_group)
         out, tokens, counts = (ctx.call(operator.getitem, selected, i) for i in range(3))
         ctx.publish(TOKENS, (tokens, counts))
         return out, (tokens, counts)
