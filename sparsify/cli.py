@@ -35,20 +35,36 @@ def _step(message: str):
     console.print(f"[dim]{message} done in {time.perf_counter() - start:.1f} s[/dim]")
 
 
-def _load(args):
+def _load(args, sharded: bool = False):
+    """(sparsify, policy, model, tokenizer). ``sharded``: under ``torchrun --nproc-per-node N`` the model is split
+    over the N ranks by tensor parallelism (sparsify.distributed), and only rank 0 prints."""
     import sparsify
+    from .distributed import join_launched_ranks, tensor_parallel
     from .models import load_model
 
     policy = sparsify.Policy.load(args.policy)  # a bad policy fails before the slow model load
+    mesh = join_launched_ranks() if sharded else None
+    if mesh is not None and mesh.get_rank() != 0:
+        console.quiet = True
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     with _step(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device,
                                       attn_implementation=args.attn_implementation)
+    if mesh is not None:
+        with _step(f"splitting its heads and MLP over {mesh.size()} ranks (tensor parallel)"):
+            model = tensor_parallel(model, mesh)
     return sparsify, policy, model, tokenizer
 
 
+def _prints() -> bool:
+    """Whether this process prints results: the only one, or rank 0 of a launched group."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def cmd_run(args) -> int:
-    sparsify, policy, model, tokenizer = _load(args)
+    sparsify, policy, model, tokenizer = _load(args, sharded=True)
     compiled = sparsify.compile(model, policy)
     document = None
     if args.prompt is None:
@@ -65,6 +81,8 @@ def cmd_run(args) -> int:
                "captures and rewrites the graph)"), torch.no_grad():
         output = compiled.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    if not _prints():
+        return 0
     print(answer)
     if document is not None:
         found = "found" if document.score(answer) else "not found"
@@ -84,11 +102,13 @@ def _builtin_document(tokenizer, length: int):
 
 
 def cmd_explain(args) -> int:
-    sparsify, policy, model, tokenizer = _load(args)
+    sparsify, policy, model, tokenizer = _load(args, sharded=True)
     compiled = sparsify.compile(model, policy, cost_model_fallback=not args.no_fallback)
     ids = _sample_prompt(tokenizer, args.seq_len).to(args.device)
     with _step(f"tracing a {ids.shape[1]}-token forward"), torch.no_grad():
         compiled(ids)
+    if not _prints():
+        return 0
     print(sparsify.explain(compiled))
     if args.plot:
         from .evaluation.patterns import plot_pattern
@@ -182,6 +202,11 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("interrupted")
         return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a launched rank (torchrun): leave its group before exiting
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

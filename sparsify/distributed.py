@@ -151,6 +151,26 @@ class HeadSplit:
                 f"head h being the model's head {self.first_q_head} + h; rules name the model's heads")
 
 
+def join_launched_ranks() -> DeviceMesh | None:
+    """Under a launcher that starts one process per rank (``torchrun --nproc-per-node N``: ``WORLD_SIZE`` > 1 in
+    the environment), join their process group (NCCL with one GPU per rank, this process's ``LOCAL_RANK`` made the
+    current CUDA device; gloo without CUDA) and return the 1-D mesh of all ranks, for :func:`tensor_parallel`;
+    None in a single process."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks <= 1:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (ranks,))
+
+
 def head_split(model: torch.nn.Module) -> HeadSplit | None:
     """How ``model``'s attention heads are split over tensor-parallel ranks, read from its attention modules'
     q/k/v projection weights (DTensors sharded by output rows, ``Shard(0)``, over one 1-D mesh); None where no
