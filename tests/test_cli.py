@@ -131,3 +131,14 @@ def test_bench_e2e_merge_keeps_ratios_within_one_run(tmp_path, monkeypatch):
                                 "b: first_call@8 torch_compile/sparsify_dense": 1.5}
     assert [row["part"] for row in merged["rows"]] == ["a", "a", "b", "b"]
     assert "- `b`: 2026-12-01T00:00:00Z · GPU" in (tmp_path / "benchmarks" / "results" / "e2e.md").read_text()
+
+
+def test_bench_offers_every_benchmark_module_and_nothing_else():
+    """Each benchmarks/*.py with a main() is a name `sparsify bench` takes (a missing one is refused as unknown)."""
+    from pathlib import Path
+
+    from sparsify_cli import BENCHMARKS
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    modules = {path.stem for path in folder.glob("*.py") if "\ndef main(" in path.read_text()}
+    assert modules == set(BENCHMARKS)
