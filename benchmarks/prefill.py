@@ -3,9 +3,9 @@
 By default bf16, B=1, 32 query heads / 8 KV heads, D=128 (``--dtype``, ``--batch``, ``--heads``, ``--kv-heads``,
 ``--head-dim`` change them; a case's row names the shape when it is not the default). Cases (names from
 shared/docs/benchmarks.md): ``causal`` (full causal layout), ``sink_window_2048`` (sink 64 + window 2048),
-``topk_10pct`` and ``topk_3pct`` (block top-k; sparsify runs the config calibrated on scattered blocks, as the
-``block_topk`` method does). Effective TFLOP/s count 4*D FLOPs per (query, key) pair in the blocks an
-implementation visits.
+``topk_10pct``, ``topk_5pct`` and ``topk_3pct`` (block top-k over 128 x 128 blocks, FlexAttention's, for both:
+sparsify runs the fastest config of those tiles on the calibration's scattered problem). Effective TFLOP/s count
+4*D FLOPs per (query, key) pair in the blocks an implementation visits.
 
     python -m benchmarks.prefill --seq 8192 32768 131072
     python -m benchmarks.prefill --seq 65536 --cases topk_5pct --head-dim 64 --dtype float16
@@ -30,10 +30,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 TOPK_DENSITIES = {"topk_10pct": 0.10, "topk_5pct": 0.05, "topk_3pct": 0.03}
 
 
-def visited_pairs(layout, heads: int) -> float:
-    """(query, key) pairs in the visited blocks, over every batch row and query head."""
+def visited_pairs(layout, batch: int, heads: int) -> float:
+    """(query, key) pairs in the visited blocks, over every batch row and query head (a layout's batch and head
+    dimensions may be 1, shared by all)."""
     blocks = (layout.kv_num_blocks + layout.full_kv_num_blocks).sum().item()
-    return blocks * layout.block_m * layout.block_n * (heads / layout.kv_num_blocks.shape[1])
+    rows, lists = layout.kv_num_blocks.shape[:2]
+    return blocks * layout.block_m * layout.block_n * (batch / rows) * (heads / lists)
 
 
 def _topk_builder(q, k, density: float, block_m: int, block_n: int):
@@ -54,8 +56,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     batch, heads, kv_heads, head_dim, dtype = args.batch, args.heads, args.kv_heads, args.head_dim, DTYPES[args.dtype]
     shape = {"batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": args.dtype}
-    suffix = "" if shape == {"batch": 1, "heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bfloat16"} else \
-        f" B={batch} {heads}/{kv_heads} D={head_dim} {args.dtype}"
+    default = {name: parser.get_default(name) for name in shape}
+    suffix = "" if shape == default else f" B={batch} {heads}/{kv_heads} D={head_dim} {args.dtype}"
     device = torch.device("cuda")
     # Each block mask's mask_mod closes over different constants; give FlexAttention room to compile each.
     torch._dynamo.config.recompile_limit = 64
@@ -88,8 +90,8 @@ def main(argv=None) -> None:
             ours_ms = time_ms(lambda: block_sparse_attention(q, k, v, layout, config=ours_config))
             flex_ms = time_ms(lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=True))
             for impl, ms, pairs, density in (
-                ("sparsify", ours_ms, visited_pairs(layout, heads), layout.density()),
-                ("flex", flex_ms, visited_pairs(flex_layout, heads), flex_layout.density()),
+                ("sparsify", ours_ms, visited_pairs(layout, batch, heads), layout.density()),
+                ("flex", flex_ms, visited_pairs(flex_layout, batch, heads), flex_layout.density()),
             ):
                 rows.append({"case": case + suffix, "seq_len": seq, "impl": impl, "ms": ms,
                              "tflops": 4 * head_dim * pairs / ms / 1e9, "density": density})

@@ -12,15 +12,18 @@ two selections) is what a real model's would be.
 
 Rows (names from shared/docs/benchmarks.md): case ``run``, impls ``sparsed``, ``sdpa``, ``flex``, with
 ``steps_ms`` (each kind of step) beside; ``correctness``: bf16 errors of the sparse step and of the tile scores
-against float32 references at 4K.
+against float32 references at 4K. ``--sweep``: also case ``sweep`` rows at the longest length, the sparse step
+under every launch config of 128 x 64 and 128 x 128 tiles (warps, stages, pointer or TMA loads), at the
+``keep_ratio`` and with every block kept (a dense bidirectional pass through the kernel).
 
-    python -m benchmarks.sparsed --seq 16384 32768 65536 --steps 256
+    python -m benchmarks.sparsed --seq 16384 32768 65536 --steps 256 [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
@@ -96,6 +99,38 @@ def correctness(params: SparseDParams, config: KernelConfig, device) -> dict:
             "density": layout.density()}
 
 
+def sweep(seq: int, gen: int, params: SparseDParams, device) -> list[dict]:
+    """The sparse step at ``seq`` under each launch config, at ``params.keep_ratio`` and at keep 1 (``sweep``
+    rows, each with its config and the SDPA dense step of the same inputs)."""
+    rows = []
+    for keep in (params.keep_ratio, 1.0):
+        kept_params = dataclasses.replace(params, keep_ratio=keep)
+        layer = Layer(seq, gen, kept_params, KernelConfig(params.block_size, 64), device)
+        steps = 256
+        layer.at(switch_step(steps, params.dense_fraction), steps)
+        layer.build()
+        layout = layer.layout()
+        full, partial = layout.block_masks()
+        visited = torch.nn.functional.pad(full | partial, (0, full.shape[-1] % 2))
+        layouts = {64: layout,  # the same kept blocks as one 128-key kernel block each
+                   128: pattern_kernels.kernel_layout(visited.view(*visited.shape[:-1], -1, 2).any(-1), seq,
+                                                      params.block_size, 128, -(-seq // 128))}
+        sdpa_ms = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+            layer.q, layer.k, layer.v, scale=layer.scale, enable_gqa=True))
+        for block_n, tiles in layouts.items():
+            for warps, stages, tma in itertools.product((4, 8), (2, 3, 4), (False, True)):
+                config = KernelConfig(params.block_size, block_n, warps, stages, tma)
+                ms = time_ms(lambda: block_kernels.block_sparse_attention(layer.q, layer.k, layer.v, tiles,
+                                                                          layer.scale, config=config))
+                rows.append({"case": "sweep", "seq_len": seq, "impl": "sparsed", "keep_ratio": keep,
+                             "density": tiles.density(), **dataclasses.asdict(config), "ms": ms,
+                             "sdpa_ms": sdpa_ms})
+                print(f"sweep keep {keep} {config}: {ms:.2f} ms (SDPA {sdpa_ms:.2f})", flush=True)
+        del layer, layouts, layout
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[16384, 32768, 65536])
@@ -104,7 +139,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dense-fraction", type=float, default=0.2)
     parser.add_argument("--keep-ratio", type=float, default=0.3)
     parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true", help="also time every launch config at the longest length")
     args = parser.parse_args(argv)
+    if args.sweep and args.block_size != 128:
+        parser.error(f"--sweep: --block-size {args.block_size}; allowed: 128 (the sweep's tiles are 128 x 64 and "
+                     "128 x 128)")
     device = torch.device("cuda")
     params = SparseDParams(args.dense_fraction, args.keep_ratio, args.block_size)
     flex = torch.compile(flex_attention, dynamic=False)
@@ -142,6 +181,8 @@ def main(argv=None) -> None:
               f"  steps {parts[str(seq)]}", flush=True)
         del layer, block_mask
         torch.cuda.empty_cache()
+    if args.sweep:
+        rows += sweep(max(args.seq), args.gen, params, device)
     extra = {"steps": args.steps, "switch_step": end, "gen_tokens": args.gen, "params": vars(args),
              "steps_ms": parts, "bf16_rel_errors_4096": errors, "launch_config": dataclasses.asdict(config),
              "how": "one layer's steps timed apart (median, CUDA events) and summed: switch_step dense steps, the "

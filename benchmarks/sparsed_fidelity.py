@@ -10,8 +10,8 @@ Per step KL: the dense run's input at every step goes through the sparse model t
 same step), KL(dense || sparse) over the still-masked positions, float32, and the share of those positions whose
 argmax is dense's (step argmax agreement). Agreement: the share of generated tokens the sparse model's own run
 commits equal to the dense run's. Low-confidence remasking makes that strict: one flipped near-tie changes what
-every later step sees. Its floor is the control: the dense policy through sparsify, whose only difference from the
-uncompiled model is rounding (other kernels), run and scored the same way.
+every later step sees. Its floor is the control: the same preset keeping every block (``keep_ratio`` 1), so the
+same kernels, launches and pattern build run and only the skipping is gone; run and scored the same way.
 
     python -m benchmarks.sparsed_fidelity --lengths 2048 4096 --weights /tmp/smollm2-diffusion
 """
@@ -19,6 +19,7 @@ uncompiled model is rounding (other kernels), run and scored the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ import torch.nn.functional as F
 
 import sparsify
 from sparsify.diffusion import MaskedDiffusionLM, generate
+from sparsify.methods.base import MethodSpec
 from sparsify.methods.sparsed import switch_step
 from sparsify.models import load_model
+from sparsify.policy import Policy
 
 from .common import write_result
 from .diffusion_lm import MASK_TOKEN, sequences
@@ -43,9 +46,16 @@ def load(weights: Path | None):
     return model.cuda().eval(), tokenizer, "smollm2-diffusion"
 
 
+def every_block(policy: Policy) -> Policy:
+    """``policy`` with each of its sparsed rules keeping every block: the control's policy."""
+    rules = tuple(dataclasses.replace(rule, spec=MethodSpec(rule.spec.name, dataclasses.replace(
+        rule.spec.params, keep_ratio=1.0))) if rule.spec.name == "sparsed" else rule for rule in policy.rules)
+    return dataclasses.replace(policy, rules=rules)
+
+
 def fidelity(model, sparse, control, prompt: torch.Tensor, args) -> dict:
     """One prompt: the dense (uncompiled) run observed step by step, and the free runs of ``sparse`` (the preset)
-    and ``control`` (the dense policy through sparsify: the same graphs and kernels as far as dense goes)."""
+    and ``control`` (:func:`every_block` of it)."""
     options = dict(gen_length=args.gen, steps=args.steps, block_length=args.block_length)
     state = sparse.sparsify.sequence_state(1, prompt.shape[1] + args.gen, prompt.device, model.dtype)
     kl_by_step, argmax_by_step = [], []
@@ -89,17 +99,22 @@ def main(argv=None) -> None:
     parser.add_argument("--block-length", type=int, default=32)
     parser.add_argument("--samples", type=int, default=2)
     args = parser.parse_args(argv)
-    args.switch = switch_step(args.steps, 0.2)
+    preset = Policy.load("sparsed")
+    fractions = {rule.spec.params.dense_fraction for rule in preset.rules if rule.spec.name == "sparsed"}
+    if len(fractions) != 1:
+        raise ValueError(f"the sparsed preset's rules switch at different steps ({sorted(fractions)}): the sparse "
+                         "steps' mean KL would mix dense and sparse steps")
+    args.switch = switch_step(args.steps, fractions.pop())
     model, tokenizer, name = load(args.weights)
     # The policy to the letter (as sparsify eval runs it): the cost model would keep short sequences dense.
-    sparse = sparsify.compile(model, "sparsed", inductor=False, cost_model_fallback=False)
-    control = sparsify.compile(model, "dense", inductor=False)
+    sparse = sparsify.compile(model, preset, inductor=False, cost_model_fallback=False)
+    control = sparsify.compile(model, every_block(preset), inductor=False, cost_model_fallback=False)
     training = args.weights / "training.json" if args.weights else None
     extra = {"model": name, "options": {k: v for k, v in vars(args).items() if k != "weights"},
              "training": json.loads(training.read_text()) if training and training.is_file() else None,
              "ratio_meaning": "agreement: share of generated tokens equal to the dense (uncompiled) run's; control "
-                              "agreement: the same for the dense policy through sparsify (the floor set by "
-                              "kernel rounding alone: one flipped near-tie changes every later step); step argmax "
+                              "agreement: the same for the preset keeping every block (the floor set by the "
+                              "kernels' rounding alone: one flipped near-tie changes every later step); step argmax "
                               "agreement: on the dense run's own inputs, the share of masked positions whose "
                               "argmax is dense's, averaged over the sparse steps"}
     rows, ratios, runs = [], {}, []
@@ -124,6 +139,7 @@ def main(argv=None) -> None:
         path = write_result(f"sparsed-fidelity-{name}", rows, ratios,
                             {**extra, "runs": runs, "interrupted": index < len(args.lengths) - 1})
     print(f"wrote {path}")
+
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ are used (the CPU path is the reference).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,7 @@ CANDIDATE_CONFIGS: dict[int, tuple[KernelConfig, ...]] = {
 # SCATTERED_DENSITY of the key blocks of each query block and head, as block top-k selections visit them.
 CALIBRATION_PROBLEMS = ("contiguous", "scattered")
 SCATTERED_DENSITY = 0.3
+CALIBRATION_SHAPE = (8192, 8)  # (tokens, heads) of the bf16 problems, B=1
 
 
 def calibration_dim(head_dim: int) -> int:
@@ -88,6 +90,14 @@ class DeviceCeilings:
         rejected = {key: why for key, why in self.rejected.items() if not any(key.startswith(f"D={d} ") for d in dims)}
         return dataclasses.replace(self, configs={**self.configs, **other.configs}, measured=kept + other.measured,
                                    rejected={**rejected, **other.rejected}, rates={**self.rates, **other.rates})
+
+    def rate_of(self, head_dim: int, config: KernelConfig, problem: str) -> float | None:
+        """The rate the calibration measured for ``config`` on ``problem`` (``head_dim``'s candidates, else the
+        next size up's), None where it did not time it."""
+        dim = head_dim if any(m["head_dim"] == head_dim for m in self.measured) else calibration_dim(head_dim)
+        asked = dataclasses.asdict(config)
+        return next((m["tflops"] for m in self.measured if m["head_dim"] == dim and m["config"] == asked
+                     and m.get("problem", "contiguous") == problem), None)
 
     def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None,
                    problem: str = "contiguous") -> KernelConfig:
@@ -169,9 +179,10 @@ class CostModel:
         key = (spec, batch_heads, head_dim, causal)
         if key not in self._plans:
             ceilings = self._load_ceilings(head_dim)
-            config = ceilings.config_for(head_dim, spec.method.kernel_blocks(spec.params),
-                                         spec.method.calibration_problem)
+            problem = spec.method.calibration_problem(spec.params)
+            config = ceilings.config_for(head_dim, spec.method.kernel_blocks(spec.params), problem)
             dense_tflops, sparse_tflops = ceilings.rates_for(head_dim)
+            sparse_tflops = ceilings.rate_of(head_dim, config, problem) or sparse_tflops
             sparse = predicted_ms(spec.method.visited_pairs(spec.params, N, config), batch_heads, head_dim,
                                   sparse_tflops, 2 * ceilings.launch_overhead_ms)
             dense = predicted_ms(dense_pairs(causal), batch_heads, head_dim, dense_tflops,
@@ -236,54 +247,78 @@ def cost_model(
 
 
 def cache_path(device_name: str) -> Path:
+    """The disk cache of a device's ceilings, named by what a calibration's results depend on: the device, torch,
+    and the calibration itself (its candidates, problems and sizes, hashed), so that a change to any of these
+    calibrates again instead of reading timings that lack the new candidates."""
     root = Path(os.environ.get("SPARSIFY_CACHE", Path.home() / ".cache" / "sparsify"))
     safe = "".join(c if c.isalnum() else "-" for c in f"{device_name}-torch{torch.__version__}")
-    return root / f"ceilings-v2-{safe}.json"  # v2: with the scattered problem's timings
+    recipe = json.dumps([{d: [dataclasses.asdict(c) for c in configs] for d, configs in CANDIDATE_CONFIGS.items()},
+                         CALIBRATION_PROBLEMS, SCATTERED_DENSITY, CALIBRATION_SHAPE], sort_keys=True)
+    return root / f"ceilings-{safe}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.json"
+
+
+def _read_cache(path: Path) -> DeviceCeilings | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    data["configs"] = {int(d): KernelConfig(**c) for d, c in data["configs"].items()}
+    data["rates"] = {int(d): tuple(r) for d, r in data.get("rates", {}).items()}
+    return DeviceCeilings(**data)
 
 
 def load_ceilings(device: torch.device, head_dim: int) -> DeviceCeilings:
     """The device's ceilings, with ``head_dim`` calibrated: nominal on CPU; on CUDA read from the disk cache, the
-    head_dim calibrated (and added to the cache) if the cache lacks it."""
+    head_dim calibrated (and added to the cache) if the cache lacks it.
+
+    Under a process group of several ranks (tensor parallelism), every rank must plan with the same ceilings (a
+    rank falling back to dense where another runs a method that gathers across ranks would leave that one
+    waiting): rank 0 calibrates and writes the cache, the others wait at a barrier, then read it."""
     if device.type != "cuda":
         return CPU_NOMINAL
-    name = torch.cuda.get_device_name(device)
-    path = cache_path(name)
-    cached = None
-    if path.is_file():
-        data = json.loads(path.read_text())
-        data["configs"] = {int(d): KernelConfig(**c) for d, c in data["configs"].items()}
-        data["rates"] = {int(d): tuple(r) for d, r in data.get("rates", {}).items()}
-        cached = DeviceCeilings(**data)
+    path = cache_path(torch.cuda.get_device_name(device))
+    cached = _read_cache(path)
     dim = calibration_dim(head_dim)
     if cached is not None and dim in cached.rates:
         return cached
-    calibrated = calibrate(device, dim)
-    ceilings = calibrated if cached is None else cached.with_calibration(calibrated)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(ceilings), indent=2))
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        calibrated = calibrate(device, dim)
+        ceilings = calibrated if cached is None else cached.with_calibration(calibrated)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a reader never sees half a file
+        temporary.write_text(json.dumps(dataclasses.asdict(ceilings), indent=2))
+        os.replace(temporary, path)
+    if distributed:
+        dist.barrier()
+        ceilings = _read_cache(path)
     return ceilings
 
 
-def calibration_layouts(config: KernelConfig, seq_len: int, heads: int, device, generator) -> dict:
+def calibration_layouts(config: KernelConfig, seq_len: int, heads: int, device) -> dict:
     """{problem: layout} for ``config``'s blocks: the causal layout, and a bidirectional one keeping a random
-    SCATTERED_DENSITY of the key blocks of each query block and head (CALIBRATION_PROBLEMS)."""
+    SCATTERED_DENSITY of the key blocks of each query block and head (CALIBRATION_PROBLEMS), drawn from a fixed
+    seed, so configs of the same blocks are timed on the same layout."""
     from ..kernels.layout import causal_layout
     from ..kernels.sparsed import kernel_layout
 
     n_blocks = -(-seq_len // config.block_m)
+    generator = torch.Generator(device=device).manual_seed(1)
     kept = torch.rand(1, heads, n_blocks, n_blocks, device=device, generator=generator) < SCATTERED_DENSITY
     return {"contiguous": causal_layout(seq_len, seq_len, config.block_m, config.block_n, device=device),
             "scattered": kernel_layout(kept, seq_len, config.block_m, config.block_n, seq_len // config.block_n)}
 
 
-def calibrate(device: torch.device, head_dim: int, seq_len: int = 8192, heads: int = 8) -> DeviceCeilings:
+def calibrate(device: torch.device, head_dim: int) -> DeviceCeilings:
     """Time SDPA and every candidate config of the kernel for ``head_dim`` on each of CALIBRATION_PROBLEMS, in
-    bf16: a kernel compile per candidate and direction (most of the time), then a few milliseconds of timing each.
-    The contiguous problem's rates are the ones predictions use (they are a kernel's rate per visited pair)."""
+    bf16 at CALIBRATION_SHAPE: a kernel compile per candidate and direction (most of the time), then a few
+    milliseconds of timing each. A config that fails on any problem is no candidate at all."""
     import triton.testing
 
     from ..kernels.block_sparse_attention import block_sparse_attention
 
+    seq_len, heads = CALIBRATION_SHAPE
     causal_pairs = seq_len * (seq_len + 1) / 2
     generator = torch.Generator(device=device).manual_seed(0)
     best: tuple[float, KernelConfig] | None = None
@@ -296,18 +331,20 @@ def calibrate(device: torch.device, head_dim: int, seq_len: int = 8192, heads: i
     dense_rate = flops / ms / 1e9
     measured.append({"head_dim": head_dim, "problem": "contiguous", "config": "sdpa", "tflops": dense_rate})
     for config in CANDIDATE_CONFIGS[head_dim]:
-        for problem, layout in calibration_layouts(config, seq_len, heads, device, generator).items():
+        rates = {}
+        for problem, layout in calibration_layouts(config, seq_len, heads, device).items():
             try:
                 ms = triton.testing.do_bench(lambda: block_sparse_attention(q, k, v, layout, config=config))
             except Exception as error:  # a config this device cannot run (shared memory, TMA) is no candidate
-                rejected[f"D={head_dim} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
+                rejected[f"D={head_dim} {problem} {config}"] = f"{type(error).__name__}: {str(error)[:200]}"
                 break
             pairs = causal_pairs if problem == "contiguous" else layout.density() * seq_len ** 2
-            rate = 4 * head_dim * heads * pairs / ms / 1e9
-            measured.append({"head_dim": head_dim, "problem": problem, "config": dataclasses.asdict(config),
-                             "tflops": rate})
-            if problem == "contiguous" and (best is None or rate > best[0]):
-                best = (rate, config)
+            rates[problem] = 4 * head_dim * heads * pairs / ms / 1e9
+        else:
+            measured += [{"head_dim": head_dim, "problem": problem, "config": dataclasses.asdict(config),
+                          "tflops": rate} for problem, rate in rates.items()]
+            if best is None or rates["contiguous"] > best[0]:
+                best = (rates["contiguous"], config)
     if best is None:
         raise RuntimeError(f"sparsify: no kernel config ran on {torch.cuda.get_device_name(device)} for head_dim "
                            f"{head_dim}: {rejected}")

@@ -25,6 +25,7 @@ from .apply_policy import PolicyReport
 from .fx_utils import copy_graph_module, tensor_shape, value_of
 
 if TYPE_CHECKING:
+    from ..distributed import HeadSplit
     from ..state import StateLayout
 
 aten = torch.ops.aten
@@ -49,7 +50,8 @@ class RewriteContext:
     launch config the cost model chose.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, plan_at_capture: bool = True, head_split=None):
+    def __init__(self, gm: torch.fx.GraphModule, plan_at_capture: bool = True,
+                 head_split: HeadSplit | None = None):
         self.gm = gm
         # How a tensor-parallel model's heads are split over ranks (sparsify.distributed.HeadSplit), else None
         self.head_split = head_split
@@ -174,7 +176,8 @@ class RewriteContext:
 
 
 def rewrite_attention(gm: torch.fx.GraphModule, decisions: PolicyReport, state_layout: StateLayout | None = None,
-                      plan_at_capture: bool = True, head_split=None) -> tuple[torch.fx.GraphModule, RewriteReport]:
+                      plan_at_capture: bool = True, head_split: HeadSplit | None = None
+                      ) -> tuple[torch.fx.GraphModule, RewriteReport]:
     """A rewritten copy of ``gm`` (which, like ``decisions``, is left as it is): each decided attention replaced by
     its method's nodes, those left untouched keeping theirs. ``state_layout`` names the sequence-state tensors each
     ``sparsify.attention`` call carries (None: the graph carries none). ``plan_at_capture`` off keeps every length

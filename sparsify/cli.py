@@ -43,7 +43,7 @@ def _load(args, sharded: bool = False):
     from .models import load_model
 
     policy = sparsify.Policy.load(args.policy)  # a bad policy fails before the slow model load
-    mesh = join_launched_ranks() if sharded else None
+    mesh = join_launched_ranks(args.device) if sharded else None
     if mesh is not None and mesh.get_rank() != 0:
         console.quiet = True
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)

@@ -23,7 +23,7 @@ import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import sympy
 import torch
@@ -32,7 +32,6 @@ import torch.fx
 from torch._dynamo.utils import counters
 from torch._inductor.compile_fx import compile_fx
 
-from .distributed import HeadSplit, head_split
 from .errors import PolicyWarning, StateError
 from .passes.apply_policy import apply_policy
 from .passes.cost_model import CostModel, DeviceCeilings, load_ceilings
@@ -42,6 +41,9 @@ from .pipeline import PipelineResult, analyse, decide, run_pipeline
 from .policy import Policy
 from .rectify import last_token_logits, prepare_call, rectify_period
 from .state import STATE_ATTRIBUTE, SequenceState, StateLayout, StateSize, state_for_call
+
+if TYPE_CHECKING:
+    from .distributed import HeadSplit
 
 
 @dataclass(frozen=True)
@@ -422,6 +424,16 @@ def _own_forward(module: torch.nn.Module) -> Callable:
     return forward
 
 
+def model_head_split(model: torch.nn.Module) -> HeadSplit | None:
+    """How a tensor-parallel ``model``'s heads are split over its ranks (:func:`sparsify.distributed.head_split`);
+    None outside a process group, where no weight can be sharded (and torch.distributed.tensor is not imported)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from .distributed import head_split
+
+    return head_split(model)
+
+
 def policy_for(model: torch.nn.Module, policy: Policy, split: HeadSplit | None = None) -> Policy:
     """``policy`` bound to ``model`` (:meth:`Policy.for_model`) when its config gives layer and head counts, else
     as it is. On a tensor-parallel model (``split``, :func:`sparsify.distributed.head_split`'s answer) its heads,
@@ -556,7 +568,11 @@ def compile(model: torch.nn.Module, policy: "Policy | str | dict" = "dense", **o
     if compile_options.phase == "auto" and getattr(model, "is_diffusion_lm", False):
         # A masked diffusion LM's bidirectional forwards are denoising steps (sparsify.diffusion).
         compile_options = dataclasses.replace(compile_options, phase="diffusion")
-    split = head_split(model)
+    split = model_head_split(model)
+    if split is not None and split.ranks > 1 and compile_options.cuda_graphs is None:
+        # A collective inside sparsify's ops (LessIsMore's gather over the ranks) is not tried under CUDA graph
+        # capture yet: replay sharded frames as they are.
+        compile_options = dataclasses.replace(compile_options, cuda_graphs=False)
     resolved = policy_for(model, resolved, split)
     compiled = _private_copy(model, compile_options.hf_attention)
     # Sequence state reaches the graph through the sparsify attention implementation alone.

@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from .errors import ShapeError
+from .errors import PolicyError, ShapeError
 from .policy import IndexRanges, Policy
 
 # Model types whose attention reshapes its projections by ``view(..., -1, head_dim)`` (so it infers its local head
@@ -93,6 +93,11 @@ class HeadSplit:
     group_name: str = ""  # the ranks' process group (methods whose selection spans heads gather over it)
 
     def __post_init__(self):
+        if self.ranks < 1:
+            raise ShapeError(f"ranks: {self.ranks}; allowed: 1 or more")
+        if self.ranks > 1 and not self.group_name:
+            raise ShapeError("group_name: empty with several ranks; allowed: the name of the ranks' process group "
+                             "(methods that choose across heads gather over it)")
         for name in ("model_q_heads", "model_kv_heads"):
             if getattr(self, name) % self.ranks:
                 raise ShapeError(f"{name}: {getattr(self, name)} does not split over {self.ranks} ranks; allowed: a "
@@ -132,7 +137,17 @@ class HeadSplit:
 
     def local_policy(self, policy: Policy) -> Policy:
         """``policy`` (its heads the model's, already checked against the whole model by ``Policy.for_model``) with
-        every rule's ``heads`` mapped to this rank's local heads."""
+        every rule's ``heads`` mapped to this rank's local heads. A rule giving a method that chooses across all of
+        a layer's heads (``AttentionMethod.whole_layers``) some of them only is refused: on one process the method
+        refuses that itself, but split over ranks a rank holding all of the rule's heads would gather alone and
+        wait for ranks that run dense."""
+        for rule in policy.rules:
+            heads = rule.when.heads
+            if heads is not None and rule.spec.method.whole_layers and \
+                    not all(head in heads for head in range(self.model_q_heads)):
+                raise PolicyError(f"{rule.describe()}: heads {heads.text} with {rule.spec.name}, which chooses from "
+                                  f"all of a layer's heads; allowed: whole layers (no heads, or all "
+                                  f"{self.model_q_heads})")
         rules = tuple(rule if rule.when.heads is None else
                       dataclasses.replace(rule, when=dataclasses.replace(rule.when,
                                                                          heads=self.local_heads(rule.when.heads)))
@@ -151,11 +166,11 @@ class HeadSplit:
                 f"head h being the model's head {self.first_q_head} + h; rules name the model's heads")
 
 
-def join_launched_ranks() -> DeviceMesh | None:
+def join_launched_ranks(device: str) -> DeviceMesh | None:
     """Under a launcher that starts one process per rank (``torchrun --nproc-per-node N``: ``WORLD_SIZE`` > 1 in
-    the environment), join their process group (NCCL with one GPU per rank, this process's ``LOCAL_RANK`` made the
-    current CUDA device; gloo without CUDA) and return the 1-D mesh of all ranks, for :func:`tensor_parallel`;
-    None in a single process."""
+    the environment), join their process group and return the 1-D mesh of all ranks, for :func:`tensor_parallel`;
+    None in a single process. ``device`` ("cuda" or "cpu", where the model runs): NCCL with one GPU per rank, this
+    process's ``LOCAL_RANK`` made the current CUDA device; gloo on the CPU."""
     import os
 
     import torch.distributed as dist
@@ -164,11 +179,14 @@ def join_launched_ranks() -> DeviceMesh | None:
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if ranks <= 1:
         return None
-    if torch.cuda.is_available():
+    kind = torch.device(device).type
+    if kind not in ("cuda", "cpu"):
+        raise ShapeError(f"device: {device!r} under torchrun; allowed: cuda (NCCL) or cpu (gloo)")
+    if kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (ranks,))
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    return init_device_mesh(kind, (ranks,))
 
 
 def head_split(model: torch.nn.Module) -> HeadSplit | None:

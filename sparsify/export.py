@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .compiler import policy_for
-from .distributed import head_split
+from .compiler import model_head_split, policy_for
 from .errors import PolicyError
 from .passes.apply_policy import DENSE, resolve_attention
 from .passes.cost_model import CostModel, load_ceilings
@@ -52,7 +51,7 @@ def export(
     fails with "We ran into an error when deserializing the saved file" (its warning says it failed to resolve
     ``torch.ops.sparsify.*``), which does not name the fix.
     """
-    split = head_split(model)
+    split = model_head_split(model)
     resolved = policy_for(model, Policy.load(policy), split)
     program = torch.export.export(model, tuple(example_inputs), kwargs=kwargs, dynamic_shapes=dynamic_shapes)
     gm = program.graph_module

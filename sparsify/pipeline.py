@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.fx
 
@@ -14,6 +15,9 @@ from .passes.plan_groups import GroupReport, plan_groups
 from .passes.rewrite import RewriteReport, rewrite_attention
 from .policy import Policy
 from .state import StateLayout
+
+if TYPE_CHECKING:
+    from .distributed import HeadSplit
 
 
 @dataclass
@@ -46,7 +50,7 @@ def decide(gm: torch.fx.GraphModule, annotations: AnnotateReport, policy: Policy
 def run_pipeline(
     gm: torch.fx.GraphModule, policy: Policy, costs: CostModel, *, diffusion: bool = False,
     seq_lens: dict[int, int] | None = None, state_layout: StateLayout | None = None, plan_at_capture: bool = True,
-    head_split=None,
+    head_split: HeadSplit | None = None,
 ) -> PipelineResult:
     """The rewritten graph (a new module; ``gm`` is left as it is) and every pass's report. ``seq_lens`` gives
     concrete key lengths for attentions whose length is symbolic; ``state_layout`` names the sequence state the

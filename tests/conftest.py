@@ -39,3 +39,41 @@ def smollm2():
     from sparsify.models import load_model
 
     return load_model("default", dtype=torch.float32)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, ranks: int, out_dir, timeout_s: float) -> list[dict]:
+    """Spawn ``ranks`` processes running ``worker(rank, port, out_dir)``, each of which saves a dict of its results
+    (an ``"error"`` entry holding its traceback if it failed) to ``out_dir/rank<r>.pt``; wait at most
+    ``timeout_s``, kill what is still running, and return each rank's dict. Fails the test naming the rank when a
+    rank reports an error or never finished (a hung collective)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=ranks, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        # join() returns at each process's exit, True once all have exited.
+        while not context.join(timeout=max(deadline - time.monotonic(), 0)) and time.monotonic() < deadline:
+            pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    saved = {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)
+             if (out_dir / f"rank{rank}.pt").exists()}
+    errors = [f"rank {rank}:\n{result['error']}" for rank, result in saved.items() if "error" in result]
+    assert not errors, "\n".join(errors)
+    missing = sorted(set(range(ranks)) - set(saved))
+    assert not missing, f"ranks {missing} did not finish in {timeout_s} s (a hung collective?)"
+    return [saved[rank] for rank in range(ranks)]

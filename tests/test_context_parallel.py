@@ -5,15 +5,12 @@ same sink + window layout, receiving only the key blocks its queries visit (coun
 import datetime
 import math
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import run_ranks, tiny_model
 
 import sparsify
 from sparsify.context_parallel import SequenceSplit, context_parallel_prefill, plan_kv_fetch
@@ -57,12 +54,6 @@ def window_layout(length: int):
 
 def local(tensors, split: SequenceSplit, rank: int):
     return [t[:, :, split.start(rank):split.end(rank)] for t in tensors]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -109,24 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks saved, run once for the module's tests."""
-    out_dir = tmp_path_factory.mktemp("context_parallel")
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=RANKS, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0)) and time.monotonic() < deadline:
-            pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    saved = {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)
-             if (out_dir / f"rank{rank}.pt").exists()}
-    errors = [f"rank {rank}:\n{result['error']}" for rank, result in saved.items() if "error" in result]
-    assert not errors, "\n".join(errors)
-    missing = sorted(set(range(RANKS)) - set(saved))
-    assert not missing, f"ranks {missing} did not finish in {TIMEOUT_S} s (a hung transfer?)"
-    return [saved[rank] for rank in range(RANKS)]
+    return run_ranks(_worker, RANKS, tmp_path_factory.mktemp("context_parallel"), TIMEOUT_S)
 
 
 def kv_bytes(tokens: int) -> int:

@@ -86,9 +86,9 @@ def test_config_for_fixed_blocks_uses_the_calibration_record():
 
 
 def test_top_k_methods_take_the_config_timed_on_scattered_blocks():
-    """A config's speed on runs of key blocks says little about blocks picked one by one (on an H200 the best
-    causal config was 1.4x slower than another on a 30% top-k layout): top-k methods choose from the scattered
-    problem's timings, the others from the contiguous problem's."""
+    """A config's speed on runs of key blocks says little about blocks picked one by one: top-k methods (and Delta
+    over one) choose from the scattered problem's timings and predict with that config's rate there, the others
+    from the contiguous problem's."""
     causal_best = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "use_tma": False}
     scattered_best = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2, "use_tma": True}
     measured = [{"head_dim": 128, "problem": "contiguous", "config": causal_best, "tflops": 500.0},
@@ -103,23 +103,39 @@ def test_top_k_methods_take_the_config_timed_on_scattered_blocks():
     with pytest.raises(ValueError, match="problem: 'random' is not one of contiguous, scattered"):
         ceilings.config_for(128, None, "random")
     model = CostModel(lambda head_dim: ceilings)
+    assert ceilings.rate_of(128, KernelConfig(**scattered_best), "scattered") == 420.0
+    assert ceilings.rate_of(128, KernelConfig(128, 32), "scattered") is None
     for policy, problem, expected in (({"use": "sparsed"}, "scattered", scattered_best),
                                       ({"use": "block_topk"}, "scattered", scattered_best),
-                                      ({"use": "sink_window"}, "contiguous", causal_best)):
+                                      ({"use": "delta", "with": {"base": {"use": "block_topk"}}}, "scattered",
+                                       scattered_best),
+                                      ({"use": "sink_window"}, "contiguous", causal_best),
+                                      ({"use": "delta"}, "contiguous", causal_best)):
         spec = parse_method_spec(policy, "test")
-        assert spec.method.calibration_problem == problem
-        assert model._plan(spec, 32, 128, spec.name != "sparsed").config == KernelConfig(**expected)
+        assert spec.method.calibration_problem(spec.params) == problem, policy
+        assert model._plan(spec, 32, 128, spec.name != "sparsed").config == KernelConfig(**expected), policy
 
 
 def test_calibration_layouts_are_causal_and_scattered_bidirectional():
-    generator = torch.Generator().manual_seed(0)
-    layouts = calibration_layouts(KernelConfig(128, 64), 2048, 4, torch.device("cpu"), generator)
+    layouts = calibration_layouts(KernelConfig(128, 64), 2048, 4, torch.device("cpu"))
     assert layouts["contiguous"].mask.causal and not layouts["scattered"].mask.causal
     full, partial = layouts["scattered"].block_masks()
     assert not partial.any() and full.shape == (1, 4, 16, 32)
     pairs = full.view(1, 4, 16, 16, 2)
     assert (pairs[..., 0] == pairs[..., 1]).all()  # a 128-key block kept whole: both of its 64-key blocks
     assert abs(layouts["scattered"].density() - SCATTERED_DENSITY) < 0.05
+    again = calibration_layouts(KernelConfig(128, 64, 4, 2), 2048, 4, torch.device("cpu"))["scattered"]
+    assert torch.equal(again.full_kv_indices, layouts["scattered"].full_kv_indices)  # every config, one layout
+
+
+def test_the_cache_file_names_the_calibration_it_holds(tmp_path, monkeypatch):
+    """New candidates or problems calibrate again rather than read timings that lack them."""
+    import sparsify.passes.cost_model as cost_model_module
+
+    monkeypatch.setenv("SPARSIFY_CACHE", str(tmp_path))
+    before = cache_path("Some GPU")
+    monkeypatch.setitem(cost_model_module.CANDIDATE_CONFIGS, 64, (KernelConfig(64, 64, 4, 2),))
+    assert cache_path("Some GPU") != before and cache_path("Some GPU").parent == before.parent
 
 
 def test_the_cost_model_pass_leaves_the_decisions_it_was_given_unchanged():

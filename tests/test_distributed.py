@@ -4,18 +4,15 @@ whole model under the same policy. Policies name the model's heads; each rank ma
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import tiny_model
+from conftest import run_ranks, tiny_model
 
 import sparsify
 from sparsify.distributed import HeadSplit
-from sparsify.errors import ShapeError
+from sparsify.errors import PolicyError, ShapeError
 from sparsify.policy import IndexRanges, Policy
 
 RANKS = 2
@@ -45,12 +42,6 @@ TIMEOUT_S = 240  # a hung collective fails the test instead of stalling the suit
 
 def prompt() -> torch.Tensor:
     return torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -104,25 +95,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks saved, run once for the module's tests."""
-    out_dir = tmp_path_factory.mktemp("tensor_parallel")
-    context = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=RANKS, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        # join() returns at each process's exit, True once all have exited.
-        while not context.join(timeout=max(deadline - time.monotonic(), 0)) and time.monotonic() < deadline:
-            pass
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    saved = {rank: torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)
-             if (out_dir / f"rank{rank}.pt").exists()}
-    errors = [f"rank {rank}:\n{result['error']}" for rank, result in saved.items() if "error" in result]
-    assert not errors, "\n".join(errors)
-    missing = sorted(set(range(RANKS)) - set(saved))
-    assert not missing, f"ranks {missing} did not finish in {TIMEOUT_S} s (a hung collective?)"
-    return [saved[rank] for rank in range(RANKS)]
+    return run_ranks(_worker, RANKS, tmp_path_factory.mktemp("tensor_parallel"), TIMEOUT_S)
 
 
 def one_process(policy) -> torch.Tensor:
@@ -197,7 +170,7 @@ def test_a_split_the_ranks_cannot_make_by_whole_heads_is_refused(ranks):
 
 
 def test_a_head_split_maps_the_models_heads_to_local_ones():
-    split = HeadSplit(rank=1, ranks=2, model_q_heads=8, model_kv_heads=2)
+    split = HeadSplit(rank=1, ranks=2, model_q_heads=8, model_kv_heads=2, group_name="tp")
     assert (split.q_heads, split.kv_heads, split.first_q_head, split.first_kv_head) == (4, 1, 4, 1)
     local = split.local_heads(IndexRanges.parse("2-5,7", "heads"))
     assert [h for h in range(4) if h in local] == [0, 1, 3] and local.text == "2-5,7 (rank 1's local heads: 0-1,3)"
@@ -206,4 +179,21 @@ def test_a_head_split_maps_the_models_heads_to_local_ones():
     rules = split.local_policy(policy).rules
     assert [h for h in range(4) if h in rules[0].when.heads] == [0, 1, 2, 3] and rules[1].when.heads is None
     with pytest.raises(ShapeError, match="model_kv_heads: 3 does not split over 2 ranks; allowed: a multiple of 2"):
-        HeadSplit(rank=0, ranks=2, model_q_heads=6, model_kv_heads=3)
+        HeadSplit(rank=0, ranks=2, model_q_heads=6, model_kv_heads=3, group_name="tp")
+    with pytest.raises(ShapeError, match="ranks: 0; allowed: 1 or more"):
+        HeadSplit(rank=0, ranks=0, model_q_heads=8, model_kv_heads=2)
+    with pytest.raises(ShapeError, match="group_name: empty with several ranks"):
+        HeadSplit(rank=0, ranks=2, model_q_heads=8, model_kv_heads=2)
+
+
+def test_a_method_choosing_across_heads_is_refused_some_heads_of_a_layer():
+    """On one process LessIsMore refuses a rule that gives it some of a layer's heads; split over ranks, a rank
+    holding all of the rule's heads would gather alone (and wait for ranks running dense): refused up front."""
+    split = HeadSplit(rank=0, ranks=2, model_q_heads=4, model_kv_heads=2, group_name="tp")
+    partial = Policy.load({"rules": [{"when": {"phase": "decode", "heads": "0-1"}, "use": "lessismore",
+                                      "with": {"budget": 64, "dense_layers": [], "selection_layers": [0]}}]})
+    with pytest.raises(PolicyError, match=r"rules\[0\]: heads 0-1 with lessismore, which chooses from all of a "
+                                          r"layer's heads; allowed: whole layers \(no heads, or all 4\)"):
+        split.local_policy(partial)
+    whole = Policy.load({"rules": [{"when": {"phase": "decode", "heads": "0-3"}, "use": "lessismore"}]})
+    assert split.local_policy(whole).rules[0].spec.name == "lessismore"

@@ -78,10 +78,9 @@ class AttentionMethod:
     # True when the method intersects its pattern with the model's own sliding window (Mistral's), so it can serve
     # such layers; the others leave them to exact (windowed) dense attention.
     serves_model_window: ClassVar[bool] = False
-    # The calibration problem whose timings choose this method's launch config (passes.cost_model): "contiguous"
-    # (runs of key blocks: causal, windows, sinks) or "scattered" (key blocks picked one by one, as top-k
-    # selections are: an index load before each K/V load, where fewer warps and stages win on an H200).
-    calibration_problem: ClassVar[str] = "contiguous"
+    # True when one call chooses something from all the query heads of a layer together (LessIsMore's unified
+    # set): a rule may not give the method some of a layer's heads only.
+    whole_layers: ClassVar[bool] = False
     params_validator: "ParamsValidator"  # set by register_method
 
     def unsupported_reason(self, params: Any, attn: "AttentionInfo") -> str | None:
@@ -108,6 +107,12 @@ class AttentionMethod:
         """The ``BlockLayout`` this method would visit for q: (B, Hq, Lq, D), k: (B, Hkv, Lk, D), or None for
         methods without one (used to draw patterns; the rewritten graph builds its layouts with ops)."""
         return None
+
+    def calibration_problem(self, params: Any) -> str:
+        """The calibration problem whose timings choose this method's launch config (``passes.cost_model``):
+        "contiguous" (runs of key blocks: causal, windows, sinks; the default) or "scattered" (key blocks picked one
+        by one, as top-k selections pick them: an index load before each K/V load)."""
+        return "contiguous"
 
     def kernel_blocks(self, params: Any) -> tuple[int, int] | None:
         """(block_m, block_n) the block-sparse kernel must run with, where the method's own pattern fixes them;

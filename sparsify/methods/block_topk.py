@@ -52,13 +52,15 @@ class BlockTopkParams:
 @register_method
 class BlockTopk(BlockSparseMethod):
     name = "block_topk"
-    calibration_problem = "scattered"
     Params = BlockTopkParams
     phases = ("prefill", "diffusion")
     summary = "top-k key blocks per query block from pooled scores (MInference/FlexPrefill-style)"
 
     def serves_left_padding(self, params):
         return True  # each shifted row is pooled, budgeted and selected over its own length
+
+    def calibration_problem(self, params: BlockTopkParams) -> str:
+        return "scattered"
 
     def visited_pairs(self, params: BlockTopkParams, n: sympy.Symbol, config) -> sympy.Expr:
         kept_blocks = params.density * n / config.block_n + params.sink_blocks + 1

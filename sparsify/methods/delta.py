@@ -252,6 +252,9 @@ class Delta(AttentionMethod):
             return f"gamma {params.gamma} is not a power of 2 dividing the tile's {config.block_m} rows"
         return ""
 
+    def calibration_problem(self, params: DeltaParams) -> str:
+        return params.base.method.calibration_problem(params.base.params)  # the base kernel runs the launch
+
     def visited_pairs(self, params: DeltaParams, n: sympy.Symbol, config) -> sympy.Expr:
         tail = params.tail if params.tail is not None else max(128, params.gamma) + params.gamma / 2
         strided = n * n / (2 * params.gamma) if params.correct else 0

@@ -71,6 +71,9 @@ def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, 
     the r-th run of Hq of them (tensor parallelism, ``groups`` 1): every rank's rankings are gathered first, so
     the union is over all the model's heads in their order, and every rank chooses the same set."""
     batch, q_heads, length = scores.shape
+    if heads_group and groups != 1:
+        raise ValueError(f"groups: {groups} with heads_group {heads_group!r}; a set gathered over ranks is one per "
+                         "row (groups 1): per-KV-head sets need no gather")
     middle_width = budget - recent - sink
     position = torch.arange(length, device=scores.device)
     middle = (position >= (starts + sink)[:, None]) & (position < (lengths - recent)[:, None])       # (B, L)
@@ -193,6 +196,7 @@ class LessIsMoreParams:
 @register_method
 class LessIsMore(AttentionMethod):
     name = "lessismore"
+    whole_layers = True
     Params = LessIsMoreParams
     phases = ("decode",)
     summary = "one token set chosen by all heads of a selection layer, read by the layers after it (decode)"

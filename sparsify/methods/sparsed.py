@@ -176,7 +176,6 @@ class SparseDParams:
 @register_method
 class SparseD(AttentionMethod):
     name = "sparsed"
-    calibration_problem = "scattered"
     Params = SparseDParams
     phases = ("diffusion",)
     summary = "diffusion LMs: dense early steps, then per-head block patterns built once and reused"
@@ -192,6 +191,9 @@ class SparseD(AttentionMethod):
         if isinstance(attn.q_len, int) and isinstance(attn.kv_len, int) and attn.q_len != attn.kv_len:
             return f"sparsed needs the queries over their own keys (q_len {attn.q_len}, kv_len {attn.kv_len})"
         return None
+
+    def calibration_problem(self, params: SparseDParams) -> str:
+        return "scattered"
 
     def kernel_blocks(self, params: SparseDParams) -> tuple[int, int]:
         return params.block_size, kernel_block_n(params.block_size)
