@@ -2,7 +2,9 @@
 (TRITON_INTERPRET=1), on any machine, a GPU machine too (the kernels' GPU checks are ``sparsify bench
 gpu_correctness``); the variable must be set before triton is imported, so it is set here, first."""
 
+import contextlib
 import os
+import traceback
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -48,6 +50,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def rank_results(rank: int, out_dir: str):
+    """The dict a rank's worker fills (under ``with``): saved to ``out_dir/rank<r>.pt`` however the worker ends, a
+    failure as its traceback under ``"error"`` (which :func:`run_ranks` reports with the rank), and the process
+    group left."""
+    import torch.distributed as dist
+
+    results: dict = {}
+    try:
+        yield results
+    except Exception:  # noqa: BLE001  (reported by the parent, with the rank)
+        results["error"] = traceback.format_exc()
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_ranks(worker, ranks: int, out_dir, timeout_s: float) -> list[dict]:

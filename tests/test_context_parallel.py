@@ -5,12 +5,11 @@ same sink + window layout, receiving only the key blocks its queries visit (coun
 import datetime
 import math
 import os
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_ranks, tiny_model
+from conftest import rank_results, run_ranks, tiny_model
 
 import sparsify
 from sparsify.context_parallel import SequenceSplit, context_parallel_prefill, plan_kv_fetch
@@ -65,8 +64,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on a machine shared with others
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    results: dict = {}
-    try:
+    with rank_results(rank, out_dir) as results:
         for name, (length, ring_split, layout_split) in CASES.items():
             tensors = sequence(length)
             results[f"ring {name}"] = ring_attention(*local(tensors, ring_split, rank), ring_split)
@@ -90,11 +88,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ring_attention(*local(sequence(4096), SequenceSplit((2000, 2096)), rank), SequenceSplit((2048, 2048)))
         except ShapeError as error:
             results["wrong slice"] = str(error)
-    except Exception:  # noqa: BLE001  (reported by the parent, with the rank)
-        results["error"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ whole model under the same policy. Policies name the model's heads; each rank ma
 
 import datetime
 import os
-import traceback
 
 import pytest
 import torch
-from conftest import run_ranks, tiny_model
+from conftest import rank_results, run_ranks, tiny_model
 
 import sparsify
 from sparsify.distributed import HeadSplit
@@ -55,8 +54,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on a machine shared with others
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    results: dict = {}
-    try:
+    with rank_results(rank, out_dir) as results:
         mesh = init_device_mesh("cpu", (RANKS,))
         model = tensor_parallel(tiny_model("llama", layers=2), mesh)
         with torch.no_grad():
@@ -85,11 +83,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             sparsify.compile(partial, "dense")
         except ShapeError as error:
             results["queries_only"] = str(error)
-    except Exception:  # noqa: BLE001  (reported by the parent, with the rank)
-        results["error"] = traceback.format_exc()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
