@@ -272,27 +272,32 @@ def load_ceilings(device: torch.device, head_dim: int) -> DeviceCeilings:
 
     Under a process group of several ranks (tensor parallelism), every rank must plan with the same ceilings (a
     rank falling back to dense where another runs a method that gathers across ranks would leave that one
-    waiting): rank 0 calibrates and writes the cache, the others wait at a barrier, then read it."""
+    waiting): rank 0 reads or calibrates, every rank waits at a barrier (whatever its own view of the cache, which
+    rank 0 may be writing), then all read rank 0's file."""
     if device.type != "cuda":
         return CPU_NOMINAL
-    path = cache_path(torch.cuda.get_device_name(device))
-    cached = _read_cache(path)
-    dim = calibration_dim(head_dim)
-    if cached is not None and dim in cached.rates:
-        return cached
     import torch.distributed as dist
 
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed or dist.get_rank() == 0:
-        calibrated = calibrate(device, dim)
-        ceilings = calibrated if cached is None else cached.with_calibration(calibrated)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a reader never sees half a file
-        temporary.write_text(json.dumps(dataclasses.asdict(ceilings), indent=2))
-        os.replace(temporary, path)
-    if distributed:
+    path = cache_path(torch.cuda.get_device_name(device))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            _cached_or_calibrated(path, device, calibration_dim(head_dim))
         dist.barrier()
-        ceilings = _read_cache(path)
+        return _read_cache(path)
+    return _cached_or_calibrated(path, device, calibration_dim(head_dim))
+
+
+def _cached_or_calibrated(path: Path, device: torch.device, dim: int) -> DeviceCeilings:
+    """The cache at ``path`` if it holds ``dim``, else it with ``dim`` calibrated, written back."""
+    cached = _read_cache(path)
+    if cached is not None and dim in cached.rates:
+        return cached
+    calibrated = calibrate(device, dim)
+    ceilings = calibrated if cached is None else cached.with_calibration(calibrated)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a reader never sees half a file
+    temporary.write_text(json.dumps(dataclasses.asdict(ceilings), indent=2))
+    os.replace(temporary, path)
     return ceilings
 
 

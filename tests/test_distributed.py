@@ -4,6 +4,7 @@ whole model under the same policy. Policies name the model's heads; each rank ma
 
 import datetime
 import os
+import time
 
 import pytest
 import torch
@@ -43,6 +44,26 @@ def prompt() -> torch.Tensor:
     return torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(1))
 
 
+def _ceilings_of_a_fresh_gpu(rank: int, out_dir: str) -> dict:
+    """load_ceilings on a GPU (faked: its name and a calibration that takes a second) with no cache yet: what this
+    rank got and how often it calibrated."""
+    import sparsify.passes.cost_model as cost_model
+
+    calibrations = []
+
+    def calibrate(device, head_dim):
+        calibrations.append(head_dim)
+        time.sleep(1.0)  # rank 1 reaches the cache while rank 0 is still calibrating
+        return cost_model.DeviceCeilings("Some GPU", 500.0 + rank, 400.0, 0.01, rates={head_dim: (500.0 + rank,
+                                                                                                   400.0)})
+
+    os.environ["SPARSIFY_CACHE"] = os.path.join(out_dir, "cache")
+    cost_model.calibrate = calibrate
+    torch.cuda.get_device_name = lambda device=None: "Some GPU"
+    ceilings = cost_model.load_ceilings(torch.device("cuda"), 128)
+    return {"rates": ceilings.rates_for(128), "calibrations": calibrations}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: shard the model, compile it with every policy, save what each call gave (or the error)."""
     import torch.distributed as dist
@@ -55,6 +76,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     with rank_results(rank, out_dir) as results:
+        results["ceilings"] = _ceilings_of_a_fresh_gpu(rank, out_dir)
         mesh = init_device_mesh("cpu", (RANKS,))
         model = tensor_parallel(tiny_model("llama", layers=2), mesh)
         with torch.no_grad():
@@ -160,6 +182,14 @@ def test_a_split_the_ranks_cannot_make_by_whole_heads_is_refused(ranks):
                                         "allowed: a multiple of 2")
     assert ranks[0]["queries_only"].startswith("model.layers.0.self_attn.k_proj.weight: placements None; allowed: "
                                                "(Shard(0),)")
+
+
+def test_rank_0_calibrates_and_every_rank_plans_with_its_ceilings(ranks):
+    """Ranks that calibrated apart could choose different configs and dense fallbacks (and a rank running a method
+    that gathers across ranks would wait for one running dense): rank 0 alone calibrates, the others read its
+    cache after a barrier, also when they look at the cache while rank 0 is still writing it."""
+    assert ranks[0]["ceilings"] == {"rates": (500.0, 400.0), "calibrations": [128]}
+    assert ranks[1]["ceilings"] == {"rates": (500.0, 400.0), "calibrations": []}
 
 
 def test_a_head_split_maps_the_models_heads_to_local_ones():
