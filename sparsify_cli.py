@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 BENCHMARKS = ("e2e", "first_call", "prefill", "delta", "delta_rows", "delta_shift", "decode", "resa_e2e", "lessismore",
-              "sparsed", "sparsed_fidelity", "diffusion_lm", "gpu_correctness")
+              "sparsed", "sparsed_fidelity", "diffusion_lm", "gpu_correctness", "tp")
 EVAL_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_question_first", "variable_tracking",
               "aggregation")
 DTYPES = ("float32", "bfloat16", "float16")
