@@ -283,7 +283,12 @@ def load_ceilings(device: torch.device, head_dim: int) -> DeviceCeilings:
         if dist.get_rank() == 0:
             _cached_or_calibrated(path, device, calibration_dim(head_dim))
         dist.barrier()
-        return _read_cache(path)
+        ceilings = _read_cache(path)
+        if ceilings is None:
+            raise RuntimeError(f"sparsify: rank {dist.get_rank()} cannot see the ceilings rank 0 wrote to {path}: "
+                               "across hosts, every rank must see one cache folder (set SPARSIFY_CACHE to a shared "
+                               "one)")
+        return ceilings
     return _cached_or_calibrated(path, device, calibration_dim(head_dim))
 
 
