@@ -719,13 +719,14 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     if device == "cpu":
         torch.set_num_threads(1)  # one core a rank, on a machine shared with others
-    from sparsify.distributed import join_launched_ranks
+    from sparsify.distributed import join_launched_ranks, leave_launched_group
 
     mesh = join_launched_ranks(device)
     if dist.is_initialized():
         # NCCL's point-to-point ops need every rank in the group's first call: warm the group with a collective.
         max_over_ranks([0.0])
     clock = Clock(device)
+    clean = False
     try:
         for part in parts:
             say(f"part {part_name(part, args.tag)}: {ranks} rank(s), {device}, {str(dtype).removeprefix('torch.')}")
@@ -733,9 +734,9 @@ def main(argv: list[str] | None = None) -> None:
                 run_tp(args, part, ranks, mesh if part != "tp1" else None, device, dtype, clock)
             else:
                 run_cp(args, part, ranks, device, dtype, clock)
+        clean = True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_launched_group(clean)
 
 
 if __name__ == "__main__":

@@ -194,8 +194,11 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the command ``args.command`` with the arguments :func:`sparsify_cli.build_parser` parsed."""
     if getattr(args, "device", "") is None:  # the parser cannot ask torch for the default: it is not imported there
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    clean = False
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        clean = True
+        return status
     except (PolicyError, ShapeError, SparsifyError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
@@ -203,10 +206,10 @@ def run_command(args: argparse.Namespace) -> int:
         console.print("interrupted")
         return 1
     finally:
-        import torch.distributed as dist
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a launched rank (torchrun)
+            from .distributed import leave_launched_group
 
-        if dist.is_initialized():  # a launched rank (torchrun): leave its group before exiting
-            dist.destroy_process_group()
+            leave_launched_group(clean)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,20 @@ def join_launched_ranks(device: str) -> DeviceMesh | None:
     return init_device_mesh(kind, (ranks,))
 
 
+def leave_launched_group(clean: bool) -> None:
+    """Leave the default process group, if one was joined. ``clean`` (this rank finished without an error, as every
+    rank should have): a barrier first, since a rank tearing down gloo's connections while a peer still uses them
+    can abort that peer at exit (seen under load); after an error no barrier, which the failed ranks would not
+    reach."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def head_split(model: torch.nn.Module) -> HeadSplit | None:
     """How ``model``'s attention heads are split over tensor-parallel ranks, read from its attention modules'
     q/k/v projection weights (DTensors sharded by output rows, ``Shard(0)``, over one 1-D mesh); None where no

@@ -57,7 +57,7 @@ def rank_results(rank: int, out_dir: str):
     """The dict a rank's worker fills (under ``with``): saved to ``out_dir/rank<r>.pt`` however the worker ends, a
     failure as its traceback under ``"error"`` (which :func:`run_ranks` reports with the rank), and the process
     group left."""
-    import torch.distributed as dist
+    from sparsify.distributed import leave_launched_group
 
     results: dict = {}
     try:
@@ -66,8 +66,7 @@ def rank_results(rank: int, out_dir: str):
         results["error"] = traceback.format_exc()
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_launched_group("error" not in results)
 
 
 def run_ranks(worker, ranks: int, out_dir, timeout_s: float) -> list[dict]:
