@@ -42,24 +42,33 @@ NEW_TOKENS = 32
 SPARSIFY_PREFIX = "sparsify_"
 
 
-def llama3_8b_shaped(layers: int, max_len: int):
-    """Random weights of Llama-3-8B's shape (hidden 4096, 32/8 heads, D=128, MLP 14336, vocab 128256), bf16, GPU."""
+LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "rope_theta": 500000.0}
+
+
+def random_llama(shape: dict, layers: int, max_len: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """A random-weight Llama of ``shape`` (LlamaConfig fields), seeded 0 (the same weights in every process on the
+    same kind of device), built on ``device`` in ``dtype``, eval mode, never stopping at an EOS."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=max_len,
-                         rope_theta=500000.0, attn_implementation="sdpa")
+    config = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=max_len,
+                         attn_implementation="sdpa")
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def llama3_8b_shaped(layers: int, max_len: int):
+    """Random weights of Llama-3-8B's shape (hidden 4096, 32/8 heads, D=128, MLP 14336, vocab 128256), bf16, GPU."""
+    return random_llama(LLAMA3_8B, layers, max_len)
 
 
 def policy_of(impl_name: str) -> str:

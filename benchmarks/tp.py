@@ -74,12 +74,10 @@ import torch
 import torch.distributed as dist
 
 from .common import invocation, results_dir, write_result
-from .e2e import SPARSIFY_PREFIX, policy_of
+from .e2e import LLAMA3_8B, SPARSIFY_PREFIX, policy_of, random_llama
 
 NAME = "tp"
 DENSE = "dense"
-LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-             "num_key_value_heads": 8, "rope_theta": 500000.0}
 TINY_MODEL = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4,
               "num_key_value_heads": 2, "rope_theta": 10000.0}
 # One attention layer of context parallelism: the model's heads, and the sink + window of the sink_window preset.
@@ -177,26 +175,6 @@ def per_rank(value: float) -> list[float]:
 
 
 # -- tensor parallel -----------------------------------------------------------------------------------------------
-
-
-def build_model(shape: dict, layers: int, max_len: int, device: str, dtype: torch.dtype):
-    """A random-weight Llama of ``shape`` (seeded 0: the same weights on every rank and in every part on the same
-    kind of device; at LLAMA3_8B, those of e2e's ``llama3_8b_shaped``), built on ``device``, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=max_len,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    model.generation_config.pad_token_id = 0
-    return model.eval()
 
 
 def prompt(seq: int, vocab: int, device: str) -> torch.Tensor:
@@ -316,7 +294,7 @@ def run_tp(args, part: str, ranks: int, mesh, device: str, dtype: torch.dtype, c
 
     shape = TINY_MODEL if args.tiny else LLAMA3_8B
     lengths = sorted(set(args.seq) | set(args.decode_seq))
-    model = build_model(shape, args.layers, max(lengths) + args.new_tokens + 64, device, dtype)
+    model = random_llama(shape, args.layers, max(lengths) + args.new_tokens + 64, device, dtype)
     if mesh is not None:
         model = tensor_parallel(model, mesh)
     name = part_name(part, args.tag)
