@@ -91,13 +91,18 @@ class DeviceCeilings:
         return dataclasses.replace(self, configs={**self.configs, **other.configs}, measured=kept + other.measured,
                                    rejected={**rejected, **other.rejected}, rates={**self.rates, **other.rates})
 
+    def _timings(self, head_dim: int, problem: str) -> list[dict]:
+        """The kernel's measured candidates on ``problem`` that serve ``head_dim``: its own, else the next size
+        up's (entries from before problems were recorded are the contiguous problem's)."""
+        dim = head_dim if any(m["head_dim"] == head_dim for m in self.measured) else calibration_dim(head_dim)
+        return [m for m in self.measured if m["head_dim"] == dim and m["config"] != "sdpa"
+                and m.get("problem", "contiguous") == problem]
+
     def rate_of(self, head_dim: int, config: KernelConfig, problem: str) -> float | None:
         """The rate the calibration measured for ``config`` on ``problem`` (``head_dim``'s candidates, else the
         next size up's), None where it did not time it."""
-        dim = head_dim if any(m["head_dim"] == head_dim for m in self.measured) else calibration_dim(head_dim)
         asked = dataclasses.asdict(config)
-        return next((m["tflops"] for m in self.measured if m["head_dim"] == dim and m["config"] == asked
-                     and m.get("problem", "contiguous") == problem), None)
+        return next((m["tflops"] for m in self._timings(head_dim, problem) if m["config"] == asked), None)
 
     def config_for(self, head_dim: int, blocks: tuple[int, int] | None = None,
                    problem: str = "contiguous") -> KernelConfig:
@@ -110,10 +115,8 @@ class DeviceCeilings:
             CANDIDATE_CONFIGS[calibration_dim(head_dim)][0]
         if blocks is None and problem == "contiguous":
             return default
-        dim = head_dim if any(m["head_dim"] == head_dim for m in self.measured) else calibration_dim(head_dim)
-        fitting = [m for m in self.measured if m["head_dim"] == dim and m["config"] != "sdpa"
-                   and m.get("problem", "contiguous") == problem
-                   and (blocks is None or (m["config"]["block_m"], m["config"]["block_n"]) == blocks)]
+        fitting = [m for m in self._timings(head_dim, problem)
+                   if blocks is None or (m["config"]["block_m"], m["config"]["block_n"]) == blocks]
         if fitting:
             return KernelConfig(**max(fitting, key=lambda m: m["tflops"])["config"])
         if blocks is None:
