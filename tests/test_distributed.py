@@ -220,3 +220,13 @@ def test_a_method_choosing_across_heads_is_refused_some_heads_of_a_layer():
         split.local_policy(partial)
     whole = Policy.load({"rules": [{"when": {"phase": "decode", "heads": "0-3"}, "use": "lessismore"}]})
     assert split.local_policy(whole).rules[0].spec.name == "lessismore"
+
+
+def test_the_launcher_refuses_a_device_it_has_no_backend_for(monkeypatch):
+    from sparsify.distributed import join_launched_ranks
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ShapeError, match="device: 'mps' under torchrun; allowed: cuda \\(NCCL\\) or cpu \\(gloo\\)"):
+        join_launched_ranks("mps")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert join_launched_ranks("cpu") is None  # one process: no group to join

@@ -155,3 +155,9 @@ def test_layers_the_model_does_not_have_are_refused_naming_the_field():
         sparsify.compile(model, lessismore(selection_layers=[9], sink=12))
     assert "rules[0].with.selection_layers: layer 9" in str(caught.value)
     assert "rules[0].with.budget: 16 leaves no token" in str(caught.value)
+
+
+def test_a_set_gathered_over_ranks_is_one_per_row():
+    scores = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="groups: 2 with heads_group 'tp'; a set gathered over ranks is one per row"):
+        select_tokens(scores, torch.tensor([64]), torch.tensor([0]), 16, 4, 2, 2, "tp")

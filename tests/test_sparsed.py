@@ -242,3 +242,12 @@ def test_the_preset_serves_both_its_block_sizes():
     layout = fast.sparsify.backend.state_layout
     assert layout.prefixes[0] == ("sparsed", "sparsed#2")
     assert fast.sparsify.applied()[0] == {"sparsed"}
+
+
+def test_the_benchmark_sweep_refuses_block_sizes_its_tiles_do_not_fit(capsys):
+    from benchmarks import sparsed as bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--sweep", "--block-size", "32"])
+    assert exit_info.value.code == 2
+    assert "--sweep: --block-size 32; allowed: 128" in capsys.readouterr().err
