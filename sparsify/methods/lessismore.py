@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..errors import PolicyError
 from ..kernels import decode as decode_kernels
+from ..kernels import topk as topk_kernels
 from ..ops import inference_only
 from .base import AttentionMethod, cache_decode_reason, register_method
 from .resa import ReSA, lengths_in_use
@@ -64,8 +65,9 @@ def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, 
     """(B, groups, budget) int64 token positions from per-head scores (B, Hq, L) (float32; any value at positions
     from a row's length on). Row b's real tokens are [starts[b], lengths[b]): its first ``sink``, its last
     ``recent``, and the rank-major union (:func:`unify_rank_major`, per group of ``Hq / groups`` heads) of each
-    head's top keys in between; all its real tokens when they fit ``budget`` (the positions past its length are
-    then ignored by the kernel, as are -1).
+    head's top keys in between (ties: the lower position first); all its real tokens when they fit ``budget``
+    (the positions past its length are then ignored by the kernel, as are -1). The top keys come from the
+    radix-select kernels (``kernels/topk``) on CUDA, from a stable sort elsewhere: the same positions.
 
     ``heads_group``: the name of a process group over which the model's query heads are split, rank r holding
     the r-th run of Hq of them (tensor parallelism, ``groups`` 1): every rank's rankings are gathered first, so
@@ -75,13 +77,11 @@ def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, 
         raise ValueError(f"groups: {groups} with heads_group {heads_group!r}; a set gathered over ranks is one per "
                          "row (groups 1): per-KV-head sets need no gather")
     middle_width = budget - recent - sink
-    position = torch.arange(length, device=scores.device)
-    middle = (position >= (starts + sink)[:, None]) & (position < (lengths - recent)[:, None])       # (B, L)
-    candidates = scores.masked_fill(~middle[:, None], float("-inf"))
     if length < middle_width:  # a cache shorter than the width (then every row fits the budget anyway)
-        candidates = torch.nn.functional.pad(candidates, (0, middle_width - length), value=float("-inf"))
-    top = candidates.topk(middle_width, dim=-1)
-    ranked = torch.where(top.values > float("-inf"), top.indices, -1)  # (B, Hq, k), -1 where a row ran out
+        scores = torch.nn.functional.pad(scores, (0, middle_width - length), value=float("-inf"))
+    top_of = topk_kernels.row_topk if scores.is_cuda else topk_kernels.row_topk_reference
+    values, positions = top_of(scores, middle_width, starts + sink, lengths - recent)  # the middle region's best
+    ranked = torch.where(values > float("-inf"), positions, -1)  # (B, Hq, k), -1 where a row ran out
     if heads_group:
         ranked = _gather_heads(ranked, heads_group)
     shape = (batch, groups, ranked.shape[1] // groups, middle_width)
