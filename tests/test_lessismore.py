@@ -36,7 +36,7 @@ def test_the_unification_is_the_rank_major_definition(positions):
     top = top.view(batch, groups, heads, k)
     valid = torch.ones_like(top, dtype=torch.bool)
     valid[1, 2, :, 5:] = False  # some entries do not count (a short middle region)
-    unified = unify_rank_major(top, valid, k)
+    unified = unify_rank_major(top, valid, k, positions)
     for b in range(batch):
         for g in range(groups):
             rankings = [[p if ok else None for p, ok in zip(top[b, g, h].tolist(), valid[b, g, h].tolist())]

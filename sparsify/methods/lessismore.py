@@ -29,7 +29,6 @@ from torch import Tensor
 
 from ..errors import PolicyError
 from ..kernels import decode as decode_kernels
-from ..kernels import topk as topk_kernels
 from ..ops import inference_only
 from .base import AttentionMethod, cache_decode_reason, register_method
 from .resa import ReSA, lengths_in_use
@@ -37,26 +36,26 @@ from .resa import ReSA, lengths_in_use
 TOKENS = "lessismore.tokens"
 
 
-def unify_rank_major(top: Tensor, valid: Tensor, width: int) -> Tensor:
+def unify_rank_major(top: Tensor, valid: Tensor, width: int, positions: int) -> Tensor:
     """The rank-major union of per-head rankings: (B, X, width) positions, -1 where fewer than ``width`` exist.
 
-    top: (B, X, H, k) positions, each head's best first; valid: (B, X, H, k) which entries count. For each of the
-    X groups, entries are read rank by rank (rank 0 of heads 0..H-1, then rank 1, ...), and each position is kept
-    at its first appearance, the first ``width`` kept in that order. Static shapes, no host synchronisation: a
-    stable sort by position finds each position's first appearance, a cumulative sum its rank among the kept."""
+    top: (B, X, H, k) positions in [0, positions), each head's best first; valid: (B, X, H, k) which entries
+    count. For each of the X groups, entries are read rank by rank (rank 0 of heads 0..H-1, then rank 1, ...), and
+    each position is kept at its first appearance, the first ``width`` kept in that order. Static shapes, no host
+    synchronisation: a scatter-min over positions finds each position's first reading (cheaper than sorting the
+    H * k readings: 52 against 128 us at 32 heads x 1532 on the H200), a cumulative sum its rank among the kept."""
     batch, groups, heads, k = top.shape
-    order_of_reading = top.transpose(2, 3).reshape(batch, groups, k * heads)
+    reading = top.transpose(2, 3).reshape(batch, groups, k * heads).long()
     counted = valid.transpose(2, 3).reshape(batch, groups, k * heads)
-    past_every_position = torch.iinfo(torch.int64).max
-    keys = torch.where(counted, order_of_reading.long(), past_every_position)
-    sorted_keys, order = torch.sort(keys, dim=-1, stable=True)
-    starts_run = torch.ones_like(counted)
-    starts_run[..., 1:] = sorted_keys[..., 1:] != sorted_keys[..., :-1]
-    first = torch.zeros_like(counted).scatter_(-1, order, starts_run) & counted
+    where = torch.where(counted, reading, positions)  # entries that do not count meet in a spare last column
+    read_index = torch.arange(k * heads, device=top.device).expand_as(where)
+    first_reading = torch.full((batch, groups, positions + 1), k * heads, dtype=torch.int64, device=top.device)
+    first_reading.scatter_reduce_(-1, where, read_index, "amin")
+    first = (first_reading.gather(-1, where) == read_index) & counted
     rank = first.long().cumsum(-1) - 1
     slot = torch.where(first & (rank < width), rank, width)  # the rest go to a discarded last slot
     unified = torch.full((batch, groups, width + 1), -1, dtype=torch.int64, device=top.device)
-    unified.scatter_(-1, slot, torch.where(first, order_of_reading.long(), -1))
+    unified.scatter_(-1, slot, torch.where(first, reading, -1))
     return unified[..., :width]
 
 
@@ -65,9 +64,8 @@ def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, 
     """(B, groups, budget) int64 token positions from per-head scores (B, Hq, L) (float32; any value at positions
     from a row's length on). Row b's real tokens are [starts[b], lengths[b]): its first ``sink``, its last
     ``recent``, and the rank-major union (:func:`unify_rank_major`, per group of ``Hq / groups`` heads) of each
-    head's top keys in between (ties: the lower position first); all its real tokens when they fit ``budget``
-    (the positions past its length are then ignored by the kernel, as are -1). The top keys come from the
-    radix-select kernels (``kernels/topk``) on CUDA, from a stable sort elsewhere: the same positions.
+    head's top keys in between; all its real tokens when they fit ``budget`` (the positions past its length are
+    then ignored by the kernel, as are -1).
 
     ``heads_group``: the name of a process group over which the model's query heads are split, rank r holding
     the r-th run of Hq of them (tensor parallelism, ``groups`` 1): every rank's rankings are gathered first, so
@@ -77,15 +75,18 @@ def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, 
         raise ValueError(f"groups: {groups} with heads_group {heads_group!r}; a set gathered over ranks is one per "
                          "row (groups 1): per-KV-head sets need no gather")
     middle_width = budget - recent - sink
+    position = torch.arange(length, device=scores.device)
+    middle = (position >= (starts + sink)[:, None]) & (position < (lengths - recent)[:, None])       # (B, L)
+    candidates = scores.masked_fill(~middle[:, None], float("-inf"))
     if length < middle_width:  # a cache shorter than the width (then every row fits the budget anyway)
-        scores = torch.nn.functional.pad(scores, (0, middle_width - length), value=float("-inf"))
-    top_of = topk_kernels.row_topk if scores.is_cuda else topk_kernels.row_topk_reference
-    values, positions = top_of(scores, middle_width, starts + sink, lengths - recent)  # the middle region's best
-    ranked = torch.where(values > float("-inf"), positions, -1)  # (B, Hq, k), -1 where a row ran out
+        candidates = torch.nn.functional.pad(candidates, (0, middle_width - length), value=float("-inf"))
+    top = candidates.topk(middle_width, dim=-1)
+    ranked = torch.where(top.values > float("-inf"), top.indices, -1)  # (B, Hq, k), -1 where a row ran out
     if heads_group:
         ranked = _gather_heads(ranked, heads_group)
     shape = (batch, groups, ranked.shape[1] // groups, middle_width)
-    unified = unify_rank_major(ranked.view(shape), (ranked >= 0).view(shape), middle_width)
+    unified = unify_rank_major(ranked.view(shape), (ranked >= 0).view(shape), middle_width,
+                               candidates.shape[-1])
     sinks = (starts[:, None] + torch.arange(sink, device=scores.device))[:, None].expand(batch, groups, sink)
     recents = (lengths[:, None] - recent + torch.arange(recent, device=scores.device))[:, None]
     chosen = torch.cat([sinks, unified, recents.expand(batch, groups, recent)], dim=-1)
