@@ -47,15 +47,15 @@ def unify_rank_major(top: Tensor, valid: Tensor, width: int, positions: int) -> 
     batch, groups, heads, k = top.shape
     reading = top.transpose(2, 3).reshape(batch, groups, k * heads).long()
     counted = valid.transpose(2, 3).reshape(batch, groups, k * heads)
-    where = torch.where(counted, reading, positions)  # entries that do not count meet in a spare last column
-    read_index = torch.arange(k * heads, device=top.device).expand_as(where)
+    column = torch.where(counted, reading, positions)  # entries that do not count meet in a spare last column
+    read_index = torch.arange(k * heads, device=top.device).expand_as(column)
     first_reading = torch.full((batch, groups, positions + 1), k * heads, dtype=torch.int64, device=top.device)
-    first_reading.scatter_reduce_(-1, where, read_index, "amin")
-    first = (first_reading.gather(-1, where) == read_index) & counted
+    first_reading.scatter_reduce_(-1, column, read_index, "amin")
+    first = (first_reading.gather(-1, column) == read_index) & counted
     rank = first.long().cumsum(-1) - 1
     slot = torch.where(first & (rank < width), rank, width)  # the rest go to a discarded last slot
     unified = torch.full((batch, groups, width + 1), -1, dtype=torch.int64, device=top.device)
-    unified.scatter_(-1, slot, torch.where(first, reading, -1))
+    unified.scatter_(-1, slot, reading)
     return unified[..., :width]
 
 
