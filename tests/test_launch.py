@@ -47,3 +47,22 @@ def test_torchrun_splits_the_model_over_the_ranks_and_answers_as_one_process(mod
     assert "tensor parallel over 2 ranks" in launched.stdout and "this is rank 0" in launched.stdout
     assert "tensor parallel" not in alone.stdout
     assert "sink_window" in launched.stdout  # the policy's method ran on the sharded model
+
+
+def test_from_the_checkout_root_the_kernels_folder_does_not_shadow_an_installed_kernels():
+    """``python -m ...`` in the checkout puts its root first on sys.path, where ``kernels/`` (sparsify.kernels'
+    source) would hide the ``kernels`` distribution that transformers imports: ``import sparsify`` moves the root
+    after site-packages."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    probe = ("import importlib.util, sparsify, transformers.integrations.hub_kernels; "
+             "print(importlib.util.find_spec('kernels').origin)")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root)
+    assert found.returncode == 0, found.stderr
+    try:
+        distribution("kernels")
+    except PackageNotFoundError:
+        return  # nothing to shadow: the checkout's folder is the only kernels
+    assert Path(found.stdout.split()[-1]) != root / "kernels" / "__init__.py"
