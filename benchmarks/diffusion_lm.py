@@ -2,19 +2,22 @@
 attention bidirectional and ``<empty_output>`` (id 16, a special token plain text never contains) its mask token,
 as DiffuLLaMA and Dream adapt causal models.
 
-Text that ships offline: the docstrings of the running Python's standard library (``ast`` over its ``.py``
-files, sorted by path), tokenized and cut into ``--context``-token sequences; the last 5% are held out. The loss is
+Text that ships offline: the docstrings (``ast`` over the ``.py`` files, sorted by path) of the installed packages
+named by ``--packages`` and then of the running Python's standard library, tokenized and cut into
+``--context``-token sequences; the last 5% are held out (the standard library's end, where
+``sparsed_fidelity`` takes its prompts). The loss is
 LLaDA's: per sequence a masking rate t ~ U(0.001, 1), each token masked with probability t, cross-entropy on the
 masked tokens weighted by 1/t. AdamW, bf16 autocast, for ``--minutes`` of training. Reported before and after:
 the loss and the share of masked tokens predicted right (one step, t = 0.5) on the held-out sequences.
 
-    python -m benchmarks.diffusion_lm --out /tmp/smollm2-diffusion --minutes 2.5
+    python -m benchmarks.diffusion_lm --out /tmp/smollm2-diffusion --minutes 2.5 --packages transformers
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import sysconfig
 import time
@@ -29,12 +32,24 @@ from sparsify.models import load_model
 MASK_TOKEN = 16  # SmolLM2's '<empty_output>'
 
 
-def stdlib_docstrings() -> str:
-    """Every module, class and function docstring of the standard library, in path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def docstrings(packages: tuple[str, ...] = ()) -> str:
+    """Every module, class and function docstring (longer than 80 characters) of the named installed packages,
+    then of the standard library, each in path order; the standard library's tests (``test/``) left out."""
+    roots = []
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"--packages: {package!r} is not an installed package here")
+        roots.append(Path(next(iter(spec.submodule_search_locations))))
+    roots.append(Path(sysconfig.get_paths()["stdlib"]))
+    return "\n\n".join(text for root in roots for text in _docstrings_under(root))
+
+
+def _docstrings_under(root: Path) -> list[str]:
     texts = []
     for path in sorted(root.rglob("*.py")):
-        if "test" in path.parts or "site-packages" in path.parts:
+        parts = path.relative_to(root).parts
+        if "test" in parts or "site-packages" in parts:
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -45,11 +60,11 @@ def stdlib_docstrings() -> str:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 80:
                     texts.append(doc)
-    return "\n\n".join(texts)
+    return texts
 
 
-def sequences(tokenizer, context: int) -> torch.Tensor:
-    ids = tokenizer(stdlib_docstrings(), return_tensors="pt").input_ids[0]
+def sequences(tokenizer, context: int, packages: tuple[str, ...] = ()) -> torch.Tensor:
+    ids = tokenizer(docstrings(packages), return_tensors="pt").input_ids[0]
     count = ids.numel() // context
     return ids[:count * context].view(count, context)
 
@@ -87,13 +102,15 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--packages", nargs="*", default=[],
+                        help="installed packages whose docstrings come before the standard library's")
     args = parser.parse_args(argv)
     causal, tokenizer = load_model("default", dtype=torch.float32, device="cuda")
     model = MaskedDiffusionLM.from_causal_lm(causal, MASK_TOKEN)
-    data = sequences(tokenizer, args.context).cuda()
+    data = sequences(tokenizer, args.context, tuple(args.packages)).cuda()
     held = max(1, data.shape[0] // 20)
     train, held_out = data[:-held], data[-held:]
-    report = {"corpus": "stdlib docstrings", "sequences": data.shape[0], "context": args.context,
+    report = {"corpus": f"docstrings of {', '.join([*args.packages, 'the standard library'])}", "sequences": data.shape[0], "context": args.context,
               "mask_token_id": MASK_TOKEN, "before": evaluate(model.eval(), held_out, args.batch)}
     print(f"corpus: {data.shape[0]} sequences of {args.context} tokens; before {report['before']}", flush=True)
     model.train()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import sparsify
 from sparsify.diffusion import MaskedDiffusionLM, generate
+from sparsify.evaluation import plots
 from sparsify.methods.base import MethodSpec
 from sparsify.methods.sparsed import switch_step
 from sparsify.models import load_model
@@ -138,6 +139,8 @@ def main(argv=None) -> None:
         # the lengths it finished.
         path = write_result(f"sparsed-fidelity-{name}", rows, ratios,
                             {**extra, "runs": runs, "interrupted": index < len(args.lengths) - 1})
+        plots.diffusion_steps(runs, args.switch, path.with_name(f"{path.stem}-steps.png"),
+                              f"sparsed on {name}: per step, on the dense run's inputs")
     print(f"wrote {path}")
 
 

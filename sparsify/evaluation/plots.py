@@ -64,6 +64,32 @@ def layer_errors(fidelity: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+def diffusion_steps(runs: list[dict], switch: int, path: Path, title: str) -> Path:
+    """Per denoising step, for each run (a prompt at a length): KL(dense || sparse) over the still-masked positions
+    and the share of them whose argmax is dense's, both on the dense run's own inputs; a line at the switch step
+    (the first sparse step follows it)."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for index, run in enumerate(runs):
+        sample = sum(earlier["seq_len"] == run["seq_len"] for earlier in runs[:index])
+        label = f"N={run['seq_len']} prompt {sample} (agreement {run['agreement']:.2f})"
+        left.plot(range(len(run["kl_by_step"])), run["kl_by_step"], label=label)
+        right.plot(range(len(run["argmax_agreement_by_step"])), run["argmax_agreement_by_step"], label=label)
+    left.set_ylabel("KL(dense || sparse), masked positions")
+    left.set_yscale("symlog", linthresh=1e-4)
+    right.set_ylabel("argmax equal to dense's (share)")
+    right.set_ylim(-0.05, 1.05)
+    for axis in (left, right):
+        axis.axvline(switch, color="grey", linestyle="--", linewidth=1)
+        axis.set_xlabel("denoising step")
+        axis.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def block_pattern(full, partial, path: Path, title: str) -> Path:
     """Heatmap of one head's layout: 1 full block, 0.5 partial (masked inside), 0 skipped."""
     grid = full.float() + 0.5 * partial.float()
