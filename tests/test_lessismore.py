@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 import sparsify
 from sparsify.errors import PolicyError
-from sparsify.kernels.decode import decode_attention, decode_attention_reference
+from sparsify.kernels.decode import decode_attention, decode_attention_reference, scores_pass_launch
 from sparsify.methods.lessismore import select_tokens, unify_rank_major
 
 PROMPT = 48
@@ -70,6 +70,11 @@ def test_the_decode_kernel_gives_the_scores_of_its_own_pass():
     decode_attention(q, k, v, lengths, None, key_padding=padding, scores_out=ours, num_splits=3)
     decode_attention_reference(q, k, v, lengths, None, key_padding=padding, scores_out=reference)
     torch.testing.assert_close(ours, reference)
+    selection_launch = torch.full((2, 4, 37), 5.0)  # the launch the selection op uses (128-key tiles, 2 stages)
+    out, _ = decode_attention(q, k, v, lengths, None, key_padding=padding, scores_out=selection_launch,
+                              **scores_pass_launch(2, 2, 37, q.device))
+    torch.testing.assert_close(selection_launch, reference)
+    torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, None, key_padding=padding)[0])
     definition = torch.einsum("bhd,bhld->bhl", q[:, :, 0], k.repeat_interleave(2, 1)) * 16 ** -0.5
     visible = padding[:, None].expand(2, 4, 37) & (torch.arange(37) < lengths[:, None, None])
     torch.testing.assert_close(ours[visible], definition[visible])
