@@ -33,6 +33,10 @@ Why not torch's ``torch.distributed.tensor.experimental.context_parallel`` (torc
 Fetching only the visited blocks is the point of the layout-aware version, so both are built here on plain
 point-to-point ops, which also run on gloo, where the tests run.
 
+Whole models: :func:`context_parallel_prefill` runs a transformers Llama/Qwen2 over the split prompt with every
+layer's attention one of the above; :func:`context_parallel_generate` then decodes greedily with the KV cache left
+split as the prompt was, each new token's attention merged from every rank's partial attention over its keys.
+
 Invariants: the sequence is split by :class:`SequenceSplit` into contiguous slices, rank r holding positions
 ``[split.start(r), split.end(r))``; q: (B, Hq, L_r, D), k and v: (B, Hkv, L_r, D) with Hq a multiple of Hkv; every
 rank of the group calls the function with the same split (and plan), in the same order as its other collectives.
@@ -53,6 +57,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from .errors import ShapeError, SparsifyError
 from .kernels import block_sparse_attention as kernel
+from .kernels import decode as decode_kernels
 from .kernels.layout import BlockLayout, compress, rows_layout
 from .ops import check_attention_inputs
 
@@ -297,13 +302,17 @@ class ContextParallelPrefill:
 
 
 class _LayerAttention:
-    """Each layer's attention call of one :func:`context_parallel_prefill`, counting the bytes received."""
+    """Each layer's attention call of one :func:`context_parallel_prefill`, counting the bytes received; with
+    ``keep``, also each layer's K and V of this rank's slice (after the rotary embedding), by layer index."""
 
-    def __init__(self, split: SequenceSplit, plan: KVFetchPlan | None, group: dist.ProcessGroup | None):
-        self.split, self.plan, self.group = split, plan, group
+    def __init__(self, split: SequenceSplit, plan: KVFetchPlan | None, group: dist.ProcessGroup | None,
+                 keep: dict[int, tuple[Tensor, Tensor]] | None = None):
+        self.split, self.plan, self.group, self.keep = split, plan, group, keep
         self.kv_bytes_received = 0
 
-    def __call__(self, query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
+    def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
+        if self.keep is not None:
+            self.keep[layer] = (key, value)
         if self.plan is None:
             result = ring_attention(query, key, value, self.split, group=self.group, scale=scale)
         else:
@@ -322,6 +331,12 @@ def context_parallel_prefill(model: torch.nn.Module, input_ids: Tensor, split: S
     with those position ids, no cache and no padding; every layer's attention goes through :func:`ring_attention`
     (``plan`` None: exact causal attention) or :func:`layout_attention` over ``plan`` (one plan for every layer).
     The model itself is left as it was."""
+    return _prefill(model, input_ids, split, plan, group, None)
+
+
+def _prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, plan: KVFetchPlan | None,
+             group: dist.ProcessGroup | None, keep: dict[int, tuple[Tensor, Tensor]] | None
+             ) -> ContextParallelPrefill:
     config = model.config
     if getattr(config, "model_type", None) not in CONTEXT_PARALLEL_MODELS:
         raise ShapeError(f"config.model_type: {getattr(config, 'model_type', None)!r}; allowed: "
@@ -339,23 +354,139 @@ def context_parallel_prefill(model: torch.nn.Module, input_ids: Tensor, split: S
     if input_ids.dim() != 2 or input_ids.shape[1] != split.lengths[rank]:
         raise ShapeError(f"input_ids: {tuple(input_ids.shape)} on rank {rank}; allowed: (B, {split.lengths[rank]}), "
                          f"the split's positions {split.start(rank)}-{split.end(rank) - 1}")
-    attention = _LayerAttention(split, plan, group)
+    attention = _LayerAttention(split, plan, group, keep)
     positions = torch.arange(split.start(rank), split.end(rank), device=input_ids.device)
-    previous = config._attn_implementation
-    config._attn_implementation = ATTN_IMPLEMENTATION
-    try:
-        logits = model(input_ids, position_ids=positions.expand(input_ids.shape[0], -1), use_cache=False,
-                       sparsify_context_parallel=attention).logits
-    finally:
-        config._attn_implementation = previous
+    logits = _forward(model, input_ids, positions.expand(input_ids.shape[0], -1), attention)
     return ContextParallelPrefill(logits, attention.kv_bytes_received)
 
 
+def _forward(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, attention) -> Tensor:
+    """The model's logits with every layer's attention done by ``attention(layer, q, k, v, scale)`` (through
+    :data:`ATTN_IMPLEMENTATION`, for this call only), no cache."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    try:
+        return model(input_ids, position_ids=position_ids, use_cache=False,
+                     sparsify_context_parallel=attention).logits
+    finally:
+        config._attn_implementation = previous
+
+
+# -- decoding after a context-parallel prefill ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContextParallelGeneration:
+    """One rank's :func:`context_parallel_generate`: ``tokens`` (B, T) the generated ids (the same on every rank;
+    T = ``max_new_tokens``, fewer when every row ended at ``eos_token_id``), ``logits`` (B, T, vocab) float32 of
+    each step when asked for, else None; the bytes this rank received: ``kv_bytes_received`` in the prefill, and
+    ``decode_bytes_received`` in the decode steps' gathers of partial attentions."""
+
+    tokens: Tensor
+    logits: Tensor | None
+    kv_bytes_received: int
+    decode_bytes_received: int
+
+
+class _DecodeAttention:
+    """Each layer's attention of one new token per row after a context-parallel prefill. Rank r keeps the K/V of
+    its prompt slice (``prompt_kv``, by layer); the last rank also keeps every generated token's, in a cache
+    preallocated for ``capacity`` of them. The token's query attends to every rank's keys as the log-sum-exp
+    merge, in rank order, of each rank's partial attention over the keys it holds: one all-gather of
+    (B, Hq, 1, Dv + 1) float32 per layer and step, the same result on every rank."""
+
+    def __init__(self, prompt_kv: dict[int, tuple[Tensor, Tensor]], holds_new_tokens: bool, capacity: int,
+                 group: dist.ProcessGroup | None):
+        self.group, self.holds_new_tokens = group, holds_new_tokens
+        self.prompt_len = next(iter(prompt_kv.values()))[0].shape[2]
+        self.generated = 0  # new tokens in the last rank's cache once the current step's are written
+        self.bytes_received = 0
+        self.caches = {}
+        for layer, (key, value) in prompt_kv.items():
+            if holds_new_tokens:
+                key, value = (torch.cat([t, t.new_empty((*t.shape[:2], capacity, t.shape[3]))], dim=2)
+                              for t in (key, value))
+            self.caches[layer] = (key, value)
+
+    def step(self) -> None:
+        """The next forward is the next new token's."""
+        self.generated += 1
+
+    def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
+        cached_k, cached_v = self.caches[layer]
+        in_use = self.prompt_len
+        if self.holds_new_tokens:
+            cached_k[:, :, in_use + self.generated - 1] = key[:, :, 0]
+            cached_v[:, :, in_use + self.generated - 1] = value[:, :, 0]
+            in_use += self.generated
+        lengths = torch.full((query.shape[0],), in_use, dtype=torch.int64, device=query.device)
+        decode = (decode_kernels.decode_attention if query.is_cuda and decode_kernels.supports(query, cached_k,
+                                                                                               cached_v)
+                  else decode_kernels.decode_attention_reference)
+        out, lse = decode(query, cached_k, cached_v, lengths, scale)
+        mine = torch.cat([out.float(), lse[..., None]], dim=-1)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, mine, group=self.group)
+        self.bytes_received += (len(parts) - 1) * mine.numel() * mine.element_size()
+        acc_out, acc_lse = _empty_accumulator(query)
+        for part in parts:
+            acc_out, acc_lse = _merge(acc_out, acc_lse, part[..., :-1], part[..., -1])
+        return acc_out.to(query.dtype)
+
+
+def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit,
+                              max_new_tokens: int, *, plan: KVFetchPlan | None = None,
+                              group: dist.ProcessGroup | None = None, eos_token_id: int | None = None,
+                              return_logits: bool = False) -> ContextParallelGeneration:
+    """Greedy decoding after :func:`context_parallel_prefill` (same arguments, same checks): every rank of
+    ``group`` calls it with its slice of the prompt and gets the same ``max_new_tokens`` new tokens, equal to one
+    process's greedy ``generate()`` over the whole prompt (with ``plan``: to one process whose prefill ran that
+    layout and whose decode is dense).
+
+    The KV cache stays split as the prompt was: no rank ever holds the whole sequence's K/V. The first token is the
+    argmax of the last rank's last prompt position (broadcast); each later one runs the whole model on every rank
+    (the weights are replicated), each layer's attention as :class:`_DecodeAttention` merges every rank's partial
+    attention. A row that produced ``eos_token_id`` gets it again until every row has, then the loop stops."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ShapeError(f"max_new_tokens: {max_new_tokens!r}; allowed: a whole number of at least 1")
+    prompt_kv: dict[int, tuple[Tensor, Tensor]] = {}
+    prefill = _prefill(model, input_ids, split, plan, group, prompt_kv)
+    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    last = ranks - 1
+    logits = prefill.logits[:, -1].float()
+    # Only the last rank holds the prompt's last position: its logits go to every rank.
+    if rank != last:
+        logits = torch.empty_like(logits)
+    dist.broadcast(logits, group_src=last, group=group)
+    attention = _DecodeAttention(prompt_kv, rank == last, max_new_tokens - 1, group)
+    batch = input_ids.shape[0]
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    tokens, step_logits = [], []
+    while True:
+        token = logits.argmax(-1)
+        if eos_token_id is not None:
+            token = torch.where(finished, eos_token_id, token)
+            finished |= token == eos_token_id
+        tokens.append(token)
+        if return_logits:
+            step_logits.append(logits)
+        if len(tokens) == max_new_tokens or bool(finished.all()):
+            break
+        attention.step()
+        position = torch.full((batch, 1), split.seq_len + len(tokens) - 1, device=input_ids.device)
+        logits = _forward(model, token[:, None], position, attention)[:, -1].float()
+    return ContextParallelGeneration(torch.stack(tokens, dim=1),
+                                     torch.stack(step_logits, dim=1) if return_logits else None,
+                                     prefill.kv_bytes_received, attention.bytes_received)
+
+
 def _attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
-                         sparsify_context_parallel: _LayerAttention, **kwargs):
+                         sparsify_context_parallel: _LayerAttention | _DecodeAttention, **kwargs):
     """transformers' attention-function contract: (B, H, L, D) in, (B, L, H, D) and no weights out. The mask is
-    None (:func:`_no_mask`): the split says where the rank's queries sit."""
-    out = sparsify_context_parallel(query, key, value, scaling)
+    None (:func:`_no_mask`): the split says where the rank's queries sit (a decode step's token is after every
+    key)."""
+    out = sparsify_context_parallel(module.layer_idx, query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import rank_results, run_ranks, tiny_model
 
 import sparsify
-from sparsify.context_parallel import SequenceSplit, context_parallel_prefill, plan_kv_fetch
+from sparsify.context_parallel import (SequenceSplit, context_parallel_generate, context_parallel_prefill,
+                                      plan_kv_fetch)
 from sparsify.errors import ShapeError, SparsifyError
 from sparsify.kernels.block_sparse_attention import block_sparse_attention_reference
 from sparsify.kernels.layout import dense_layout, sink_window_layout
@@ -29,6 +30,7 @@ CASES = {
     "3999, uneven": (3999, SequenceSplit((2000, 1999)), SequenceSplit.even(3999, RANKS, ALIGN)),
 }
 MODEL_LAYERS = 2
+NEW_TOKENS = 6
 SINK_WINDOW_POLICY = {"rules": [{"when": {"phase": "prefill"}, "use": "sink_window",
                                  "with": {"sink": SINK, "window": WINDOW}}]}
 TIMEOUT_S = 240  # a hung transfer fails the test instead of stalling the suite
@@ -84,6 +86,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             plan = plan_kv_fetch(window_layout(4096), split)
             results["model layout"] = context_parallel_prefill(tiny_model("llama", layers=MODEL_LAYERS), ids, split,
                                                                plan=plan)
+            # Decoding after the prefill, the cache split as the prompt; then stopping at the third token's id.
+            model = tiny_model("llama", layers=MODEL_LAYERS)
+            generated = context_parallel_generate(model, ids, split, NEW_TOKENS, return_logits=True)
+            results["generate"] = generated
+            results["generate eos"] = context_parallel_generate(model, ids, split, NEW_TOKENS,
+                                                                eos_token_id=int(generated.tokens[0, 2]))
         try:  # a slice of the wrong length: refused before any transfer, on every rank
             ring_attention(*local(sequence(4096), SequenceSplit((2000, 2096)), rank), SequenceSplit((2048, 2048)))
         except ShapeError as error:
@@ -208,6 +216,31 @@ def test_a_model_prefilled_over_a_layout_gives_sparsify_sink_window_on_one_proce
                                    atol=1e-5, rtol=1e-5, msg=f"rank {rank}")
     # Rank 1 fetches the sink block and the window's 4 blocks in every layer; rank 0 nothing.
     assert [result["model layout"].kv_bytes_received for result in ranks] == [0, MODEL_LAYERS * kv_bytes(5 * BLOCK_N)]
+
+
+def test_decoding_after_a_context_parallel_prefill_gives_one_process_greedy_generate(ranks):
+    with torch.no_grad():
+        expected = tiny_model("llama", layers=MODEL_LAYERS).generate(
+            prompt(), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected_tokens = expected.sequences[:, 4096:]
+    for rank, result in enumerate(ranks):
+        generated = result["generate"]
+        assert torch.equal(generated.tokens, expected_tokens), f"rank {rank}"
+        torch.testing.assert_close(generated.logits, torch.stack(expected.logits, dim=1).float(), atol=1e-5,
+                                   rtol=1e-5, msg=f"rank {rank}")
+        # The prefill's ring moved the other slice in each layer; each decode step gathers one (B, Hq, 1, D + 1)
+        # float32 partial per layer from the other rank.
+        assert generated.kv_bytes_received == MODEL_LAYERS * kv_bytes(2048)
+        assert generated.decode_bytes_received == (NEW_TOKENS - 1) * MODEL_LAYERS * BATCH * Q_HEADS * (HEAD_DIM + 1) * 4
+        # With the third token's id as EOS, generation ends there (earlier tokens unchanged).
+        eos = int(expected_tokens[0, 2])
+        first = expected_tokens[0].tolist().index(eos)
+        assert torch.equal(result["generate eos"].tokens, expected_tokens[:, :first + 1]), f"rank {rank}"
+
+
+def test_bad_max_new_tokens_is_refused_before_any_transfer():
+    with pytest.raises(ShapeError, match=r"max_new_tokens: 0; allowed: a whole number of at least 1"):
+        context_parallel_generate(tiny_model("llama", layers=1), prompt()[:, :2048], SequenceSplit((2048, 2048)), 0)
 
 
 def test_models_context_parallel_prefill_cannot_serve_are_refused():
