@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="do not wrap --prompt in the chat template (the built-in "
                      "document is always wrapped, as sparsify eval does)")
     run.add_argument("--explain", action="store_true", help="print the explain table afterwards")
+    run.add_argument("--parallel", choices=("tensor", "context"), default="tensor",
+                     help="under torchrun: split the model's heads over the ranks (tensor), or the prompt "
+                          "(context: the model on every rank, the prompt's positions and KV cache split)")
 
     explain = commands.add_parser("explain", help="trace one forward and show what the policy decided, per layer")
     _add_model_arguments(explain)

@@ -64,18 +64,11 @@ def _prints() -> bool:
 
 
 def cmd_run(args) -> int:
+    if args.parallel == "context":
+        return _run_context_parallel(args)
     sparsify, policy, model, tokenizer = _load(args, sharded=True)
     compiled = sparsify.compile(model, policy)
-    document = None
-    if args.prompt is None:
-        ids, document = _builtin_document(tokenizer, args.document_tokens)
-        console.print(f"built-in document: {ids.shape[1]} tokens of essays with a pass key hidden a third of the "
-                      f"way in; asked: {document.question!r}")
-    else:
-        messages = [{"role": "user", "content": args.prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-            if getattr(tokenizer, "chat_template", None) and not args.raw else args.prompt
-        ids = tokenizer(text, return_tensors="pt").input_ids
+    ids, document = _prompt_ids(args, tokenizer)
     ids = ids.to(args.device)
     with _step(f"generating up to {args.max_new_tokens} tokens ({ids.shape[1]}-token prompt; the first call "
                "captures and rewrites the graph)"), torch.no_grad():
@@ -83,12 +76,77 @@ def cmd_run(args) -> int:
     answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
     if not _prints():
         return 0
+    _print_answer(answer, document)
+    if args.explain:
+        print(sparsify.explain(compiled))
+    return 0
+
+
+def _prompt_ids(args, tokenizer):
+    """(ids (1, L) on the CPU, the built-in document's sample or None): ``--prompt`` (chat-wrapped unless
+    ``--raw``), else the built-in pass-key document."""
+    if args.prompt is None:
+        ids, document = _builtin_document(tokenizer, args.document_tokens)
+        console.print(f"built-in document: {ids.shape[1]} tokens of essays with a pass key hidden a third of the "
+                      f"way in; asked: {document.question!r}")
+        return ids, document
+    messages = [{"role": "user", "content": args.prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+        if getattr(tokenizer, "chat_template", None) and not args.raw else args.prompt
+    return tokenizer(text, return_tensors="pt").input_ids, None
+
+
+def _print_answer(answer: str, document) -> None:
     print(answer)
     if document is not None:
         found = "found" if document.score(answer) else "not found"
         console.print(f"the pass key is {document.answers[0]}: {found} in the answer")
+
+
+def _run_context_parallel(args) -> int:
+    """``torchrun --nproc-per-node N -m sparsify run --parallel context``: the whole model on every rank, the
+    prompt split by position over the ranks (sparsify.context_parallel), the KV cache left split, greedy decoding.
+    The policy decides the prefill's attention (``dense``: the ring; ``sink_window``: only the visited key blocks
+    move); rank 0 prints."""
+    import torch.distributed as dist
+
+    import sparsify
+
+    from .context_parallel import PLAN_ALIGNMENT, SequenceSplit, context_parallel_generate, plan_for_policy
+    from .distributed import join_launched_ranks
+    from .models import load_model
+
+    policy = sparsify.Policy.load(args.policy)
+    if join_launched_ranks(args.device) is None:
+        raise SparsifyError("--parallel context: splits the prompt over the ranks of a launcher; allowed: under "
+                            "torchrun --nproc-per-node N (N >= 2): torchrun --nproc-per-node 2 -m sparsify run "
+                            "--parallel context ...")
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    console.quiet = rank != 0
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    with _step(f"loading {args.model} on each of {ranks} ranks"):
+        model, tokenizer = load_model(args.model, dtype=dtype, device=args.device,
+                                      attn_implementation=args.attn_implementation)
+    ids, document = _prompt_ids(args, tokenizer)
+    split = SequenceSplit.even(ids.shape[1], ranks, multiple=PLAN_ALIGNMENT)
+    plan = plan_for_policy(policy, model.config.num_hidden_layers, split, device=args.device)
+    with _step(f"generating up to {args.max_new_tokens} tokens ({ids.shape[1]}-token prompt split "
+               f"{'+'.join(map(str, split.lengths))} over {ranks} ranks)"), torch.no_grad():
+        result = context_parallel_generate(model, ids[:, split.start(rank):split.end(rank)].to(args.device), split,
+                                           args.max_new_tokens, plan=plan,
+                                           eos_token_id=model.generation_config.eos_token_id)
+    received = [None] * ranks
+    dist.all_gather_object(received, (result.kv_bytes_received, result.decode_bytes_received))
+    if rank != 0:
+        return 0
+    _print_answer(tokenizer.decode(result.tokens[0], skip_special_tokens=True), document)
     if args.explain:
-        print(sparsify.explain(compiled))
+        prefill = "dense ring attention" if plan is None else "sink_window, only the visited key blocks moved"
+        print(f"context parallel over {ranks} ranks, positions "
+              + ", ".join(f"{split.start(r)}-{split.end(r) - 1}" for r in range(ranks))
+              + f"; prefill: {prefill}; decode: dense, the KV cache left split; not compiled (no explain table)")
+        for r, (prefill_bytes, decode_bytes) in enumerate(received):
+            print(f"rank {r} received {prefill_bytes:,} bytes of K/V in the prefill, {decode_bytes:,} in decoding")
     return 0
 
 

@@ -55,10 +55,11 @@ from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .errors import ShapeError, SparsifyError
+from .errors import PolicyError, ShapeError, SparsifyError
 from .kernels import block_sparse_attention as kernel
 from .kernels import decode as decode_kernels
-from .kernels.layout import BlockLayout, compress, rows_layout
+from .kernels.layout import BlockLayout, compress, rows_layout, sink_window_layout
+from .methods.base import METHODS, MethodSpec
 from .ops import check_attention_inputs
 
 
@@ -379,7 +380,7 @@ def _forward(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, at
 @dataclass(frozen=True)
 class ContextParallelGeneration:
     """One rank's :func:`context_parallel_generate`: ``tokens`` (B, T) the generated ids (the same on every rank;
-    T = ``max_new_tokens``, fewer when every row ended at ``eos_token_id``), ``logits`` (B, T, vocab) float32 of
+    T = ``max_new_tokens``, fewer when every row has ended at an end token), ``logits`` (B, T, vocab) float32 of
     each step when asked for, else None; the bytes this rank received: ``kv_bytes_received`` in the prefill, and
     ``decode_bytes_received`` in the decode steps' gathers of partial attentions."""
 
@@ -437,17 +438,19 @@ class _DecodeAttention:
 
 def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit,
                               max_new_tokens: int, *, plan: KVFetchPlan | None = None,
-                              group: dist.ProcessGroup | None = None, eos_token_id: int | None = None,
+                              group: dist.ProcessGroup | None = None,
+                              eos_token_id: int | list[int] | None = None,
                               return_logits: bool = False) -> ContextParallelGeneration:
     """Greedy decoding after :func:`context_parallel_prefill` (same arguments, same checks): every rank of
     ``group`` calls it with its slice of the prompt and gets the same ``max_new_tokens`` new tokens, equal to one
-    process's greedy ``generate()`` over the whole prompt (with ``plan``: to one process whose prefill ran that
-    layout and whose decode is dense).
+    process's greedy ``generate()`` over the whole prompt (with ``plan``, the prompt's attention follows that
+    layout; the decode steps attend to every key).
 
     The KV cache stays split as the prompt was: no rank ever holds the whole sequence's K/V. The first token is the
     argmax of the last rank's last prompt position (broadcast); each later one runs the whole model on every rank
     (the weights are replicated), each layer's attention as :class:`_DecodeAttention` merges every rank's partial
-    attention. A row that produced ``eos_token_id`` gets it again until every row has, then the loop stops."""
+    attention. A row that produced an end token (``eos_token_id``: one id or several, as a generation config
+    gives them) repeats the first of them until every row has ended; then the loop stops."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ShapeError(f"max_new_tokens: {max_new_tokens!r}; allowed: a whole number of at least 1")
     prompt_kv: dict[int, tuple[Tensor, Tensor]] = {}
@@ -462,12 +465,14 @@ def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: 
     attention = _DecodeAttention(prompt_kv, rank == last, max_new_tokens - 1, group)
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    end_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
+                           dtype=torch.long, device=input_ids.device)
     tokens, step_logits = [], []
     while True:
         token = logits.argmax(-1)
-        if eos_token_id is not None:
-            token = torch.where(finished, eos_token_id, token)
-            finished |= token == eos_token_id
+        if end_ids.numel():
+            token = torch.where(finished, end_ids[0], token)
+            finished |= torch.isin(token, end_ids)
         tokens.append(token)
         if return_logits:
             step_logits.append(logits)
@@ -479,6 +484,51 @@ def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: 
     return ContextParallelGeneration(torch.stack(tokens, dim=1),
                                      torch.stack(step_logits, dim=1) if return_logits else None,
                                      prefill.kv_bytes_received, attention.bytes_received)
+
+
+DENSE = MethodSpec("dense", METHODS.get("dense").Params())
+# The layout tiles of a context-parallel sink + window plan (the prefill kernel's defaults); ranks' boundaries fall
+# on multiples of both.
+PLAN_BLOCK_M, PLAN_BLOCK_N = 128, 64
+PLAN_ALIGNMENT = math.lcm(PLAN_BLOCK_M, PLAN_BLOCK_N)
+
+
+def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, device="cpu") -> KVFetchPlan | None:
+    """What a context-parallel run does for ``policy`` (a :class:`~sparsify.policy.Policy`) over a prompt of
+    ``split.seq_len`` tokens: None (the dense ring) when every layer's prefill method is ``dense``, the
+    sink + window :class:`KVFetchPlan` when every layer's is the same ``sink_window``. Refused, naming the rule, when
+    the layers' prefill methods differ or are any other (one plan serves every layer, and only layouts known
+    before the call can be planned), when a rule splits a layer's heads, and when a decode method is not ``dense``
+    (:func:`context_parallel_generate` decodes densely). A method that does not serve a phase runs dense there,
+    as under :func:`sparsify.compile`."""
+    chosen = {}
+    for phase in ("prefill", "decode"):
+        for layer in range(num_layers):
+            path = f"model.layers.{layer}.self_attn"
+            rule = next((rule for rule in policy.rules
+                         if rule.when.matches(layer=layer, module_path=path, phase=phase, seq_len=split.seq_len)),
+                        None)
+            if rule is not None and rule.when.heads is not None:
+                raise PolicyError(f"{policy.source}: {rule.describe()}.when.heads: context parallelism runs a "
+                                  "layer's heads alike; allowed: rules over whole layers")
+            where, spec = (rule.describe(), rule.spec) if rule is not None else ("default", policy.default)
+            if phase not in spec.method.phases:  # it runs dense there, as under sparsify.compile
+                where, spec = f"{where} ({spec.name} serves {', '.join(spec.method.phases)})", DENSE
+            allowed = ("dense", "sink_window") if phase == "prefill" else ("dense",)
+            if spec.name not in allowed:
+                raise PolicyError(f"{policy.source}: {where}: {spec.name} on layer {layer}'s {phase}; allowed under "
+                                  f"context parallelism: {', '.join(allowed)}")
+            if phase == "prefill":
+                chosen.setdefault(spec, where)
+    if len(chosen) > 1:
+        raise PolicyError(f"{policy.source}: the layers' prefill methods differ ({', '.join(chosen.values())}); "
+                          "allowed under context parallelism: one method for every layer (one plan serves all)")
+    spec = next(iter(chosen))
+    if spec.name == "dense":
+        return None
+    layout = sink_window_layout(split.seq_len, split.seq_len, spec.params.sink, spec.params.window, PLAN_BLOCK_M,
+                                PLAN_BLOCK_N, device=device)
+    return plan_kv_fetch(layout, split)
 
 
 def _attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,

@@ -13,8 +13,8 @@ from conftest import rank_results, run_ranks, tiny_model
 
 import sparsify
 from sparsify.context_parallel import (SequenceSplit, context_parallel_generate, context_parallel_prefill,
-                                      plan_kv_fetch)
-from sparsify.errors import ShapeError, SparsifyError
+                                      plan_for_policy, plan_kv_fetch)
+from sparsify.errors import PolicyError, ShapeError, SparsifyError
 from sparsify.kernels.block_sparse_attention import block_sparse_attention_reference
 from sparsify.kernels.layout import dense_layout, sink_window_layout
 
@@ -255,3 +255,23 @@ def test_models_context_parallel_prefill_cannot_serve_are_refused():
     with pytest.raises(ShapeError, match=r"plan: made for SequenceSplit\(lengths=\(1024, 3072\)\); allowed: a plan "
                                          r"of the split given"):
         context_parallel_prefill(tiny_model("llama", layers=1), prompt()[:, :2048], split, plan=plan)
+
+
+def test_a_policy_gives_the_ring_or_a_sink_window_plan_and_others_are_refused():
+    split = SequenceSplit.even(4096, RANKS, ALIGN)
+    assert plan_for_policy(sparsify.Policy.load("dense"), MODEL_LAYERS, split) is None
+    plan = plan_for_policy(sparsify.Policy.load(SINK_WINDOW_POLICY), MODEL_LAYERS, split)
+    assert plan.split == split and plan.keys(1, 0) == ((0, 64), (1792, 2048))  # the sink, the window before 2048
+    refused = {
+        "on layer 0's decode; allowed under context parallelism: dense":
+            {"rules": [{"when": {"phase": "decode"}, "use": "resa"}]},
+        "block_topk on layer 0's prefill; allowed under context parallelism: dense, sink_window":
+            {"rules": [{"use": "block_topk"}]},
+        r"the layers' prefill methods differ \(default, rules\[0\]\)":
+            {"rules": [{"when": {"layers": [1]}, "use": "sink_window"}]},
+        r"rules\[0\].when.heads: context parallelism runs a layer's heads alike":
+            {"rules": [{"when": {"heads": "0-1"}, "use": "sink_window"}]},
+    }
+    for message, policy in refused.items():
+        with pytest.raises(PolicyError, match=message):
+            plan_for_policy(sparsify.Policy.load(policy), MODEL_LAYERS, split)

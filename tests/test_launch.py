@@ -28,18 +28,23 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def sparsify_run(model_dir, *launcher: str) -> subprocess.CompletedProcess:
+def sparsify_run(model_dir, *launcher: str, policy: str = "", prompt: str = PROMPT,
+                 options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     command = [*launcher, "-m", "sparsify", "run", "--model", str(model_dir), "--policy",
-               str(model_dir / "policy.yaml"), "--prompt", PROMPT, "--raw", "--max-new-tokens", "4", "--explain",
-               "--device", "cpu"]
+               policy or str(model_dir / "policy.yaml"), "--prompt", prompt, "--raw", "--max-new-tokens", "4",
+               "--explain", "--device", "cpu", *options]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=model_dir)
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+# 600 words: context parallelism splits it 256 + 344 (ranks' boundaries on the layout's 128-token blocks).
+LONG_PROMPT = " ".join(VOCAB[(7 * i) % 200] for i in range(600))
 
 
 def test_torchrun_splits_the_model_over_the_ranks_and_answers_as_one_process(model_dir):
     alone = sparsify_run(model_dir, sys.executable)
     assert alone.returncode == 0, alone.stderr
-    launched = sparsify_run(model_dir, sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc-per-node", "2")
+    launched = sparsify_run(model_dir, *TORCHRUN)
     assert launched.returncode == 0, launched.stderr
     answer = alone.stdout.splitlines()[0]
     assert launched.stdout.splitlines()[0] == answer  # rank 0's answer: greedy, the same tokens
@@ -47,6 +52,33 @@ def test_torchrun_splits_the_model_over_the_ranks_and_answers_as_one_process(mod
     assert "tensor parallel over 2 ranks" in launched.stdout and "this is rank 0" in launched.stdout
     assert "tensor parallel" not in alone.stdout
     assert "sink_window" in launched.stdout  # the policy's method ran on the sharded model
+
+
+def test_torchrun_context_parallel_splits_the_prompt_and_answers_as_one_process(model_dir):
+    alone = sparsify_run(model_dir, sys.executable, policy="dense", prompt=LONG_PROMPT)
+    assert alone.returncode == 0, alone.stderr
+    ring = sparsify_run(model_dir, *TORCHRUN, policy="dense", prompt=LONG_PROMPT, options=("--parallel", "context"))
+    assert ring.returncode == 0, ring.stderr
+    assert ring.stdout.splitlines()[0] == alone.stdout.splitlines()[0]  # rank 0's answer: the same greedy tokens
+    assert "context parallel over 2 ranks, positions 0-255, 256-599; prefill: dense ring attention" in ring.stdout
+    # The ring: each rank receives the other's slice in each of the 2 layers: K and V, 2 KV heads x head_dim 16,
+    # float32, 512 bytes a position.
+    position_bytes = 2 * 2 * 16 * 4 * 2
+    assert f"rank 0 received {344 * position_bytes:,} bytes of K/V in the prefill" in ring.stdout
+    assert f"rank 1 received {256 * position_bytes:,} bytes of K/V in the prefill" in ring.stdout
+    window = sparsify_run(model_dir, *TORCHRUN, prompt=LONG_PROMPT, options=("--parallel", "context"))
+    assert window.returncode == 0, window.stderr
+    assert "prefill: sink_window, only the visited key blocks moved" in window.stdout
+    # Sink 16 + window 32: rank 1 needs rank 0's first 64-key block (the sink) and its last (keys 192-255, the
+    # window before position 256), half of what the ring moves; rank 0 nothing.
+    assert "rank 0 received 0 bytes of K/V in the prefill" in window.stdout
+    assert f"rank 1 received {128 * position_bytes:,} bytes of K/V in the prefill" in window.stdout
+
+
+def test_context_parallel_outside_a_launcher_is_refused(model_dir):
+    alone = sparsify_run(model_dir, sys.executable, options=("--parallel", "context"))
+    assert alone.returncode == 2
+    assert "--parallel context: splits the prompt over the ranks of a launcher; allowed: under torchrun" in alone.stderr
 
 
 def test_from_the_checkout_root_the_kernels_folder_does_not_shadow_an_installed_kernels():
