@@ -451,7 +451,10 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
         scores_out.copy_(torch.where(below[:, None], flat, scores_out))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    out = torch.matmul(probs, v.float()[:, :, None])                                     # (B, Hkv, G, T, Dv)
+    # Values no row sees are never read, as in the kernel's masked loads: a preallocated cache may hold anything
+    # (NaN too) past the lengths, and 0 x NaN would poison the sum.
+    seen = v.float().masked_fill(~visible[..., None], 0.0)
+    out = torch.matmul(probs, seen[:, :, None])                                           # (B, Hkv, G, T, Dv)
     return out.reshape(batch, q_heads, q_len, dim_v).to(q.dtype), lse.reshape(batch, q_heads, q_len)
 
 

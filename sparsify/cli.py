@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import json
 import random
 import sys
@@ -141,13 +142,22 @@ def _run_context_parallel(args) -> int:
         return 0
     _print_answer(tokenizer.decode(result.tokens[0], skip_special_tokens=True), document)
     if args.explain:
-        prefill = "dense ring attention" if plan is None else "sink_window, only the visited key blocks moved"
         print(f"context parallel over {ranks} ranks, positions "
               + ", ".join(f"{split.start(r)}-{split.end(r) - 1}" for r in range(ranks))
-              + f"; prefill: {prefill}; decode: dense, the KV cache left split; not compiled (no explain table)")
+              + f"; prefill: {_describe_plans(plan)}; decode: dense, the KV cache left split; not compiled (no "
+              "explain table)")
         for r, (prefill_bytes, decode_bytes) in enumerate(received):
             print(f"rank {r} received {prefill_bytes:,} bytes of K/V in the prefill, {decode_bytes:,} in decoding")
     return 0
+
+
+def _describe_plans(plans) -> str:
+    """Runs of layers with the same context-parallel prefill (:func:`sparsify.context_parallel.plan_for_policy`'s
+    entries: None for the dense ring, a shared plan for one sink + window)."""
+    runs = [list(run) for _, run in itertools.groupby(enumerate(plans), key=lambda item: id(item[1]))]
+    return "; ".join(f"layers {run[0][0]}-{run[-1][0]} "
+                     + ("dense ring attention" if run[0][1] is None else "sink_window, only the visited key blocks moved")
+                     for run in runs)
 
 
 def _builtin_document(tokenizer, length: int):

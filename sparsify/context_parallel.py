@@ -302,40 +302,47 @@ class ContextParallelPrefill:
     kv_bytes_received: int
 
 
+Plans = KVFetchPlan | tuple[KVFetchPlan | None, ...] | None
+"""A prefill's attention: None (every layer over the ring), one plan for every layer, or one entry per layer
+(None: that layer over the ring)."""
+
+
 class _LayerAttention:
     """Each layer's attention call of one :func:`context_parallel_prefill`, counting the bytes received; with
     ``keep``, also each layer's K and V of this rank's slice (after the rotary embedding), by layer index."""
 
-    def __init__(self, split: SequenceSplit, plan: KVFetchPlan | None, group: dist.ProcessGroup | None,
+    def __init__(self, split: SequenceSplit, plans: Plans, group: dist.ProcessGroup | None,
                  keep: dict[int, tuple[Tensor, Tensor]] | None = None):
-        self.split, self.plan, self.group, self.keep = split, plan, group, keep
+        self.split, self.plans, self.group, self.keep = split, plans, group, keep
         self.kv_bytes_received = 0
 
     def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
         if self.keep is not None:
             self.keep[layer] = (key, value)
-        if self.plan is None:
+        plan = self.plans[layer] if isinstance(self.plans, tuple) else self.plans
+        if plan is None:
             result = ring_attention(query, key, value, self.split, group=self.group, scale=scale)
         else:
-            result = layout_attention(query, key, value, self.plan, group=self.group, scale=scale)
+            result = layout_attention(query, key, value, plan, group=self.group, scale=scale)
         self.kv_bytes_received += result.kv_bytes_received
         return result.out
 
 
 def context_parallel_prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, *,
-                             plan: KVFetchPlan | None = None, group: dist.ProcessGroup | None = None
+                             plan: Plans = None, group: dist.ProcessGroup | None = None
                              ) -> ContextParallelPrefill:
     """Prefill a transformers Llama or Qwen2 model (``config.model_type`` in :data:`CONTEXT_PARALLEL_MODELS`, eval
     mode, no sliding window) over a prompt split by ``split``: every rank of ``group`` calls it with
     ``input_ids`` (B, L_r), its own positions ``[split.start(r), split.end(r))`` of the prompt, and gets the logits
     of those positions, equal to the slice of the whole prompt's logits on one process. The model runs on the slice
     with those position ids, no cache and no padding; every layer's attention goes through :func:`ring_attention`
-    (``plan`` None: exact causal attention) or :func:`layout_attention` over ``plan`` (one plan for every layer).
+    (``plan`` None: exact causal attention) or :func:`layout_attention` over ``plan`` (one plan for every layer,
+    or a tuple of one entry per layer, None for the ring there: :func:`plan_for_policy` gives one).
     The model itself is left as it was."""
     return _prefill(model, input_ids, split, plan, group, None)
 
 
-def _prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, plan: KVFetchPlan | None,
+def _prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, plan: Plans,
              group: dist.ProcessGroup | None, keep: dict[int, tuple[Tensor, Tensor]] | None
              ) -> ContextParallelPrefill:
     config = model.config
@@ -349,8 +356,13 @@ def _prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, pl
                          "prefill computes full causal attention)")
     if model.training:
         raise SparsifyError("model.training: True; allowed: eval mode (context-parallel prefill is inference only)")
-    if plan is not None and plan.split != split:
-        raise ShapeError(f"plan: made for {plan.split}; allowed: a plan of the split given, {split}")
+    layer_plans = plan if isinstance(plan, tuple) else (plan,) * config.num_hidden_layers
+    if len(layer_plans) != config.num_hidden_layers:
+        raise ShapeError(f"plan: {len(layer_plans)} entries; allowed: one per layer, {config.num_hidden_layers}")
+    for layer, entry in enumerate(layer_plans):
+        if entry is not None and entry.split != split:
+            where = "plan" if not isinstance(plan, tuple) else f"plan[{layer}]"
+            raise ShapeError(f"{where}: made for {entry.split}; allowed: a plan of the split given, {split}")
     rank = dist.get_rank(group)
     if input_ids.dim() != 2 or input_ids.shape[1] != split.lengths[rank]:
         raise ShapeError(f"input_ids: {tuple(input_ids.shape)} on rank {rank}; allowed: (B, {split.lengths[rank]}), "
@@ -406,7 +418,7 @@ class _DecodeAttention:
         self.caches = {}
         for layer, (key, value) in prompt_kv.items():
             if holds_new_tokens:
-                key, value = (torch.cat([t, t.new_empty((*t.shape[:2], capacity, t.shape[3]))], dim=2)
+                key, value = (torch.cat([t, t.new_zeros((*t.shape[:2], capacity, t.shape[3]))], dim=2)
                               for t in (key, value))
             self.caches[layer] = (key, value)
 
@@ -437,7 +449,7 @@ class _DecodeAttention:
 
 
 def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit,
-                              max_new_tokens: int, *, plan: KVFetchPlan | None = None,
+                              max_new_tokens: int, *, plan: Plans = None,
                               group: dist.ProcessGroup | None = None,
                               eos_token_id: int | list[int] | None = None,
                               return_logits: bool = False) -> ContextParallelGeneration:
@@ -493,15 +505,17 @@ PLAN_BLOCK_M, PLAN_BLOCK_N = 128, 64
 PLAN_ALIGNMENT = math.lcm(PLAN_BLOCK_M, PLAN_BLOCK_N)
 
 
-def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, device="cpu") -> KVFetchPlan | None:
+def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, device="cpu"
+                    ) -> tuple[KVFetchPlan | None, ...]:
     """What a context-parallel run does for ``policy`` (a :class:`~sparsify.policy.Policy`) over a prompt of
-    ``split.seq_len`` tokens: None (the dense ring) when every layer's prefill method is ``dense``, the
-    sink + window :class:`KVFetchPlan` when every layer's is the same ``sink_window``. Refused, naming the rule, when
-    the layers' prefill methods differ or are any other (one plan serves every layer, and only layouts known
-    before the call can be planned), when a rule splits a layer's heads, and when a decode method is not ``dense``
-    (:func:`context_parallel_generate` decodes densely). A method that does not serve a phase runs dense there,
-    as under :func:`sparsify.compile`."""
-    chosen = {}
+    ``split.seq_len`` tokens, per layer: None (the dense ring) where the layer's prefill method is ``dense``, a
+    sink + window :class:`KVFetchPlan` where it is ``sink_window`` (one plan per distinct parameters, shared by
+    the layers that use them). A method that does not serve a phase runs dense there, as under
+    :func:`sparsify.compile`. Refused, naming the rule: any other prefill method (only layouts known before the
+    call can be planned), a rule that splits a layer's heads, and a decode method other than ``dense``
+    (:func:`context_parallel_generate` decodes densely)."""
+    plans: dict[MethodSpec, KVFetchPlan] = {}
+    per_layer: list[KVFetchPlan | None] = []
     for phase in ("prefill", "decode"):
         for layer in range(num_layers):
             path = f"model.layers.{layer}.self_attn"
@@ -513,22 +527,18 @@ def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, device="cp
                                   "layer's heads alike; allowed: rules over whole layers")
             where, spec = (rule.describe(), rule.spec) if rule is not None else ("default", policy.default)
             if phase not in spec.method.phases:  # it runs dense there, as under sparsify.compile
-                where, spec = f"{where} ({spec.name} serves {', '.join(spec.method.phases)})", DENSE
+                spec = DENSE
             allowed = ("dense", "sink_window") if phase == "prefill" else ("dense",)
             if spec.name not in allowed:
                 raise PolicyError(f"{policy.source}: {where}: {spec.name} on layer {layer}'s {phase}; allowed under "
                                   f"context parallelism: {', '.join(allowed)}")
             if phase == "prefill":
-                chosen.setdefault(spec, where)
-    if len(chosen) > 1:
-        raise PolicyError(f"{policy.source}: the layers' prefill methods differ ({', '.join(chosen.values())}); "
-                          "allowed under context parallelism: one method for every layer (one plan serves all)")
-    spec = next(iter(chosen))
-    if spec.name == "dense":
-        return None
-    layout = sink_window_layout(split.seq_len, split.seq_len, spec.params.sink, spec.params.window, PLAN_BLOCK_M,
-                                PLAN_BLOCK_N, device=device)
-    return plan_kv_fetch(layout, split)
+                if spec.name == "sink_window" and spec not in plans:
+                    layout = sink_window_layout(split.seq_len, split.seq_len, spec.params.sink, spec.params.window,
+                                                PLAN_BLOCK_M, PLAN_BLOCK_N, device=device)
+                    plans[spec] = plan_kv_fetch(layout, split)
+                per_layer.append(plans.get(spec))
+    return tuple(per_layer)
 
 
 def _attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,

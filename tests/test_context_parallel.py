@@ -86,6 +86,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             plan = plan_kv_fetch(window_layout(4096), split)
             results["model layout"] = context_parallel_prefill(tiny_model("llama", layers=MODEL_LAYERS), ids, split,
                                                                plan=plan)
+            results["model layout layer 1"] = context_parallel_prefill(tiny_model("llama", layers=MODEL_LAYERS), ids,
+                                                                       split, plan=(None, plan))
             # Decoding after the prefill, the cache split as the prompt; then stopping at the third token's id.
             model = tiny_model("llama", layers=MODEL_LAYERS)
             generated = context_parallel_generate(model, ids, split, NEW_TOKENS, return_logits=True)
@@ -243,6 +245,22 @@ def test_bad_max_new_tokens_is_refused_before_any_transfer():
         context_parallel_generate(tiny_model("llama", layers=1), prompt()[:, :2048], SequenceSplit((2048, 2048)), 0)
 
 
+def test_a_plan_per_layer_gives_sparsify_with_that_layer_sink_window_on_one_process(ranks):
+    split = SequenceSplit.even(4096, RANKS, ALIGN)
+    policy = {"rules": [{"when": {"phase": "prefill", "layers": [1]}, "use": "sink_window",
+                         "with": {"sink": SINK, "window": WINDOW}}]}
+    fast = sparsify.compile(tiny_model("llama", layers=MODEL_LAYERS), policy, cost_model_fallback=False)
+    with torch.no_grad():
+        expected = fast(prompt()).logits
+    for rank, result in enumerate(ranks):
+        torch.testing.assert_close(result["model layout layer 1"].logits,
+                                   expected[:, split.start(rank):split.end(rank)], atol=1e-5, rtol=1e-5,
+                                   msg=f"rank {rank}")
+    # Layer 0 over the ring (each rank the other's slice), layer 1 the sink and window blocks (rank 1 only).
+    assert [result["model layout layer 1"].kv_bytes_received for result in ranks] == [
+        kv_bytes(2048), kv_bytes(2048) + kv_bytes(5 * BLOCK_N)]
+
+
 def test_models_context_parallel_prefill_cannot_serve_are_refused():
     split = SequenceSplit((2048, 2048))
     windowed = tiny_model("llama", layers=1)
@@ -257,21 +275,29 @@ def test_models_context_parallel_prefill_cannot_serve_are_refused():
         context_parallel_prefill(tiny_model("llama", layers=1), prompt()[:, :2048], split, plan=plan)
 
 
-def test_a_policy_gives_the_ring_or_a_sink_window_plan_and_others_are_refused():
+def test_a_policy_gives_each_layer_the_ring_or_a_sink_window_plan_and_others_are_refused():
     split = SequenceSplit.even(4096, RANKS, ALIGN)
-    assert plan_for_policy(sparsify.Policy.load("dense"), MODEL_LAYERS, split) is None
-    plan = plan_for_policy(sparsify.Policy.load(SINK_WINDOW_POLICY), MODEL_LAYERS, split)
-    assert plan.split == split and plan.keys(1, 0) == ((0, 64), (1792, 2048))  # the sink, the window before 2048
+    assert plan_for_policy(sparsify.Policy.load("dense"), MODEL_LAYERS, split) == (None, None)
+    first, second = plan_for_policy(sparsify.Policy.load(SINK_WINDOW_POLICY), MODEL_LAYERS, split)
+    assert first is second and first.split == split  # one plan for the same parameters
+    assert first.keys(1, 0) == ((0, 64), (1792, 2048))  # the sink and the window before 2048
+    # The sink_window preset: layers 0-1 dense (the ring), the rest the plan; its decode (dense) is allowed.
+    plans = plan_for_policy(sparsify.Policy.load("sink_window"), 4, split)
+    assert plans[:2] == (None, None) and plans[2] is plans[3] is not None
     refused = {
-        "on layer 0's decode; allowed under context parallelism: dense":
+        "resa on layer 0's decode; allowed under context parallelism: dense":
             {"rules": [{"when": {"phase": "decode"}, "use": "resa"}]},
         "block_topk on layer 0's prefill; allowed under context parallelism: dense, sink_window":
             {"rules": [{"use": "block_topk"}]},
-        r"the layers' prefill methods differ \(default, rules\[0\]\)":
-            {"rules": [{"when": {"layers": [1]}, "use": "sink_window"}]},
         r"rules\[0\].when.heads: context parallelism runs a layer's heads alike":
             {"rules": [{"when": {"heads": "0-1"}, "use": "sink_window"}]},
     }
     for message, policy in refused.items():
         with pytest.raises(PolicyError, match=message):
             plan_for_policy(sparsify.Policy.load(policy), MODEL_LAYERS, split)
+
+
+def test_a_plan_per_layer_of_the_wrong_length_is_refused():
+    with pytest.raises(ShapeError, match=r"plan: 2 entries; allowed: one per layer, 1"):
+        context_parallel_prefill(tiny_model("llama", layers=1), prompt()[:, :2048], SequenceSplit((2048, 2048)),
+                                 plan=(None, None))

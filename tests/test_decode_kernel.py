@@ -207,6 +207,24 @@ def test_lengths_past_the_cache_are_clamped():
     torch.testing.assert_close(lse, full_lse, atol=0, rtol=0)
 
 
+def test_what_lies_past_the_lengths_is_never_read():
+    """A preallocated cache holds anything past the positions in use, NaN and inf too: the kernel and the
+    reference give what they give over a clean cache (0 x NaN would poison the reference's sum)."""
+    gen = torch.Generator().manual_seed(503)
+    q, k, v = make_qkv(gen, 2, 2, 3, 64, 16)
+    lengths = torch.tensor([40, 17])
+    clean = decode_attention_reference(q, k, v, lengths, None)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for b, n in enumerate(lengths.tolist()):
+        poisoned_k[b, :, n:] = float("nan")
+        poisoned_v[b, :, n:: 2] = float("inf")
+        poisoned_v[b, :, n + 1:: 2] = float("nan")
+    for result in (check(q, poisoned_k, poisoned_v, lengths, None),
+                   decode_attention_reference(q, poisoned_k, poisoned_v, lengths, None)):
+        torch.testing.assert_close(result[0], clean[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(result[1], clean[1], atol=1e-6, rtol=1e-6)
+
+
 def test_strided_cache_and_query():
     """k as a slice of a longer preallocated cache (StaticCache), v in (B, L, H, D) memory, q a slice too."""
     gen = torch.Generator().manual_seed(601)

@@ -60,7 +60,8 @@ def test_torchrun_context_parallel_splits_the_prompt_and_answers_as_one_process(
     ring = sparsify_run(model_dir, *TORCHRUN, policy="dense", prompt=LONG_PROMPT, options=("--parallel", "context"))
     assert ring.returncode == 0, ring.stderr
     assert ring.stdout.splitlines()[0] == alone.stdout.splitlines()[0]  # rank 0's answer: the same greedy tokens
-    assert "context parallel over 2 ranks, positions 0-255, 256-599; prefill: dense ring attention" in ring.stdout
+    assert ("context parallel over 2 ranks, positions 0-255, 256-599; prefill: layers 0-1 dense ring attention;"
+            in ring.stdout)
     # The ring: each rank receives the other's slice in each of the 2 layers: K and V, 2 KV heads x head_dim 16,
     # float32, 512 bytes a position.
     position_bytes = 2 * 2 * 16 * 4 * 2
@@ -68,7 +69,7 @@ def test_torchrun_context_parallel_splits_the_prompt_and_answers_as_one_process(
     assert f"rank 1 received {256 * position_bytes:,} bytes of K/V in the prefill" in ring.stdout
     window = sparsify_run(model_dir, *TORCHRUN, prompt=LONG_PROMPT, options=("--parallel", "context"))
     assert window.returncode == 0, window.stderr
-    assert "prefill: sink_window, only the visited key blocks moved" in window.stdout
+    assert "prefill: layers 0-1 sink_window, only the visited key blocks moved;" in window.stdout
     # Sink 16 + window 32: rank 1 needs rank 0's first 64-key block (the sink) and its last (keys 192-255, the
     # window before position 256), half of what the ring moves; rank 0 nothing.
     assert "rank 0 received 0 bytes of K/V in the prefill" in window.stdout
