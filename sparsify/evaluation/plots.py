@@ -29,11 +29,7 @@ def scores_vs_length(rows: list[dict], path: Path, title: str) -> Path:
     for axis in list(axes.flat)[len(tasks):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def layer_errors(fidelity: list[dict], path: Path, title: str) -> Path:
@@ -57,11 +53,7 @@ def layer_errors(fidelity: list[dict], path: Path, title: str) -> Path:
     right.set_ylabel("KL(dense || policy)")
     for axis in (left, middle, right):
         axis.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def diffusion_steps(runs: list[dict], switch: int, path: Path, title: str) -> Path:
@@ -83,11 +75,7 @@ def diffusion_steps(runs: list[dict], switch: int, path: Path, title: str) -> Pa
         axis.set_xlabel("denoising step")
         axis.grid(alpha=0.3)
     right.legend(fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path, title)
 
 
 def block_pattern(full, partial, path: Path, title: str) -> Path:
@@ -99,6 +87,14 @@ def block_pattern(full, partial, path: Path, title: str) -> Path:
     axis.set_ylabel("query block")
     visited = (full | partial).float().mean().item()
     axis.set_title(f"{title}\n{visited:.1%} of blocks visited (dark: full, light: partial)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _save(figure, path: Path, title: str) -> Path:
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
