@@ -10,7 +10,9 @@ LLaDA's: per sequence a masking rate t ~ U(0.001, 1), each token masked with pro
 masked tokens weighted by 1/t. AdamW, bf16 autocast, for ``--minutes`` of training. Reported before and after:
 the loss and the share of masked tokens predicted right (one step, t = 0.5) on the held-out sequences.
 
-    python -m benchmarks.diffusion_lm --out /tmp/smollm2-diffusion --minutes 2.5 --packages transformers
+    python -m benchmarks.diffusion_lm --out /tmp/smollm2-diffusion --minutes 5 --lr 1e-4 --packages transformers
+
+(the fidelity runs' model, 2026-12-04; the corpus depends on the installed transformers' version: 5.17 there)
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def main(argv=None) -> None:
     data = sequences(tokenizer, args.context, tuple(args.packages)).cuda()
     held = max(1, data.shape[0] // 20)
     train, held_out = data[:-held], data[-held:]
-    report = {"corpus": f"docstrings of {', '.join([*args.packages, 'the standard library'])}", "sequences": data.shape[0], "context": args.context,
+    corpus = f"docstrings of {', '.join([*args.packages, 'the standard library'])}"
+    report = {"corpus": corpus, "sequences": data.shape[0], "context": args.context,
               "mask_token_id": MASK_TOKEN, "before": evaluate(model.eval(), held_out, args.batch)}
     print(f"corpus: {data.shape[0]} sequences of {args.context} tokens; before {report['before']}", flush=True)
     model.train()

@@ -52,16 +52,16 @@ def decode_num_splits(batch: int, kv_heads: int, n_blocks: int, multiprocessors:
 
 
 # A pass that also writes every score (a LessIsMore selection layer's): 128-key tiles, 2 stages, and splits for a
-# quarter of the multiprocessors whatever the batch. The best of a sweep on the H200 (32/8 heads, D=128,
-# benchmarks/results/lessismore-launch-probe-2026-12-04.log): 33 splits took 0.050 / 0.151 ms at 32K / 128K B=1
+# quarter of the multiprocessors. The best of a sweep on the H200 at 32/8 heads, D=128, B=1 and B=8
+# (benchmarks/results/lessismore-launch-probe-2026-12-04.log): 33 splits took 0.050 / 0.151 ms at 32K / 128K B=1
 # (the decode defaults 0.056 / 0.182; 66 splits 0.055 / 0.153) and 0.282 / 1.061 at B=8 (defaults 0.307 / 1.203).
+# Other head counts (a tensor-parallel rank's) were not swept.
 SCORES_BLOCK_N, SCORES_STAGES, SCORES_SMS_PER_SPLIT = 128, 2, 4
 
 
-def scores_pass_launch(batch: int, kv_heads: int, length: int, device) -> dict:
+def scores_pass_launch(length: int, device) -> dict:
     """The launch arguments (``block_n``, ``num_stages``, ``num_splits``) of :func:`decode_attention` for a pass
-    with ``scores_out`` over a cache of ``length`` keys (``batch`` and ``kv_heads`` do not change it: the sweep's
-    best was the same at B=1 and B=8); static shapes only, like :func:`decode_num_splits`."""
+    with ``scores_out`` over a cache of ``length`` keys; static shapes only, like :func:`decode_num_splits`."""
     multiprocessors = hardware.multiprocessors(device, INTERPRETER_MULTIPROCESSORS)
     splits = max(1, min(multiprocessors // SCORES_SMS_PER_SPLIT, -(-length // SCORES_BLOCK_N), MAX_SPLITS))
     return {"block_n": SCORES_BLOCK_N, "num_stages": SCORES_STAGES, "num_splits": splits}

@@ -113,7 +113,8 @@ def _run_context_parallel(args) -> int:
 
     import sparsify
 
-    from .context_parallel import PLAN_ALIGNMENT, SequenceSplit, context_parallel_generate, plan_for_policy
+    from .context_parallel import (PLAN_ALIGNMENT, SequenceSplit, context_parallel_generate, plan_for_policy,
+                                   policy_needs_plans)
     from .distributed import join_launched_ranks
     from .models import load_model
 
@@ -129,8 +130,15 @@ def _run_context_parallel(args) -> int:
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device,
                                       attn_implementation=args.attn_implementation)
     ids, document = _prompt_ids(args, tokenizer)
-    split = SequenceSplit.even(ids.shape[1], ranks, multiple=PLAN_ALIGNMENT)
-    plan = plan_for_policy(policy, model.config.num_hidden_layers, split, device=args.device)
+    alignment = PLAN_ALIGNMENT if policy_needs_plans(policy) else 1
+    if ids.shape[1] <= alignment * (ranks - 1):
+        raise SparsifyError(f"--prompt: {ids.shape[1]} tokens; allowed under --parallel context over {ranks} ranks"
+                            + (f" with this policy's sink_window: more than {alignment * (ranks - 1)} (the ranks' "
+                               f"boundaries fall on its {alignment}-token blocks)" if alignment > 1 else
+                               f": at least {ranks}, one a rank"))
+    split = SequenceSplit.even(ids.shape[1], ranks, multiple=alignment)
+    plan = plan_for_policy(policy, model.config.num_hidden_layers, split, max_new_tokens=args.max_new_tokens,
+                           device=args.device)
     with _step(f"generating up to {args.max_new_tokens} tokens ({ids.shape[1]}-token prompt split "
                f"{'+'.join(map(str, split.lengths))} over {ranks} ranks)"), torch.no_grad():
         result = context_parallel_generate(model, ids[:, split.start(rank):split.end(rank)].to(args.device), split,

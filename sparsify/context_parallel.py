@@ -302,24 +302,24 @@ class ContextParallelPrefill:
     kv_bytes_received: int
 
 
-Plans = KVFetchPlan | tuple[KVFetchPlan | None, ...] | None
-"""A prefill's attention: None (every layer over the ring), one plan for every layer, or one entry per layer
-(None: that layer over the ring)."""
+Plans = KVFetchPlan | tuple[KVFetchPlan | None, ...] | list[KVFetchPlan | None] | None
+"""A prefill's attention: None (every layer over the ring), one plan for every layer, or a tuple or list of one
+entry per layer (None: that layer over the ring)."""
 
 
 class _LayerAttention:
     """Each layer's attention call of one :func:`context_parallel_prefill`, counting the bytes received; with
     ``keep``, also each layer's K and V of this rank's slice (after the rotary embedding), by layer index."""
 
-    def __init__(self, split: SequenceSplit, plans: Plans, group: dist.ProcessGroup | None,
-                 keep: dict[int, tuple[Tensor, Tensor]] | None = None):
-        self.split, self.plans, self.group, self.keep = split, plans, group, keep
+    def __init__(self, split: SequenceSplit, layer_plans: tuple[KVFetchPlan | None, ...],
+                 group: dist.ProcessGroup | None, keep: dict[int, tuple[Tensor, Tensor]] | None = None):
+        self.split, self.layer_plans, self.group, self.keep = split, layer_plans, group, keep
         self.kv_bytes_received = 0
 
     def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
         if self.keep is not None:
             self.keep[layer] = (key, value)
-        plan = self.plans[layer] if isinstance(self.plans, tuple) else self.plans
+        plan = self.layer_plans[layer]
         if plan is None:
             result = ring_attention(query, key, value, self.split, group=self.group, scale=scale)
         else:
@@ -339,12 +339,14 @@ def context_parallel_prefill(model: torch.nn.Module, input_ids: Tensor, split: S
     (``plan`` None: exact causal attention) or :func:`layout_attention` over ``plan`` (one plan for every layer,
     or a tuple of one entry per layer, None for the ring there: :func:`plan_for_policy` gives one).
     The model itself is left as it was."""
-    return _prefill(model, input_ids, split, plan, group, None)
+    return _prefill(model, input_ids, split, plan, group)
 
 
 def _prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, plan: Plans,
-             group: dist.ProcessGroup | None, keep: dict[int, tuple[Tensor, Tensor]] | None
-             ) -> ContextParallelPrefill:
+             group: dist.ProcessGroup | None, keep: dict[int, tuple[Tensor, Tensor]] | None = None,
+             last_only: bool = False) -> ContextParallelPrefill:
+    """:func:`context_parallel_prefill`; with ``keep``, each layer's K/V kept there; ``last_only``: the logits of
+    the slice's last position alone (B, 1, vocab), all a decode needs."""
     config = model.config
     if getattr(config, "model_type", None) not in CONTEXT_PARALLEL_MODELS:
         raise ShapeError(f"config.model_type: {getattr(config, 'model_type', None)!r}; allowed: "
@@ -356,31 +358,36 @@ def _prefill(model: torch.nn.Module, input_ids: Tensor, split: SequenceSplit, pl
                          "prefill computes full causal attention)")
     if model.training:
         raise SparsifyError("model.training: True; allowed: eval mode (context-parallel prefill is inference only)")
-    layer_plans = plan if isinstance(plan, tuple) else (plan,) * config.num_hidden_layers
+    if plan is not None and not isinstance(plan, (KVFetchPlan, tuple, list)):
+        raise ShapeError(f"plan: {type(plan).__name__}; allowed: None (the ring), a KVFetchPlan, or a tuple or list "
+                         "of one entry (KVFetchPlan or None) per layer")
+    layer_plans = tuple(plan) if isinstance(plan, (tuple, list)) else (plan,) * config.num_hidden_layers
     if len(layer_plans) != config.num_hidden_layers:
         raise ShapeError(f"plan: {len(layer_plans)} entries; allowed: one per layer, {config.num_hidden_layers}")
     for layer, entry in enumerate(layer_plans):
         if entry is not None and entry.split != split:
-            where = "plan" if not isinstance(plan, tuple) else f"plan[{layer}]"
+            where = f"plan[{layer}]" if isinstance(plan, (tuple, list)) else "plan"
             raise ShapeError(f"{where}: made for {entry.split}; allowed: a plan of the split given, {split}")
     rank = dist.get_rank(group)
     if input_ids.dim() != 2 or input_ids.shape[1] != split.lengths[rank]:
         raise ShapeError(f"input_ids: {tuple(input_ids.shape)} on rank {rank}; allowed: (B, {split.lengths[rank]}), "
                          f"the split's positions {split.start(rank)}-{split.end(rank) - 1}")
-    attention = _LayerAttention(split, plan, group, keep)
+    attention = _LayerAttention(split, layer_plans, group, keep)
     positions = torch.arange(split.start(rank), split.end(rank), device=input_ids.device)
-    logits = _forward(model, input_ids, positions.expand(input_ids.shape[0], -1), attention)
+    logits = _forward(model, input_ids, positions.expand(input_ids.shape[0], -1), attention,
+                      logits_to_keep=1 if last_only else 0)
     return ContextParallelPrefill(logits, attention.kv_bytes_received)
 
 
-def _forward(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, attention) -> Tensor:
-    """The model's logits with every layer's attention done by ``attention(layer, q, k, v, scale)`` (through
-    :data:`ATTN_IMPLEMENTATION`, for this call only), no cache."""
+def _forward(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor, attention,
+             logits_to_keep: int = 0) -> Tensor:
+    """The model's logits (of the last ``logits_to_keep`` positions; 0: all) with every layer's attention done by
+    ``attention(layer, q, k, v, scale)`` (through :data:`ATTN_IMPLEMENTATION`, for this call only), no cache."""
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = ATTN_IMPLEMENTATION
     try:
-        return model(input_ids, position_ids=position_ids, use_cache=False,
+        return model(input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep,
                      sparsify_context_parallel=attention).logits
     finally:
         config._attn_implementation = previous
@@ -459,22 +466,28 @@ def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: 
     layout; the decode steps attend to every key).
 
     The KV cache stays split as the prompt was: no rank ever holds the whole sequence's K/V. The first token is the
-    argmax of the last rank's last prompt position (broadcast); each later one runs the whole model on every rank
-    (the weights are replicated), each layer's attention as :class:`_DecodeAttention` merges every rank's partial
-    attention. A row that produced an end token (``eos_token_id``: one id or several, as a generation config
-    gives them) repeats the first of them until every row has ended; then the loop stops."""
+    argmax of the last rank's last prompt position; each later one runs the whole model on every rank (the weights
+    are replicated), each layer's attention as :class:`_DecodeAttention` merges every rank's partial attention, so
+    every rank computes the same logits. The last rank's choice of each token is broadcast all the same (B ids):
+    the ranks then feed the same tokens and stop together even where their arithmetic differed. A row that
+    produced an end token (``eos_token_id``: one id or several, as a generation config gives them) repeats the
+    first of them until every row has ended; then the loop stops. Tested against transformers' greedy
+    ``generate()`` in float32 on the CPU (B = 1 and 2, 2 ranks)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ShapeError(f"max_new_tokens: {max_new_tokens!r}; allowed: a whole number of at least 1")
     prompt_kv: dict[int, tuple[Tensor, Tensor]] = {}
-    prefill = _prefill(model, input_ids, split, plan, group, prompt_kv)
-    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-    last = ranks - 1
-    logits = prefill.logits[:, -1].float()
-    # Only the last rank holds the prompt's last position: its logits go to every rank.
-    if rank != last:
-        logits = torch.empty_like(logits)
+    prefill = _prefill(model, input_ids, split, plan, group, prompt_kv, last_only=True)
+    last = dist.get_world_size(group) - 1
+    is_last = dist.get_rank(group) == last
+    # Only the last rank holds the prompt's last position: its logits go to every rank (contiguous, as a
+    # collective needs: a float32 model's slice [:, -1] is a strided view).
+    logits = prefill.logits[:, -1].float().contiguous() if is_last else \
+        prefill.logits.new_empty((input_ids.shape[0], prefill.logits.shape[-1]), dtype=torch.float32)
     dist.broadcast(logits, group_src=last, group=group)
-    attention = _DecodeAttention(prompt_kv, rank == last, max_new_tokens - 1, group)
+    prefill_bytes = prefill.kv_bytes_received
+    del prefill
+    attention = _DecodeAttention(prompt_kv, is_last, max_new_tokens - 1, group)
+    prompt_kv.clear()  # the caches hold them now (the last rank's as copies with room for the new tokens)
     batch = input_ids.shape[0]
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     end_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [],
@@ -482,6 +495,7 @@ def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: 
     tokens, step_logits = [], []
     while True:
         token = logits.argmax(-1)
+        dist.broadcast(token, group_src=last, group=group)
         if end_ids.numel():
             token = torch.where(finished, end_ids[0], token)
             finished |= torch.isin(token, end_ids)
@@ -495,50 +509,69 @@ def context_parallel_generate(model: torch.nn.Module, input_ids: Tensor, split: 
         logits = _forward(model, token[:, None], position, attention)[:, -1].float()
     return ContextParallelGeneration(torch.stack(tokens, dim=1),
                                      torch.stack(step_logits, dim=1) if return_logits else None,
-                                     prefill.kv_bytes_received, attention.bytes_received)
+                                     prefill_bytes, attention.bytes_received)
 
 
-DENSE = MethodSpec("dense", METHODS.get("dense").Params())
 # The layout tiles of a context-parallel sink + window plan (the prefill kernel's defaults); ranks' boundaries fall
 # on multiples of both.
 PLAN_BLOCK_M, PLAN_BLOCK_N = 128, 64
 PLAN_ALIGNMENT = math.lcm(PLAN_BLOCK_M, PLAN_BLOCK_N)
 
 
-def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, device="cpu"
+def policy_needs_plans(policy) -> bool:
+    """Whether any rule (or the default) of ``policy`` names ``sink_window``: then the ranks' boundaries must fall
+    on :data:`PLAN_ALIGNMENT` (the ring takes any split)."""
+    return any(spec.name == "sink_window" for spec in (policy.default, *(rule.spec for rule in policy.rules)))
+
+
+def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, max_new_tokens: int = 0, device="cpu"
                     ) -> tuple[KVFetchPlan | None, ...]:
     """What a context-parallel run does for ``policy`` (a :class:`~sparsify.policy.Policy`) over a prompt of
-    ``split.seq_len`` tokens, per layer: None (the dense ring) where the layer's prefill method is ``dense``, a
-    sink + window :class:`KVFetchPlan` where it is ``sink_window`` (one plan per distinct parameters, shared by
-    the layers that use them). A method that does not serve a phase runs dense there, as under
-    :func:`sparsify.compile`. Refused, naming the rule: any other prefill method (only layouts known before the
-    call can be planned), a rule that splits a layer's heads, and a decode method other than ``dense``
-    (:func:`context_parallel_generate` decodes densely)."""
+    ``split.seq_len`` tokens and ``max_new_tokens`` decode steps, per layer: None (the dense ring) where the
+    layer's prefill method is ``dense``, a sink + window :class:`KVFetchPlan` where it is ``sink_window`` (one plan
+    per distinct parameters, shared by the layers that use them). A method that does not serve a phase runs dense
+    there, as under :func:`sparsify.compile`. Refused, naming the rule: any other prefill method (only layouts
+    known before the call can be planned), a rule that splits a layer's heads, and a decode method other than
+    ``dense`` at any length the decode steps reach (:func:`context_parallel_generate` decodes densely)."""
     plans: dict[MethodSpec, KVFetchPlan] = {}
     per_layer: list[KVFetchPlan | None] = []
-    for phase in ("prefill", "decode"):
+    final = split.seq_len + max_new_tokens
+    # Rules hold on ranges of lengths: checking the ends of the decode's range and every rule bound inside it
+    # checks every length in between.
+    decode_lengths = sorted({split.seq_len, final} | {bound for rule in policy.rules
+                                                     for bound in (rule.when.min_seq_len, rule.when.max_seq_len)
+                                                     if bound is not None and split.seq_len <= bound <= final})
+    for phase, lengths in (("prefill", [split.seq_len]), ("decode", decode_lengths)):
         for layer in range(num_layers):
-            path = f"model.layers.{layer}.self_attn"
-            rule = next((rule for rule in policy.rules
-                         if rule.when.matches(layer=layer, module_path=path, phase=phase, seq_len=split.seq_len)),
-                        None)
-            if rule is not None and rule.when.heads is not None:
-                raise PolicyError(f"{policy.source}: {rule.describe()}.when.heads: context parallelism runs a "
-                                  "layer's heads alike; allowed: rules over whole layers")
-            where, spec = (rule.describe(), rule.spec) if rule is not None else ("default", policy.default)
-            if phase not in spec.method.phases:  # it runs dense there, as under sparsify.compile
-                spec = DENSE
-            allowed = ("dense", "sink_window") if phase == "prefill" else ("dense",)
-            if spec.name not in allowed:
-                raise PolicyError(f"{policy.source}: {where}: {spec.name} on layer {layer}'s {phase}; allowed under "
-                                  f"context parallelism: {', '.join(allowed)}")
+            specs = {_layer_spec(policy, layer, phase, length) for length in lengths}
+            for where, spec in sorted(specs, key=lambda item: item[0]):
+                allowed = ("dense", "sink_window") if phase == "prefill" else ("dense",)
+                if spec.name not in allowed:
+                    raise PolicyError(f"{policy.source}: {where}: {spec.name} on layer {layer}'s {phase}; allowed "
+                                      f"under context parallelism: {', '.join(allowed)}")
             if phase == "prefill":
+                (_, spec), = specs
                 if spec.name == "sink_window" and spec not in plans:
                     layout = sink_window_layout(split.seq_len, split.seq_len, spec.params.sink, spec.params.window,
                                                 PLAN_BLOCK_M, PLAN_BLOCK_N, device=device)
                     plans[spec] = plan_kv_fetch(layout, split)
                 per_layer.append(plans.get(spec))
     return tuple(per_layer)
+
+
+def _layer_spec(policy, layer: int, phase: str, seq_len: int) -> tuple[str, MethodSpec]:
+    """(where it comes from, the method) that runs a layer's attention in ``phase`` at ``seq_len``: the first
+    matching rule's, else the default; a method that does not serve the phase runs dense there."""
+    path = f"model.layers.{layer}.self_attn"
+    rule = next((rule for rule in policy.rules
+                 if rule.when.matches(layer=layer, module_path=path, phase=phase, seq_len=seq_len)), None)
+    if rule is not None and rule.when.heads is not None:
+        raise PolicyError(f"{policy.source}: {rule.describe()}.when.heads: context parallelism runs a layer's heads "
+                          "alike; allowed: rules over whole layers")
+    where, spec = (rule.describe(), rule.spec) if rule is not None else ("default", policy.default)
+    if phase not in spec.method.phases:
+        return where, MethodSpec("dense", METHODS.get("dense").Params())
+    return where, spec
 
 
 def _attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,

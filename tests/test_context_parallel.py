@@ -49,6 +49,15 @@ def prompt(length: int = 4096) -> torch.Tensor:
     return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(2))
 
 
+def two_prompts(length: int = 4096) -> torch.Tensor:
+    return torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(3))
+
+
+def pair_end_ids(tokens: torch.Tensor) -> list[int]:
+    """Two end ids: row 0's second generated token, and one no row generated."""
+    return [int(tokens[0, 1]), next(i for i in range(256) if i not in tokens.tolist()[0] + tokens.tolist()[1])]
+
+
 def window_layout(length: int):
     return sink_window_layout(length, length, SINK, WINDOW, BLOCK_M, BLOCK_N)
 
@@ -94,6 +103,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results["generate"] = generated
             results["generate eos"] = context_parallel_generate(model, ids, split, NEW_TOKENS,
                                                                 eos_token_id=int(generated.tokens[0, 2]))
+            # Two rows; then with two end ids, the first row's second token among them: rows end apart.
+            pair = two_prompts()[:, split.start(rank):split.end(rank)]
+            generated = context_parallel_generate(model, pair, split, NEW_TOKENS, return_logits=True)
+            results["generate pair"] = generated
+            results["generate pair eos"] = context_parallel_generate(model, pair, split, NEW_TOKENS,
+                                                                     eos_token_id=pair_end_ids(generated.tokens))
         try:  # a slice of the wrong length: refused before any transfer, on every rank
             ring_attention(*local(sequence(4096), SequenceSplit((2000, 2096)), rank), SequenceSplit((2048, 2048)))
         except ShapeError as error:
@@ -240,6 +255,24 @@ def test_decoding_after_a_context_parallel_prefill_gives_one_process_greedy_gene
         assert torch.equal(result["generate eos"].tokens, expected_tokens[:, :first + 1]), f"rank {rank}"
 
 
+def test_a_batch_of_two_decodes_as_one_process_and_its_rows_end_apart(ranks):
+    model = tiny_model("llama", layers=MODEL_LAYERS)
+    with torch.no_grad():
+        expected = model.generate(two_prompts(), max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+        end_ids = pair_end_ids(expected.sequences[:, 4096:])
+        ended = model.generate(two_prompts(), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=end_ids,
+                               pad_token_id=end_ids[0])
+    assert ended.shape[1] - 4096 < NEW_TOKENS or (ended[1, 4096:] != end_ids[0]).any()  # row 1 goes on
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["generate pair"].tokens, expected.sequences[:, 4096:]), f"rank {rank}"
+        torch.testing.assert_close(result["generate pair"].logits, torch.stack(expected.logits, dim=1).float(),
+                                   atol=1e-5, rtol=1e-5, msg=f"rank {rank}")
+        # Row 0 ends at its second token and repeats the first end id; row 1 decodes on, as transformers pads.
+        assert torch.equal(result["generate pair eos"].tokens, ended[:, 4096:]), f"rank {rank}"
+        assert (result["generate pair eos"].tokens[0, 1:] == end_ids[0]).all()
+
+
 def test_bad_max_new_tokens_is_refused_before_any_transfer():
     with pytest.raises(ShapeError, match=r"max_new_tokens: 0; allowed: a whole number of at least 1"):
         context_parallel_generate(tiny_model("llama", layers=1), prompt()[:, :2048], SequenceSplit((2048, 2048)), 0)
@@ -291,13 +324,19 @@ def test_a_policy_gives_each_layer_the_ring_or_a_sink_window_plan_and_others_are
             {"rules": [{"use": "block_topk"}]},
         r"rules\[0\].when.heads: context parallelism runs a layer's heads alike":
             {"rules": [{"when": {"heads": "0-1"}, "use": "sink_window"}]},
+        # A decode rule that holds only once generation has gone past the prompt.
+        r"rules\[0\]: lessismore on layer 0's decode":
+            {"rules": [{"when": {"phase": "decode", "min_seq_len": 4100, "max_seq_len": 4101}, "use": "lessismore",
+                        "with": {"dense_layers": [], "selection_layers": [0]}}]},
     }
     for message, policy in refused.items():
         with pytest.raises(PolicyError, match=message):
-            plan_for_policy(sparsify.Policy.load(policy), MODEL_LAYERS, split)
+            plan_for_policy(sparsify.Policy.load(policy), MODEL_LAYERS, split, max_new_tokens=8)
 
 
-def test_a_plan_per_layer_of_the_wrong_length_is_refused():
+def test_a_plan_per_layer_of_the_wrong_length_or_type_is_refused():
+    split = SequenceSplit((2048, 2048))
     with pytest.raises(ShapeError, match=r"plan: 2 entries; allowed: one per layer, 1"):
-        context_parallel_prefill(tiny_model("llama", layers=1), prompt()[:, :2048], SequenceSplit((2048, 2048)),
-                                 plan=(None, None))
+        context_parallel_prefill(tiny_model("llama", layers=1), prompt()[:, :2048], split, plan=[None, None])
+    with pytest.raises(ShapeError, match=r"plan: dict; allowed: None \(the ring\), a KVFetchPlan, or a tuple or list"):
+        context_parallel_prefill(tiny_model("llama", layers=1), prompt()[:, :2048], split, plan={0: None})

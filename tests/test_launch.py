@@ -37,7 +37,8 @@ def sparsify_run(model_dir, *launcher: str, policy: str = "", prompt: str = PROM
 
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-# 600 words: context parallelism splits it 256 + 344 (ranks' boundaries on the layout's 128-token blocks).
+# 600 words: context parallelism splits it 300 + 300 for the ring, 256 + 344 for a sink_window plan (ranks'
+# boundaries on the layout's 128-token blocks).
 LONG_PROMPT = " ".join(VOCAB[(7 * i) % 200] for i in range(600))
 
 
@@ -59,27 +60,33 @@ def test_torchrun_context_parallel_splits_the_prompt_and_answers_as_one_process(
     assert alone.returncode == 0, alone.stderr
     ring = sparsify_run(model_dir, *TORCHRUN, policy="dense", prompt=LONG_PROMPT, options=("--parallel", "context"))
     assert ring.returncode == 0, ring.stderr
-    assert ring.stdout.splitlines()[0] == alone.stdout.splitlines()[0]  # rank 0's answer: the same greedy tokens
-    assert ("context parallel over 2 ranks, positions 0-255, 256-599; prefill: layers 0-1 dense ring attention;"
+    answer = alone.stdout.splitlines()[0]
+    assert answer.strip() and ring.stdout.splitlines()[0] == answer  # rank 0's answer: the same greedy tokens
+    assert ("context parallel over 2 ranks, positions 0-299, 300-599; prefill: layers 0-1 dense ring attention;"
             in ring.stdout)
     # The ring: each rank receives the other's slice in each of the 2 layers: K and V, 2 KV heads x head_dim 16,
     # float32, 512 bytes a position.
     position_bytes = 2 * 2 * 16 * 4 * 2
-    assert f"rank 0 received {344 * position_bytes:,} bytes of K/V in the prefill" in ring.stdout
-    assert f"rank 1 received {256 * position_bytes:,} bytes of K/V in the prefill" in ring.stdout
+    for rank in (0, 1):
+        assert f"rank {rank} received {300 * position_bytes:,} bytes of K/V in the prefill" in ring.stdout
     window = sparsify_run(model_dir, *TORCHRUN, prompt=LONG_PROMPT, options=("--parallel", "context"))
     assert window.returncode == 0, window.stderr
-    assert "prefill: layers 0-1 sink_window, only the visited key blocks moved;" in window.stdout
+    assert ("positions 0-255, 256-599; prefill: layers 0-1 sink_window, only the visited key blocks moved;"
+            in window.stdout)
     # Sink 16 + window 32: rank 1 needs rank 0's first 64-key block (the sink) and its last (keys 192-255, the
     # window before position 256), half of what the ring moves; rank 0 nothing.
     assert "rank 0 received 0 bytes of K/V in the prefill" in window.stdout
     assert f"rank 1 received {128 * position_bytes:,} bytes of K/V in the prefill" in window.stdout
 
 
-def test_context_parallel_outside_a_launcher_is_refused(model_dir):
+def test_context_parallel_outside_a_launcher_or_on_a_prompt_too_short_is_refused(model_dir):
     alone = sparsify_run(model_dir, sys.executable, options=("--parallel", "context"))
     assert alone.returncode == 2
     assert "--parallel context: splits the prompt over the ranks of a launcher; allowed: under torchrun" in alone.stderr
+    short = sparsify_run(model_dir, *TORCHRUN, options=("--parallel", "context"))  # 96 tokens, sink_window
+    assert short.returncode != 0
+    assert ("--prompt: 96 tokens; allowed under --parallel context over 2 ranks with this policy's sink_window: "
+            "more than 128") in short.stderr
 
 
 def test_from_the_checkout_root_the_kernels_folder_does_not_shadow_an_installed_kernels():

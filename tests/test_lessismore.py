@@ -70,16 +70,27 @@ def test_the_decode_kernel_gives_the_scores_of_its_own_pass():
     decode_attention(q, k, v, lengths, None, key_padding=padding, scores_out=ours, num_splits=3)
     decode_attention_reference(q, k, v, lengths, None, key_padding=padding, scores_out=reference)
     torch.testing.assert_close(ours, reference)
-    selection_launch = torch.full((2, 4, 37), 5.0)  # the launch the selection op uses (128-key tiles, 2 stages)
-    out, _ = decode_attention(q, k, v, lengths, None, key_padding=padding, scores_out=selection_launch,
-                              **scores_pass_launch(2, 2, 37, q.device))
-    torch.testing.assert_close(selection_launch, reference)
-    torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths, None, key_padding=padding)[0])
     definition = torch.einsum("bhd,bhld->bhl", q[:, :, 0], k.repeat_interleave(2, 1)) * 16 ** -0.5
     visible = padding[:, None].expand(2, 4, 37) & (torch.arange(37) < lengths[:, None, None])
     torch.testing.assert_close(ours[visible], definition[visible])
     assert (ours[~visible & (torch.arange(37) < lengths[:, None, None])] == float("-inf")).all()  # padding
     assert (ours[1, :, 20:] == 5.0).all()  # past the length: left as they were
+
+
+def test_the_selection_pass_launch_gives_the_same_scores_and_output(monkeypatch):
+    """The launch the selection op uses (128-key tiles, 2 stages) over several splits: a nominal 132-SM device and
+    a cache of 300 keys (3 tiles)."""
+    monkeypatch.setattr("sparsify.kernels.decode.INTERPRETER_MULTIPROCESSORS", 132)
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=generator), *torch.randn(2, 2, 2, 300, 16, generator=generator)
+    lengths, padding = torch.tensor([300, 170]), torch.rand(2, 300, generator=generator) > 0.2
+    launch = scores_pass_launch(300, q.device)
+    assert launch == {"block_n": 128, "num_stages": 2, "num_splits": 3}
+    ours, reference = torch.full((2, 4, 300), 5.0), torch.full((2, 4, 300), 5.0)
+    out, _ = decode_attention(q, k, v, lengths, None, key_padding=padding, scores_out=ours, **launch)
+    expected, _ = decode_attention_reference(q, k, v, lengths, None, key_padding=padding, scores_out=reference)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(out, expected)
 
 
 def test_with_the_budget_over_the_context_decode_equals_dense():

@@ -251,3 +251,12 @@ def test_the_benchmark_sweep_refuses_block_sizes_its_tiles_do_not_fit(capsys):
         bench.main(["--sweep", "--block-size", "32"])
     assert exit_info.value.code == 2
     assert "--sweep: --block-size 32; allowed: 128" in capsys.readouterr().err
+
+
+def test_the_per_step_fidelity_plot_is_drawn(tmp_path):
+    from sparsify.evaluation import plots
+
+    runs = [{"seq_len": length, "agreement": 0.5, "kl_by_step": [0.0] * 4 + [0.01] * 4,
+             "argmax_agreement_by_step": [1.0] * 4 + [0.9] * 4} for length in (2048, 2048, 4096)]
+    path = plots.diffusion_steps(runs, 3, tmp_path / "steps.png", "sparsed")
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -132,7 +132,7 @@ def lessismore_select(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | No
     lengths = lengths_in_use(q, k, query_offset)
     scores = torch.empty((batch, q_heads, length), dtype=torch.float32, device=q.device)
     out = _decode(q, k, v, lengths, scale, key_padding=key_padding, scores_out=scores,
-                  **decode_kernels.scores_pass_launch(batch, kv_heads, length, q.device))
+                  **decode_kernels.scores_pass_launch(length, q.device))
     groups = kv_heads if per_kv_head else 1
     tokens = select_tokens(scores, lengths, starts, budget, recent, sink, groups, "" if per_kv_head else heads_group)
     tokens = tokens.expand(batch, kv_heads, budget).to(torch.int32).contiguous()
