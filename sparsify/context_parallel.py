@@ -337,7 +337,7 @@ def context_parallel_prefill(model: torch.nn.Module, input_ids: Tensor, split: S
     of those positions, equal to the slice of the whole prompt's logits on one process. The model runs on the slice
     with those position ids, no cache and no padding; every layer's attention goes through :func:`ring_attention`
     (``plan`` None: exact causal attention) or :func:`layout_attention` over ``plan`` (one plan for every layer,
-    or a tuple of one entry per layer, None for the ring there: :func:`plan_for_policy` gives one).
+    or a tuple or list of one entry per layer, None for the ring there: :func:`plan_for_policy` gives one).
     The model itself is left as it was."""
     return _prefill(model, input_ids, split, plan, group)
 
@@ -536,11 +536,12 @@ def plan_for_policy(policy, num_layers: int, split: SequenceSplit, *, max_new_to
     plans: dict[MethodSpec, KVFetchPlan] = {}
     per_layer: list[KVFetchPlan | None] = []
     final = split.seq_len + max_new_tokens
-    # Rules hold on ranges of lengths: checking the ends of the decode's range and every rule bound inside it
-    # checks every length in between.
-    decode_lengths = sorted({split.seq_len, final} | {bound for rule in policy.rules
-                                                     for bound in (rule.when.min_seq_len, rule.when.max_seq_len)
-                                                     if bound is not None and split.seq_len <= bound <= final})
+    # Rules hold on ranges of lengths, so which rule matches changes only at their bounds: the ends of the decode's
+    # range, every bound inside it and the length after each stand for every length in between.
+    bounds = {split.seq_len, final} | {bound for rule in policy.rules
+                                       for bound in (rule.when.min_seq_len, rule.when.max_seq_len)
+                                       if bound is not None and split.seq_len <= bound <= final}
+    decode_lengths = sorted(bounds | {bound + 1 for bound in bounds if bound < final})
     for phase, lengths in (("prefill", [split.seq_len]), ("decode", decode_lengths)):
         for layer in range(num_layers):
             specs = {_layer_spec(policy, layer, phase, length) for length in lengths}
