@@ -163,9 +163,8 @@ def _describe_plans(plans) -> str:
     """Runs of layers with the same context-parallel prefill (:func:`sparsify.context_parallel.plan_for_policy`'s
     entries: None for the dense ring, a shared plan for one sink + window)."""
     runs = [list(run) for _, run in itertools.groupby(enumerate(plans), key=lambda item: id(item[1]))]
-    return "; ".join(f"layers {run[0][0]}-{run[-1][0]} "
-                     + ("dense ring attention" if run[0][1] is None else "sink_window, only the visited key blocks moved")
-                     for run in runs)
+    kinds = {True: "dense ring attention", False: "sink_window, only the visited key blocks moved"}
+    return "; ".join(f"layers {run[0][0]}-{run[-1][0]} {kinds[run[0][1] is None]}" for run in runs)
 
 
 def _builtin_document(tokenizer, length: int):

@@ -330,7 +330,8 @@ def test_a_policy_gives_each_layer_the_ring_or_a_sink_window_plan_and_others_are
                         "with": {"dense_layers": [], "selection_layers": [0]}}]},
         # The default between two dense rules' ranges: the lengths 4099-4101 fall to it.
         r"default: lessismore on layer 0's decode":
-            {"rules": [{"when": {"max_seq_len": 4098}, "use": "dense"}, {"when": {"min_seq_len": 4102}, "use": "dense"}],
+            {"rules": [{"when": {"max_seq_len": 4098}, "use": "dense"},
+                       {"when": {"min_seq_len": 4102}, "use": "dense"}],
              "default": {"use": "lessismore", "with": {"dense_layers": [], "selection_layers": [0]}}},
     }
     for message, policy in refused.items():
