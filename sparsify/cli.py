@@ -47,7 +47,7 @@ def _load(args, sharded: bool = False):
     mesh = join_launched_ranks(args.device) if sharded else None
     if mesh is not None and mesh.get_rank() != 0:
         console.quiet = True
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    dtype = _model_dtype(args)
     with _step(f"loading {args.model}"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device,
                                       attn_implementation=args.attn_implementation)
@@ -55,6 +55,13 @@ def _load(args, sharded: bool = False):
         with _step(f"splitting its heads and MLP over {mesh.size()} ranks (tensor parallel)"):
             model = tensor_parallel(model, mesh)
     return sparsify, policy, model, tokenizer
+
+
+def _model_dtype(args) -> torch.dtype:
+    """``--dtype``, else bfloat16 on CUDA and float32 on the CPU."""
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.bfloat16 if args.device == "cuda" else torch.float32
 
 
 def _prints() -> bool:
@@ -125,7 +132,7 @@ def _run_context_parallel(args) -> int:
                             "--parallel context ...")
     rank, ranks = dist.get_rank(), dist.get_world_size()
     console.quiet = rank != 0
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    dtype = _model_dtype(args)
     with _step(f"loading {args.model} on each of {ranks} ranks"):
         model, tokenizer = load_model(args.model, dtype=dtype, device=args.device,
                                       attn_implementation=args.attn_implementation)

@@ -419,8 +419,13 @@ class _DecodeAttention:
     def __init__(self, prompt_kv: dict[int, tuple[Tensor, Tensor]], holds_new_tokens: bool, capacity: int,
                  group: dist.ProcessGroup | None):
         self.group, self.holds_new_tokens = group, holds_new_tokens
-        self.prompt_len = next(iter(prompt_kv.values()))[0].shape[2]
-        self.generated = 0  # new tokens in the last rank's cache once the current step's are written
+        prompt_k, prompt_v = next(iter(prompt_kv.values()))
+        self.in_use = prompt_k.shape[2]  # keys this rank holds, the current step's new one included
+        self.lengths = torch.full((prompt_k.shape[0],), self.in_use, dtype=torch.int64, device=prompt_k.device)
+        # The queries share the keys' dtype and head size, so one choice serves every layer and step.
+        self.decode = (decode_kernels.decode_attention
+                       if prompt_k.is_cuda and decode_kernels.supports(prompt_k, prompt_k, prompt_v)
+                       else decode_kernels.decode_attention_reference)
         self.bytes_received = 0
         self.caches = {}
         for layer, (key, value) in prompt_kv.items():
@@ -430,21 +435,17 @@ class _DecodeAttention:
             self.caches[layer] = (key, value)
 
     def step(self) -> None:
-        """The next forward is the next new token's."""
-        self.generated += 1
+        """The next forward is the next new token's: on the last rank, one more key in use in every layer."""
+        if self.holds_new_tokens:
+            self.in_use += 1
+            self.lengths.fill_(self.in_use)
 
     def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor, scale: float | None) -> Tensor:
         cached_k, cached_v = self.caches[layer]
-        in_use = self.prompt_len
         if self.holds_new_tokens:
-            cached_k[:, :, in_use + self.generated - 1] = key[:, :, 0]
-            cached_v[:, :, in_use + self.generated - 1] = value[:, :, 0]
-            in_use += self.generated
-        lengths = torch.full((query.shape[0],), in_use, dtype=torch.int64, device=query.device)
-        decode = (decode_kernels.decode_attention if query.is_cuda and decode_kernels.supports(query, cached_k,
-                                                                                               cached_v)
-                  else decode_kernels.decode_attention_reference)
-        out, lse = decode(query, cached_k, cached_v, lengths, scale)
+            cached_k[:, :, self.in_use - 1] = key[:, :, 0]
+            cached_v[:, :, self.in_use - 1] = value[:, :, 0]
+        out, lse = self.decode(query, cached_k, cached_v, self.lengths, scale)
         mine = torch.cat([out.float(), lse[..., None]], dim=-1)
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, mine, group=self.group)
