@@ -11,7 +11,7 @@ from shared/docs/benchmarks.md): ``hf_eager`` (transformers' SDPA, DynamicCache)
 (``torch.compile(model.forward)``, as a user would write it; running out of memory is recorded as the row's ``error``), and
 ``sparsify_<policy>`` (``sparsify.compile(model, policy)``, a StaticCache so decode replays CUDA graphs). Also
 each implementation's peak GPU memory, how many of the tokens it generates agree with ``hf_eager``'s, and with
-``--profile``, the CUDA kernels of one prefill and one decode step (``e2e-profile-<impl>-<N>.txt`` beside the
+``--profile``, the CUDA kernels of one prefill and 16 decode steps (``e2e-profile-<impl>-<N>.txt`` beside the
 results).
 
     python -m benchmarks.e2e --seq 32768 --impls hf_eager torch_compile sparsify_dense sparsify_sink_window
@@ -148,14 +148,18 @@ def timed_generate(impl: Implementation, ids: torch.Tensor, new_tokens: int = NE
                           [a.elapsed_time(b) for a, b in zip(events, events[1:])], tokens)
 
 
+PROFILED_STEPS = 16
+
+
 def profile_steps(impl: Implementation, ids: torch.Tensor, path) -> None:
-    """CUDA kernels of a prefill and one decode step (generate(max_new_tokens=2)), as a table."""
+    """CUDA kernels of a prefill and PROFILED_STEPS decode steps (generate(max_new_tokens=PROFILED_STEPS + 1)), as
+    a table. Decode's kernels are told from prefill's by name and call count (PROFILED_STEPS calls a layer)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        impl.generate(ids, 2)
+        impl.generate(ids, PROFILED_STEPS + 1)
         torch.cuda.synchronize()
-    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=80))
 
 
 def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile: bool, repeats: int,

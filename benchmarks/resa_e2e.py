@@ -62,6 +62,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--part", default="resa-e2e")
+    parser.add_argument("--profile", action="store_true",
+                        help="also save each row's kernel profile (e2e-profile-sparsify_<impl>-<N>.txt)")
     args = parser.parse_args(argv)
     cases = []
     for case in args.cases:
@@ -77,7 +79,8 @@ def main(argv=None) -> None:
         ids = torch.randint(1, model.config.vocab_size, (batch, seq), device="cuda", generator=generator)
         reference, timed = None, {}
         for impl in sorted(args.impls, key=lambda name: name != "dense"):  # dense first: the others compare to it
-            measured, tokens = measure(POLICIES[impl], model, ids, reference, False, args.repeats, args.new_tokens)
+            measured, tokens = measure(POLICIES[impl], model, ids, reference, args.profile, args.repeats,
+                                       args.new_tokens)
             reference = tokens if impl == "dense" else reference
             prefill, decode = measured
             row = {"case": f"e2e_b{batch}", "seq_len": seq, "impl": impl}

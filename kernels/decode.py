@@ -130,8 +130,8 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, pad_base, offs_n, visible, row_lim
 
 @triton.jit
 def _decode_split(
-    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, BLOCK_OFFSET, Out, Lse, Scores,
-    stride_qb, stride_qh, stride_qt, stride_qd, stride_len, stride_offset,
+    Q, K, V, KV_LENGTHS, PAD, BLOCK_IDX, BLOCK_CNT, BLOCK_OFFSET, Out, Lse, Scores, SCORES_START,
+    stride_qb, stride_qh, stride_qt, stride_qd, stride_len, stride_offset, stride_ss,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb, stride_pn,
@@ -140,20 +140,23 @@ def _decode_split(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
     stride_sb, stride_sh, stride_sn,
-    kv_heads, group, q_len, cache_len, n_listed, n_cache_blocks, qk_scale,
+    kv_heads, group, q_len, cache_len, n_listed, n_cache_blocks, qk_scale, length_shift, scores_skip_first,
+    scores_skip_last,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_BLOCKS: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
-    HAS_TOKENS: tl.constexpr, HAS_SCORES: tl.constexpr, IEEE: tl.constexpr,
+    HAS_TOKENS: tl.constexpr, HAS_SCORES: tl.constexpr, HAS_SCORES_START: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Split ``program_id(0)`` of (batch, KV head) ``program_id(1)``: rows are the group's query heads, for each
     of the ``q_len`` new tokens (row r: token r // group, head r % group; token t sees the positions below
     ``length - (q_len - 1 - t)``). Writes out (normalised by its own sum) and natural-log lse at index ``split``
     of Out/Lse, whose rows are (query head, token) flattened: the float32 workspace, or the final tensors when
-    there is one split. A split with no visible key writes out 0 and lse -inf. With
-    HAS_SCORES (no lists) also every visible key's score of every row into Scores, -inf for the invisible ones
-    below the row's length."""
+    there is one split. A split with no visible key writes out 0 and lse -inf. The row's length is
+    ``KV_LENGTHS[b] + length_shift``. With HAS_SCORES (no lists) also every position of Scores for every row:
+    the key's score where it is visible and in ``[SCORES_START[b] + scores_skip_first, length -
+    scores_skip_last)`` (SCORES_START read only with HAS_SCORES_START, else 0), else -inf; the
+    positions past the length are shared out among the splits like the keys."""
     split = tl.program_id(0)
     num_splits = tl.num_programs(0)
     batch_head = tl.program_id(1)
@@ -170,7 +173,8 @@ def _decode_split(
     q = tl.load(Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + token[:, None] * stride_qt
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     # Lengths past the cache are clamped to it and negative ones to 0: a bad length can only hide keys.
-    kv_len = tl.minimum(tl.maximum(tl.load(KV_LENGTHS + batch * stride_len), 0), cache_len).to(tl.int32)
+    kv_len = tl.load(KV_LENGTHS + batch * stride_len) + length_shift
+    kv_len = tl.minimum(tl.maximum(kv_len, 0), cache_len).to(tl.int32)
     row_limit = kv_len - (q_len - 1 - token)
     rows = heads * q_len + token  # the row of (query head, token) in Out and Lse
 
@@ -244,6 +248,11 @@ def _decode_split(
         per_split = tl.cdiv(n_blocks, num_splits)
         first = split * per_split
         last = tl.minimum(first + per_split, n_blocks)
+        if HAS_SCORES:
+            scored_from = scores_skip_first
+            if HAS_SCORES_START:
+                scored_from += tl.load(SCORES_START + batch * stride_ss).to(tl.int32)
+            scored_to = kv_len - scores_skip_last
         for j in range(first, last):
             acc, m_i, l_i, qk = _attend_keys(acc, m_i, l_i, q, k_base, v_base, pad_base, j * BLOCK_N, kv_len,
                                              row_limit, offs_t, offs_kd, offs_vd, qk_scale, stride_kn, stride_vn,
@@ -251,8 +260,19 @@ def _decode_split(
                                              HAS_PADDING, IEEE, UPCAST)
             if HAS_SCORES:  # the same pass over K gives a selection its scores (natural units: q.k * scale)
                 offs_n = j * BLOCK_N + offs_t
+                scored = (offs_n >= scored_from) & (offs_n < scored_to)
                 tl.store(score_base + heads[:, None] * stride_sh + offs_n[None, :].to(tl.int64) * stride_sn,
-                         qk * 0.6931471805599453, mask=row_ok[:, None] & (offs_n < kv_len)[None, :])
+                         tl.where(scored[None, :], qk * 0.6931471805599453, float("-inf")),
+                         mask=row_ok[:, None] & (offs_n < cache_len)[None, :])
+        if HAS_SCORES:  # the tiles past the length: -inf, without reading K
+            n_tiles = tl.cdiv(cache_len, BLOCK_N)
+            per_split_past = tl.cdiv(n_tiles - n_blocks, num_splits)
+            first_past = n_blocks + split * per_split_past
+            for j in range(first_past, tl.minimum(first_past + per_split_past, n_tiles)):
+                offs_n = j * BLOCK_N + offs_t
+                tl.store(score_base + heads[:, None] * stride_sh + offs_n[None, :].to(tl.int64) * stride_sn,
+                         tl.full([BLOCK_R, BLOCK_N], float("-inf"), tl.float32),
+                         mask=row_ok[:, None] & (offs_n < cache_len)[None, :])
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -323,8 +343,9 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                         key_padding: torch.Tensor | None, kv_block_indices: torch.Tensor | None,
                         kv_block_counts: torch.Tensor | None, block_size: int | None,
                         block_offsets: torch.Tensor | None = None, kv_token_indices: torch.Tensor | None = None,
-                        kv_token_counts: torch.Tensor | None = None, scores_out: torch.Tensor | None = None
-                        ) -> None:
+                        kv_token_counts: torch.Tensor | None = None, scores_out: torch.Tensor | None = None,
+                        scores_start: torch.Tensor | None = None, scores_skip: tuple[int, int] = (0, 0),
+                        length_shift: int = 0) -> None:
     """Shapes, index dtypes and devices (never values: reading them would sync with the device)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ShapeError(f"decode_attention: q must be (B, Hq, T, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv); got "
@@ -364,6 +385,17 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
                          f"{length}), without block or token lists; got {scores_out.dtype} "
                          f"{tuple(scores_out.shape)}" + (" with lists" if kv_block_indices is not None
                                                         or kv_token_indices is not None else ""))
+    if scores_start is not None and (scores_out is None or scores_start.shape != (batch,)
+                                     or scores_start.dtype not in (torch.int32, torch.int64)):
+        raise ShapeError(f"decode_attention: scores_start must be an int32 (or int64) tensor of shape ({batch},), "
+                         f"with scores_out; got {scores_start.dtype} {tuple(scores_start.shape)}"
+                         + ("" if scores_out is not None else " without scores_out"))
+    if len(scores_skip) != 2 or not all(isinstance(n, int) and n >= 0 for n in scores_skip):
+        raise ShapeError(f"decode_attention: scores_skip must be two ints >= 0 (positions left unscored after "
+                         f"scores_start and before the length); got {scores_skip!r}")
+    if not isinstance(length_shift, int):
+        raise ShapeError(f"decode_attention: length_shift must be an int (added to every kv_lengths entry); got "
+                         f"{length_shift!r}")
     if q_len > 1 and (kv_block_indices is not None or kv_token_indices is not None or scores_out is not None):
         raise ShapeError(f"decode_attention: {q_len} new tokens per row (a chunk) take no block or token lists and "
                          "no scores_out; those are for one token per row")
@@ -374,7 +406,7 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
     for name, t in (("k", k), ("v", v), ("kv_lengths", kv_lengths), ("key_padding", key_padding),
                     ("kv_block_indices", kv_block_indices), ("kv_block_counts", kv_block_counts),
                     ("block_offsets", block_offsets), ("kv_token_indices", kv_token_indices),
-                    ("kv_token_counts", kv_token_counts), ("scores_out", scores_out)):
+                    ("kv_token_counts", kv_token_counts), ("scores_out", scores_out), ("scores_start", scores_start)):
         if t is not None and t.device != q.device:
             raise ShapeError(f"decode_attention: {name} is on {t.device}, q on {q.device}; all must share a device")
 
@@ -397,34 +429,38 @@ def _check_lists(kind: str, indices: torch.Tensor | None, counts: torch.Tensor |
 
 def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None,
                                kv_block_counts=None, block_size=None, block_offsets=None, kv_token_indices=None,
-                               kv_token_counts=None, scores_out=None, num_splits=None, block_n=None,
-                               num_warps=None, num_stages=None) -> tuple[torch.Tensor, torch.Tensor]:
+                               kv_token_counts=None, scores_out=None, scores_start=None, scores_skip=(0, 0),
+                               length_shift=0, num_splits=None, block_n=None, num_warps=None, num_stages=None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, float32: the function :func:`decode_attention` computes (its launch arguments
     ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` are accepted and ignored).
 
     q: (B, Hq, T, D); k: (B, Hkv, L, D); v: (B, Hkv, L, Dv); Hq a multiple of Hkv, query head h reading KV head
     h // (Hq / Hkv). T is 1 (decode), or a chunk of T new tokens, the last T positions in use (a rectification),
     token t seeing the keys below ``kv_lengths[b] - (T - 1 - t)`` (causal), without lists or scores; at most
-    MAX_CHUNK_ROWS / (Hq / Hkv) tokens. Row b sees key j when ``j < kv_lengths[b]`` (clamped to [0, L]),
-    ``key_padding[b, j]`` (if
-    given) and, with block lists, ``(j - block_offsets[b]) // block_size`` (offsets 0 when None: row b's blocks
+    MAX_CHUNK_ROWS / (Hq / Hkv) tokens. Row b's length is ``kv_lengths[b] + length_shift`` (clamped to [0, L];
+    the shift lets a caller pass a static cache's offset, not launch an add). Row b sees key j when ``j`` is
+    below its length, ``key_padding[b, j]`` (if given) and, with block lists, ``(j - block_offsets[b]) // block_size`` (offsets 0 when None: row b's blocks
     start at its offset, a left-padded row's first real position) is one of
     ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
     ignored; positions before the offset are in no block); with token lists, ``j`` is one of
     ``kv_token_indices[b, g, :kv_token_counts[b, g]]`` (positions outside [0, L) ignored; LessIsMore's selections).
-    ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32, without lists: also written, for each
-    position below the row's length, with query head h's score ``q_h . k_j * scale`` (-inf where padding hides
-    the key); positions from the length on are left as they are (LessIsMore's selection layers: the scores come
-    from the same pass over K as the attention).
+    ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32, without lists: also written, at every
+    position, with query head h's score ``q_h . k_j * scale`` where key j is visible and in the scored window
+    ``[scores_start[b] + scores_skip[0], length - scores_skip[1])`` (``scores_start`` (B,) int, None: 0), and
+    -inf everywhere else, past the length too (LessIsMore's selection layers: the scores come from the same pass over K as the
+    attention, ready for a top-k over the middle region).
     Returns out (B, Hq, T, Dv) in q's dtype and lse (B, Hq, T) float32, natural log; a row that sees no key gets
     out 0 and lse -inf.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
-                        block_offsets, kv_token_indices, kv_token_counts, scores_out)
+                        block_offsets, kv_token_indices, kv_token_counts, scores_out, scores_start, scores_skip,
+                        length_shift)
     batch, q_heads, q_len, dim = q.shape
     kv_heads, length, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    kv_lengths = kv_lengths.long() + length_shift
     keys = torch.arange(length, device=q.device)
     visible = keys[None, :] < kv_lengths.clamp(0, length)[:, None]                        # (B, L)
     if key_padding is not None:
@@ -446,9 +482,9 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     causal = keys[None, None, :] < limit[:, :, None]                                      # (B, T, L)
     scores = scores.masked_fill(~(visible[:, :, None, None] & causal[:, None, None]), float("-inf"))
     if scores_out is not None:
-        below = keys < kv_lengths.clamp(0, length)[:, None]                               # (B, L)
-        flat = scores.reshape(batch, q_heads, length)
-        scores_out.copy_(torch.where(below[:, None], flat, scores_out))
+        scored_from = (scores_start.long()[:, None] if scores_start is not None else 0) + scores_skip[0]
+        scored = (keys >= scored_from) & (keys < kv_lengths.clamp(0, length)[:, None] - scores_skip[1])  # (B, L)
+        scores_out.copy_(scores.reshape(batch, q_heads, length).masked_fill(~scored[:, None], float("-inf")))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     # Values no row sees are never read, as in the kernel's masked loads: a preallocated cache may hold anything
@@ -471,7 +507,9 @@ def _listed(indices: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor
 
 def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_indices=None, kv_block_counts=None,
                      block_size=None, block_offsets=None, kv_token_indices=None, kv_token_counts=None,
-                     scores_out=None, num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
+                     scores_out=None, scores_start=None, scores_skip: tuple[int, int] = (0, 0),
+                     length_shift: int = 0,
+                     num_splits=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 3
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the split-KV kernels. Same contract as :func:`decode_attention_reference`.
 
@@ -486,7 +524,8 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     split takes tiles of ``block_n`` listed positions and gathers their K/V rows.
     """
     check_decode_inputs(q, k, v, kv_lengths, key_padding, kv_block_indices, kv_block_counts, block_size,
-                        block_offsets, kv_token_indices, kv_token_counts, scores_out)
+                        block_offsets, kv_token_indices, kv_token_counts, scores_out, scores_start, scores_skip,
+                        length_shift)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype):
         raise ShapeError(f"decode_attention: dtype: q, k, v must share float16, bfloat16 or float32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
@@ -549,18 +588,21 @@ def decode_attention(q, k, v, kv_lengths, scale, *, key_padding=None, kv_block_i
     # Without offsets, a placeholder the compiled-out branch never reads.
     offsets, offset_stride = (block_offsets, block_offsets.stride(0)) if block_offsets is not None else (idx, 0)
     scores, score_strides = (scores_out, scores_out.stride()) if scores_out is not None else (part_lse, (0, 0, 0))
+    scored_from, scored_from_stride = (scores_start, scores_start.stride(0)) if scores_start is not None else (
+        kv_lengths, 0)  # a placeholder HAS_SCORES_START=False never reads
 
     _decode_split[(num_splits, batch * kv_heads)](
-        q, k, v, kv_lengths, pad, idx, cnt, offsets, part_out, part_lse, scores,
-        q.stride(0), q.stride(1), q.stride(2), q.stride(3), kv_lengths.stride(0), offset_stride,
+        q, k, v, kv_lengths, pad, idx, cnt, offsets, part_out, part_lse, scores, scored_from,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3), kv_lengths.stride(0), offset_stride, scored_from_stride,
         *k.stride(), *v.stride(), *pad_strides, *idx_strides, *cnt_strides,
         *part_out.stride(), *part_lse.stride(), *score_strides,
         kv_heads, group, q_len, length, idx.shape[-1] if has_blocks or has_tokens else 0, n_cache_blocks,
-        scale * LOG2E, HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_R=max(16, triton.next_power_of_2(group * q_len)),
-        BLOCK_N=tile,
+        scale * LOG2E, length_shift, *scores_skip,
+        HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_R=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=tile,
         BLOCK_SIZE=block_size if has_blocks else tile, BLOCKS_PER_TILE=blocks_per_tile,
         HAS_PADDING=key_padding is not None, HAS_BLOCKS=has_blocks,
         HAS_OFFSETS=block_offsets is not None, HAS_TOKENS=has_tokens, HAS_SCORES=scores_out is not None,
+        HAS_SCORES_START=scores_start is not None,
         IEEE=q.dtype == torch.float32, UPCAST=q.dtype == torch.bfloat16 and hardware.interpreting(),
         num_warps=num_warps if group * q_len <= 16 else max(num_warps, 8), num_stages=stages,
     )

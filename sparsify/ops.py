@@ -228,6 +228,16 @@ def _(q, k, v, key_padding, query_offset, plain, causal, scale, state, window=0)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+def lengths_and_shift(q: Tensor, k: Tensor, query_offset: Tensor | None) -> tuple[Tensor, int]:
+    """The positions in use after this call's tokens (:func:`~sparsify.methods.resa.lengths_in_use`) as
+    ``(lengths (B,), shift)`` whose sum they are, for the decode kernels, which add the shift themselves:
+    ``query_offset`` (expanded, not copied) and ``q_len`` with a static cache, so that no kernel is launched per
+    layer to add them; the keys' length and 0 otherwise."""
+    if query_offset is not None:
+        return query_offset.expand(q.shape[0]), q.shape[2]
+    return torch.full((q.shape[0],), k.shape[2], dtype=torch.int64, device=q.device), 0
+
+
 def takes_chunk(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`decode` runs Lq new tokens per row on the split-KV kernel: CUDA, head sizes and dtype the
     kernel takes, and one token, or Lq x (Hq / Hkv) rows within one program's tile."""
@@ -243,10 +253,9 @@ def decode(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None, query_of
     query heads and tokens) where :func:`takes_chunk` (several tokens: causal only, the kernel's mask), SDPA with
     the visibility materialised elsewhere."""
     if takes_chunk(q, k, v) and (causal or q.shape[2] == 1):
-        visible = (query_offset.to(torch.int32) + q.shape[2] if causal and query_offset is not None
-                   else torch.full((), k.shape[2], dtype=torch.int32, device=q.device))
-        lengths = visible.expand(q.shape[0])
-        return decode_kernels.decode_attention(q, k, v, lengths, scale, key_padding=key_padding)[0]
+        lengths, shift = lengths_and_shift(q, k, query_offset if causal else None)
+        return decode_kernels.decode_attention(q, k, v, lengths, scale, key_padding=key_padding,
+                                               length_shift=shift)[0]
     return _attention_over_visible_keys(q, k, v, key_padding, query_offset, causal, scale)
 
 

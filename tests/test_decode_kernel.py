@@ -207,6 +207,27 @@ def test_lengths_past_the_cache_are_clamped():
     torch.testing.assert_close(lse, full_lse, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("lists", ["none", "blocks", "tokens"])
+def test_a_length_shift_is_added_to_every_row(lists):
+    """``length_shift`` (a static cache's offset plus the new tokens, added in the kernel rather than by a launch
+    before it): the same function as the shifted lengths, with or without lists; a 0-dim offset expanded too."""
+    gen = torch.Generator().manual_seed(504)
+    q, k, v = make_qkv(gen, 3, 2, 3, 90, 32)
+    offsets = torch.tensor([40, 88, 0])
+    arguments = {"none": {}, "blocks": dict(kv_block_indices=torch.tensor([[[0, 2], [1, 2]]] * 3, dtype=torch.int32),
+                                            kv_block_counts=torch.full((3, 2), 2, dtype=torch.int32), block_size=16),
+                 "tokens": dict(kv_token_indices=torch.randint(0, 90, (3, 2, 20), generator=gen),
+                                kv_token_counts=torch.full((3, 2), 20))}[lists]
+    if lists == "tokens":  # distinct positions per list
+        arguments["kv_token_indices"] = torch.stack([torch.randperm(90, generator=gen)[:20] for _ in range(6)]
+                                                    ).view(3, 2, 20)
+    shifted, _ = check(q, k, v, offsets, None, length_shift=1, num_splits=3, **arguments)
+    expected, _ = decode_attention(q, k, v, offsets + 1, None, num_splits=3, **arguments)
+    torch.testing.assert_close(shifted, expected, atol=0, rtol=0)
+    one_offset, _ = decode_attention(q, k, v, torch.tensor(40).expand(3), None, length_shift=1, **arguments)
+    torch.testing.assert_close(one_offset, decode_attention(q, k, v, torch.full((3,), 41), None, **arguments)[0])
+
+
 def test_what_lies_past_the_lengths_is_never_read():
     """A preallocated cache holds anything past the positions in use, NaN and inf too: the kernel and the
     reference give what they give over a clean cache (0 x NaN would poison the reference's sum)."""
@@ -341,6 +362,11 @@ def test_bad_inputs():
                                   kv_block_counts=torch.zeros(2, 2, dtype=torch.int32), block_size=16),
          "block lists or token lists, not both"),
         ((q, k, v, lengths), dict(block_offsets=torch.zeros(2, dtype=torch.int32)), "block_offsets must be"),
+        ((q, k, v, lengths), dict(scores_start=torch.zeros(2, dtype=torch.int32)),
+         r"scores_start must be an int32 \(or int64\) tensor of shape \(2,\), with scores_out; .* without scores_out"),
+        ((q, k, v, lengths), dict(scores_out=torch.zeros(2, 4, 50), scores_skip=(1, -1)),
+         "scores_skip must be two ints >= 0"),
+        ((q, k, v, lengths), dict(length_shift=1.0), "length_shift must be an int"),
     ]
     for args, kwargs, message in cases:
         for function in (decode_attention, decode_attention_reference):

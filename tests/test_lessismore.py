@@ -1,14 +1,16 @@
-"""LessIsMore (``sparsify/methods/lessismore.py``): the rank-major unification, the token set, the selection
-layer's scores from the decode kernel's pass, the cross-layer graph edges, and decode through generate()."""
+"""LessIsMore (``sparsify/methods/lessismore.py``): the rank-major unification, the token set and its kernels
+(``kernels/token_set.py``), the selection layer's scores from the decode kernel's pass, the cross-layer graph
+edges, and decode through generate()."""
 
 import pytest
 import torch
 from conftest import tiny_model
 
 import sparsify
-from sparsify.errors import PolicyError
+from sparsify.errors import PolicyError, ShapeError
 from sparsify.kernels.decode import decode_attention, decode_attention_reference, scores_pass_launch
-from sparsify.methods.lessismore import select_tokens, unify_rank_major
+from sparsify.kernels.token_set import token_set, token_set_reference, unify_rank_major
+from sparsify.methods.lessismore import select_tokens
 
 PROMPT = 48
 
@@ -46,20 +48,76 @@ def test_the_unification_is_the_rank_major_definition(positions):
             assert (unified[b, g, len(expected):] == -1).all()
 
 
+def middle_only(scores, lengths, starts, sink, recent):
+    """Scores -inf outside each row's middle region, as the selection pass writes them."""
+    position = torch.arange(scores.shape[-1])
+    middle = (position >= (starts + sink)[:, None]) & (position < (lengths - recent)[:, None])
+    return scores.masked_fill(~middle[:, None], float("-inf"))
+
+
 def test_the_set_is_sink_unified_middle_and_recent_tokens():
     generator = torch.Generator().manual_seed(0)
     scores = torch.randn(2, 4, 64, generator=generator)
     lengths, starts = torch.tensor([64, 50]), torch.tensor([0, 6])
-    tokens = select_tokens(scores, lengths, starts, budget=16, recent=4, sink=2, groups=1)
-    assert tokens.shape == (2, 1, 16)
+    tokens, counts = select_tokens(middle_only(scores, lengths, starts, 2, 4), lengths, starts, budget=16, recent=4,
+                                   sink=2, groups=1, kv_heads=2)
+    assert tokens.shape == (2, 2, 16) and tokens.dtype == torch.int32 and counts.tolist() == [[16, 16]] * 2
     for b, (length, start) in enumerate(zip(lengths.tolist(), starts.tolist())):
+        assert tokens[b, 0].tolist() == tokens[b, 1].tolist()  # one set for every KV head
         chosen = tokens[b, 0].tolist()
         assert chosen[:2] == [start, start + 1] and chosen[-4:] == list(range(length - 4, length))
         middle = scores[b, :, start + 2:length - 4]
         rankings = (middle.argsort(-1, descending=True) + start + 2).tolist()
         assert chosen[2:-4] == rank_major_definition(rankings, 10)
-    fits = select_tokens(scores, torch.tensor([20, 64]), torch.tensor([10, 0]), 16, 4, 2, 1)
+    lengths, starts = torch.tensor([20, 64]), torch.tensor([10, 0])
+    fits, _ = select_tokens(middle_only(scores, lengths, starts, 2, 4), lengths, starts, 16, 4, 2, 1, 2)
     assert fits[0, 0].tolist() == list(range(10, 26))  # 10 real tokens: all of them (past the length: ignored)
+
+
+def rankings(batch, heads, k, positions, generator, duplication):
+    """Per-head rankings (B, H, k) best first, distinct within a head; with ``duplication`` every head draws from
+    a few shared positions, so most readings repeat an earlier one. Values descending, -inf at a few tails."""
+    pool = min(positions, k + 3) if duplication else positions
+    top = torch.stack([torch.randperm(pool, generator=generator)[:k] for _ in range(batch * heads)])
+    values = torch.sort(torch.randn(batch * heads, k, generator=generator), descending=True).values
+    values[::3, k // 2:] = float("-inf")  # heads whose middle region ran out of candidates
+    return top.view(batch, heads, k), values.view(batch, heads, k)
+
+
+@pytest.mark.parametrize("duplication", [False, True])
+@pytest.mark.parametrize("groups, kv_heads", [(1, 3), (1, 4), (2, 2)])
+def test_the_token_set_kernels_equal_the_reference(duplication, groups, kv_heads):
+    """The kernels against the PyTorch lists: unified (3 KV heads: a copy count not a power of 2) and per group,
+    heavy duplication, heads that ran out, rows that fit the budget, left-padded starts, a shifted length;
+    rankings of 1200 x 4 heads take several steps of the kernel's walk."""
+    generator = torch.Generator().manual_seed(7 + groups + duplication)
+    batch, heads, positions, k = 3, 4, 3000, 1200
+    budget, sink, recent = k + 300 + 6 + 8, 6, 8  # a middle of 1500: more than one head's 1200
+    top, values = rankings(batch, heads, k, positions, generator, duplication)
+    lengths, starts = torch.tensor([2999, 1100, 2500]), torch.tensor([0, 20, 700])  # row 1 fits
+    arguments = dict(budget=budget, recent=recent, sink=sink, groups=groups, kv_heads=kv_heads, positions=positions,
+                     length_shift=1)
+    tokens, counts = token_set(top, values, lengths, starts, **arguments)
+    expected, expected_counts = token_set_reference(top, values, lengths, starts, **arguments)
+    assert torch.equal(tokens, expected) and torch.equal(counts, expected_counts)
+    if duplication:
+        assert (expected[0] == -1).any()  # fewer distinct positions than the width: the rest is -1
+    without_values, _ = token_set(torch.where(values > float("-inf"), top, -1), None, lengths, starts, **arguments)
+    assert torch.equal(without_values, expected)  # -1 positions (a tensor-parallel gather's) count as missing
+
+
+def test_token_set_refuses_bad_inputs_naming_them():
+    top, values = torch.zeros(1, 4, 8, dtype=torch.int64), torch.zeros(1, 4, 8)
+    lengths = starts = torch.zeros(1, dtype=torch.int64)
+    good = dict(budget=16, recent=2, sink=2, groups=1, kv_heads=2, positions=64)
+    for change, message in (({"groups": 3}, "groups = 3 must divide"), ({"budget": 4}, "budget 4 must exceed"),
+                            ({"budget": 11}, "rankings of 8 per head; at most"), ({"positions": 0}, "positions = 0")):
+        with pytest.raises(ShapeError, match=message):
+            token_set_reference(top, values, lengths, starts, **{**good, **change})
+    with pytest.raises(ShapeError, match="top_values must have top_positions' shape"):
+        token_set(top, values[..., :4], lengths, starts, **good)
+    with pytest.raises(ShapeError, match=r"lengths must be an int32 or int64 tensor of shape \(1,\)"):
+        token_set(top, values, lengths.float(), starts, **good)
 
 
 def test_the_decode_kernel_gives_the_scores_of_its_own_pass():
@@ -74,7 +132,25 @@ def test_the_decode_kernel_gives_the_scores_of_its_own_pass():
     visible = padding[:, None].expand(2, 4, 37) & (torch.arange(37) < lengths[:, None, None])
     torch.testing.assert_close(ours[visible], definition[visible])
     assert (ours[~visible & (torch.arange(37) < lengths[:, None, None])] == float("-inf")).all()  # padding
-    assert (ours[1, :, 20:] == 5.0).all()  # past the length: left as they were
+    assert (ours[1, :, 20:] == float("-inf")).all()  # past the length: -inf, ready for a top-k
+
+
+def test_the_scores_are_minus_inf_outside_the_middle_region():
+    """A selection's window: scored from each row's start + sink to its length (offset + shift) - recent, -inf
+    elsewhere; over several splits, a cache longer than the lengths."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=generator), *torch.randn(2, 2, 2, 300, 16, generator=generator)
+    offsets, starts = torch.tensor([250, 99]), torch.tensor([0, 30])
+    window = dict(scores_start=starts, scores_skip=(3, 5), length_shift=1)
+    ours, reference = torch.full((2, 4, 300), 5.0), torch.full((2, 4, 300), 5.0)
+    out, _ = decode_attention(q, k, v, offsets, None, scores_out=ours, num_splits=3, block_n=32, **window)
+    expected, _ = decode_attention_reference(q, k, v, offsets, None, scores_out=reference, **window)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(out, expected)
+    full = torch.einsum("bhd,bhld->bhl", q[:, :, 0], k.repeat_interleave(2, 1)) * 16 ** -0.5
+    for b, (length, start) in enumerate(zip((offsets + 1).tolist(), starts.tolist())):
+        torch.testing.assert_close(ours[b, :, start + 3:length - 5], full[b, :, start + 3:length - 5])
+        assert (ours[b, :, :start + 3] == float("-inf")).all() and (ours[b, :, length - 5:] == float("-inf")).all()
 
 
 def test_the_selection_pass_launch_gives_the_same_scores_and_output(monkeypatch):
@@ -176,4 +252,4 @@ def test_layers_the_model_does_not_have_are_refused_naming_the_field():
 def test_a_set_gathered_over_ranks_is_one_per_row():
     scores = torch.randn(1, 4, 64)
     with pytest.raises(ValueError, match="groups: 2 with heads_group 'tp'; a set gathered over ranks is one per row"):
-        select_tokens(scores, torch.tensor([64]), torch.tensor([0]), 16, 4, 2, 2, "tp")
+        select_tokens(scores, torch.tensor([64]), torch.tensor([0]), 16, 4, 2, 2, 2, "tp")

@@ -29,70 +29,40 @@ from torch import Tensor
 
 from ..errors import PolicyError
 from ..kernels import decode as decode_kernels
-from ..ops import inference_only
+from ..kernels.token_set import token_set, token_set_reference
+from ..ops import inference_only, lengths_and_shift
 from .base import AttentionMethod, cache_decode_reason, register_method
-from .resa import ReSA, lengths_in_use
+from .resa import ReSA
 
 TOKENS = "lessismore.tokens"
 
 
-def unify_rank_major(top: Tensor, valid: Tensor, width: int, positions: int) -> Tensor:
-    """The rank-major union of per-head rankings: (B, X, width) positions, -1 where fewer than ``width`` exist.
-
-    top: (B, X, H, k) positions in [0, positions), each head's best first; valid: (B, X, H, k) which entries
-    count. For each of the X groups, entries are read rank by rank (rank 0 of heads 0..H-1, then rank 1, ...), and
-    each position is kept at its first appearance, the first ``width`` kept in that order. Static shapes, no host
-    synchronisation: a scatter-min over positions finds each position's first reading (cheaper than sorting the
-    H * k readings: 52 against 128 us at 32 heads x 1532 on the H200), a cumulative sum its rank among the kept."""
-    batch, groups, heads, k = top.shape
-    reading = top.transpose(2, 3).reshape(batch, groups, k * heads).long()
-    counted = valid.transpose(2, 3).reshape(batch, groups, k * heads)
-    column = torch.where(counted, reading, positions)  # entries that do not count meet in a spare last column
-    read_index = torch.arange(k * heads, device=top.device).expand_as(column)
-    first_reading = torch.full((batch, groups, positions + 1), k * heads, dtype=torch.int64, device=top.device)
-    first_reading.scatter_reduce_(-1, column, read_index, "amin")
-    first = (first_reading.gather(-1, column) == read_index) & counted
-    rank = first.long().cumsum(-1) - 1
-    slot = torch.where(first & (rank < width), rank, width)  # the rest go to a discarded last slot
-    unified = torch.full((batch, groups, width + 1), -1, dtype=torch.int64, device=top.device)
-    unified.scatter_(-1, slot, reading)
-    return unified[..., :width]
-
-
 def select_tokens(scores: Tensor, lengths: Tensor, starts: Tensor, budget: int, recent: int, sink: int,
-                  groups: int, heads_group: str = "") -> Tensor:
-    """(B, groups, budget) int64 token positions from per-head scores (B, Hq, L) (float32; any value at positions
-    from a row's length on). Row b's real tokens are [starts[b], lengths[b]): its first ``sink``, its last
-    ``recent``, and the rank-major union (:func:`unify_rank_major`, per group of ``Hq / groups`` heads) of each
-    head's top keys in between; all its real tokens when they fit ``budget`` (the positions past its length are
-    then ignored by the kernel, as are -1).
+                  groups: int, kv_heads: int, heads_group: str = "", length_shift: int = 0) -> tuple[Tensor, Tensor]:
+    """The token lists (B, kv_heads, budget) int32 and their counts (B, kv_heads) int32 (all ``budget``) from
+    per-head scores (B, Hq, L) float32 that are -inf outside each row's middle region ``[starts[b] + sink,
+    length - recent)`` (the selection pass writes them so), row b's length being ``lengths[b] + length_shift``.
+    A row's list: its first ``sink`` tokens, the rank-major union (per group of ``Hq / groups`` heads, for
+    ``kv_heads / groups`` KV heads each) of each head's top keys in the middle, its last ``recent``; all its real
+    tokens when they fit ``budget`` (:func:`~sparsify.kernels.token_set.token_set_reference`). The union by the
+    kernels of ``kernels/token_set.py`` on CUDA, its reference elsewhere.
 
     ``heads_group``: the name of a process group over which the model's query heads are split, rank r holding
     the r-th run of Hq of them (tensor parallelism, ``groups`` 1): every rank's rankings are gathered first, so
     the union is over all the model's heads in their order, and every rank chooses the same set."""
-    batch, q_heads, length = scores.shape
     if heads_group and groups != 1:
         raise ValueError(f"groups: {groups} with heads_group {heads_group!r}; a set gathered over ranks is one per "
                          "row (groups 1): per-KV-head sets need no gather")
     middle_width = budget - recent - sink
-    position = torch.arange(length, device=scores.device)
-    middle = (position >= (starts + sink)[:, None]) & (position < (lengths - recent)[:, None])       # (B, L)
-    candidates = scores.masked_fill(~middle[:, None], float("-inf"))
-    if length < middle_width:  # a cache shorter than the width (then every row fits the budget anyway)
-        candidates = torch.nn.functional.pad(candidates, (0, middle_width - length), value=float("-inf"))
-    top = candidates.topk(middle_width, dim=-1)
-    ranked = torch.where(top.values > float("-inf"), top.indices, -1)  # (B, Hq, k), -1 where a row ran out
-    if heads_group:
-        ranked = _gather_heads(ranked, heads_group)
-    shape = (batch, groups, ranked.shape[1] // groups, middle_width)
-    unified = unify_rank_major(ranked.view(shape), (ranked >= 0).view(shape), middle_width,
-                               candidates.shape[-1])
-    sinks = (starts[:, None] + torch.arange(sink, device=scores.device))[:, None].expand(batch, groups, sink)
-    recents = (lengths[:, None] - recent + torch.arange(recent, device=scores.device))[:, None]
-    chosen = torch.cat([sinks, unified, recents.expand(batch, groups, recent)], dim=-1)
-    everything = (starts[:, None] + torch.arange(budget, device=scores.device))[:, None]
-    fits = (lengths - starts <= budget)[:, None, None]
-    return torch.where(fits, everything, chosen)
+    if scores.shape[-1] < middle_width:  # a cache shorter than the width (then every row fits the budget anyway)
+        scores = torch.nn.functional.pad(scores, (0, middle_width - scores.shape[-1]), value=float("-inf"))
+    top = scores.topk(middle_width, dim=-1)
+    positions, values = top.indices, top.values
+    if heads_group:  # the ranks' rankings, -1 where a head ran out of candidates
+        positions, values = _gather_heads(torch.where(values > float("-inf"), positions, -1), heads_group), None
+    build = token_set if scores.is_cuda else token_set_reference
+    return build(positions, values, lengths, starts, budget=budget, recent=recent, sink=sink, groups=groups,
+                 kv_heads=kv_heads, positions=scores.shape[-1], length_shift=length_shift)
 
 
 def _gather_heads(ranked: Tensor, group_name: str) -> Tensor:
@@ -129,14 +99,15 @@ def lessismore_select(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | No
     none."""
     batch, q_heads, _, _ = q.shape
     kv_heads, length = k.shape[1], k.shape[2]
-    lengths = lengths_in_use(q, k, query_offset)
+    lengths, shift = lengths_and_shift(q, k, query_offset)
+    # The pass writes -inf outside the middle region, so the top-k reads the scores as they are.
     scores = torch.empty((batch, q_heads, length), dtype=torch.float32, device=q.device)
-    out = _decode(q, k, v, lengths, scale, key_padding=key_padding, scores_out=scores,
-                  **decode_kernels.scores_pass_launch(length, q.device))
+    out = _decode(q, k, v, lengths, scale, key_padding=key_padding, scores_out=scores, scores_start=starts,
+                  scores_skip=(sink, recent), length_shift=shift, **decode_kernels.scores_pass_launch(length, q.device))
     groups = kv_heads if per_kv_head else 1
-    tokens = select_tokens(scores, lengths, starts, budget, recent, sink, groups, "" if per_kv_head else heads_group)
-    tokens = tokens.expand(batch, kv_heads, budget).to(torch.int32).contiguous()
-    return out, tokens, torch.full((batch, kv_heads), budget, dtype=torch.int32, device=q.device)
+    tokens, counts = select_tokens(scores, lengths, starts, budget, recent, sink, groups, kv_heads,
+                                   "" if per_kv_head else heads_group, shift)
+    return out, tokens, counts
 
 
 @lessismore_select.register_fake
@@ -152,8 +123,9 @@ def token_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, k
     """One decode step over listed positions: q (B, Hq, 1, D) against ``tokens[b, g, :counts[b, g]]`` of k, v
     (B, Hkv, Lk, D), within the positions in use and ``key_padding``. The split-KV kernel's token lists on CUDA,
     its reference elsewhere. Returns (B, Hq, 1, Dv)."""
-    return _decode(q, k, v, lengths_in_use(q, k, query_offset), scale, key_padding=key_padding,
-                   kv_token_indices=tokens, kv_token_counts=counts)
+    lengths, shift = lengths_and_shift(q, k, query_offset)
+    return _decode(q, k, v, lengths, scale, key_padding=key_padding, kv_token_indices=tokens,
+                   kv_token_counts=counts, length_shift=shift)
 
 
 @token_decode.register_fake

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..kernels import block_bounds as bounds_kernels
 from ..kernels import decode as decode_kernels
-from ..ops import inference_only
+from ..ops import inference_only, lengths_and_shift
 from ..state import StateSpec
 from .base import AttentionMethod, cache_decode_reason, register_method
 
@@ -153,9 +153,9 @@ def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, k
     (of ``block_size`` cache positions from the row's first real position) of k, v (B, Hkv, Lk, D), within the
     positions in use (:func:`lengths_in_use`) and ``key_padding`` (B, Lk). The split-KV kernel on CUDA, its reference
     elsewhere. Returns (B, Hq, 1, Dv)."""
-    lengths = lengths_in_use(q, k, query_offset)
+    lengths, shift = lengths_and_shift(q, k, query_offset)
     arguments = dict(key_padding=key_padding, kv_block_indices=indices, kv_block_counts=counts,
-                     block_size=block_size, block_offsets=starts)
+                     block_size=block_size, block_offsets=starts, length_shift=shift)
     if q.is_cuda and decode_kernels.supports(q, k, v):
         return decode_kernels.decode_attention(q, k, v, lengths, scale, **arguments)[0]
     return decode_kernels.decode_attention_reference(q, k, v, lengths, scale, **arguments)[0]
