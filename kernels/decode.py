@@ -67,6 +67,26 @@ def scores_pass_launch(length: int, device) -> dict:
     return {"block_n": SCORES_BLOCK_N, "num_stages": SCORES_STAGES, "num_splits": splits}
 
 
+# A pass over a token list (a LessIsMore sparse layer's, 2048 positions): 128-token tiles, 2 stages, and splits
+# for about 2 programs per multiprocessor, at most one a tile. A list is short, so the decode default (64-key
+# tiles, 4 programs per SM) spends more on the combine and the partial writes than it saves in latency. The best
+# of a sweep on the H200 at 32/8 heads, D=128, 128K, each layer's marginal time in a graph of 28
+# (benchmarks/results/lessismore-launch-probe-2026-12-04b.log): B=1 16 splits 8.0 us (the default 9.6), B=8 4
+# splits 25.5 us (33.4); the same at 32K.
+TOKENS_BLOCK_N, TOKENS_STAGES, TOKENS_PROGRAMS_PER_SM = 128, 2, 2
+
+
+def token_pass_launch(batch: int, kv_heads: int, listed: int, device) -> dict:
+    """The launch arguments (``block_n``, ``num_stages``, ``num_splits``) of :func:`decode_attention` for token
+    lists of ``listed`` positions per (row, KV head); static shapes only, like :func:`decode_num_splits`."""
+    multiprocessors = hardware.multiprocessors(device, INTERPRETER_MULTIPROCESSORS)
+    tiles = -(-listed // TOKENS_BLOCK_N)
+    wanted = decode_num_splits(batch, kv_heads, tiles, multiprocessors, programs_per_sm=TOKENS_PROGRAMS_PER_SM)
+    per_split = -(-tiles // wanted)
+    # The kernel gives each split ceil(tiles / splits) tiles: no more splits than that fills (none left empty).
+    return {"block_n": TOKENS_BLOCK_N, "num_stages": TOKENS_STAGES, "num_splits": -(-tiles // per_split)}
+
+
 def stages_for_decode(num_stages: int, block_n: int, head_dim: int, head_dim_v: int, element_size: int,
                       shared_memory: int | None) -> int:
     """``num_stages``, lowered until the pipelined K and V tiles (``stages * block_n * (D + Dv)`` elements) fit
@@ -379,10 +399,11 @@ def check_decode_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
         raise ShapeError(f"decode_attention: block_offsets must be an int32 (or int64) tensor of shape ({batch},), "
                          f"with kv_block_indices; got {getattr(block_offsets, 'dtype', None)} "
                          f"{tuple(getattr(block_offsets, 'shape', ()))}")
-    if scores_out is not None and (scores_out.shape != (batch, q_heads, length) or scores_out.dtype != torch.float32
+    if scores_out is not None and (scores_out.shape != (batch, q_heads, length)
+                                   or scores_out.dtype not in (torch.float32, q.dtype)
                                    or kv_block_indices is not None or kv_token_indices is not None):
-        raise ShapeError(f"decode_attention: scores_out must be a float32 tensor of shape ({batch}, {q_heads}, "
-                         f"{length}), without block or token lists; got {scores_out.dtype} "
+        raise ShapeError(f"decode_attention: scores_out must be a float32 (or {q.dtype}, q's dtype) tensor of shape "
+                         f"({batch}, {q_heads}, {length}), without block or token lists; got {scores_out.dtype} "
                          f"{tuple(scores_out.shape)}" + (" with lists" if kv_block_indices is not None
                                                         or kv_token_indices is not None else ""))
     if scores_start is not None and (scores_out is None or scores_start.shape != (batch,)
@@ -445,7 +466,8 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
     ignored; positions before the offset are in no block); with token lists, ``j`` is one of
     ``kv_token_indices[b, g, :kv_token_counts[b, g]]`` (positions outside [0, L) ignored; LessIsMore's selections).
-    ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32, without lists: also written, at every
+    ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32 or q's dtype (then the float32 scores
+    rounded to it), without lists: also written, at every
     position, with query head h's score ``q_h . k_j * scale`` where key j is visible and in the scored window
     ``[scores_start[b] + scores_skip[0], length - scores_skip[1])`` (``scores_start`` (B,) int, None: 0), and
     -inf everywhere else, past the length too (LessIsMore's selection layers: the scores come from the same pass over K as the

@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 import sparsify
 from sparsify.errors import PolicyError, ShapeError
-from sparsify.kernels.decode import decode_attention, decode_attention_reference, scores_pass_launch
+from sparsify.kernels.decode import decode_attention, decode_attention_reference, scores_pass_launch, token_pass_launch
 from sparsify.kernels.token_set import token_set, token_set_reference, unify_rank_major
 from sparsify.methods.lessismore import select_tokens
 
@@ -166,6 +166,46 @@ def test_the_selection_pass_launch_gives_the_same_scores_and_output(monkeypatch)
     out, _ = decode_attention(q, k, v, lengths, None, key_padding=padding, scores_out=ours, **launch)
     expected, _ = decode_attention_reference(q, k, v, lengths, None, key_padding=padding, scores_out=reference)
     torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(out, expected)
+
+
+def test_scores_in_the_models_dtype_are_the_float32_scores_rounded():
+    """The selection op writes its scores in q's dtype (bfloat16 here): the kernel's, the reference's and the
+    float32 scores rounded agree, -inf in the same places."""
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (x.bfloat16() for x in (torch.randn(2, 4, 1, 16, generator=generator),
+                                      *torch.randn(2, 2, 2, 200, 16, generator=generator)))
+    window = dict(scores_start=torch.tensor([0, 9]), scores_skip=(2, 4))
+    lengths = torch.tensor([200, 150])
+    ours, reference = (torch.empty(2, 4, 200, dtype=torch.bfloat16) for _ in range(2))
+    full = torch.empty(2, 4, 200)
+    out, _ = decode_attention(q, k, v, lengths, None, scores_out=ours, num_splits=2, block_n=32, **window)
+    decode_attention_reference(q, k, v, lengths, None, scores_out=reference, **window)
+    expected, _ = decode_attention_reference(q, k, v, lengths, None, scores_out=full, **window)
+    torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
+    assert torch.equal(reference, full.bfloat16())
+    torch.testing.assert_close(ours, reference, atol=1e-2, rtol=1e-2)
+    assert torch.equal(ours == float("-inf"), full == float("-inf"))
+    with pytest.raises(ShapeError, match=r"scores_out must be a float32 \(or torch.bfloat16, q's dtype\) tensor"):
+        decode_attention_reference(q, k, v, lengths, None, scores_out=ours.half())
+
+
+def test_the_token_list_launch_gives_the_same_output(monkeypatch):
+    """The launch the sparse layers use (128-token tiles, 2 stages, about 2 programs per SM, no split left
+    empty) on a nominal 132-SM device, over lists of 300 positions (3 tiles, one partly -1)."""
+    monkeypatch.setattr("sparsify.kernels.decode.INTERPRETER_MULTIPROCESSORS", 132)
+    assert token_pass_launch(1, 8, 2048, torch.device("cpu")) == {"block_n": 128, "num_stages": 2, "num_splits": 16}
+    assert token_pass_launch(8, 8, 2048, torch.device("cpu"))["num_splits"] == 4  # 5 wanted: 4 tiles each
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=generator), *torch.randn(2, 2, 2, 700, 16, generator=generator)
+    tokens = torch.stack([torch.randperm(700, generator=generator)[:300] for _ in range(4)]).view(2, 2, 300)
+    tokens[1, :, 250:] = -1
+    counts = torch.full((2, 2), 300)
+    lists = dict(kv_token_indices=tokens.int(), kv_token_counts=counts.int())
+    launch = token_pass_launch(2, 2, 300, q.device)
+    assert launch == {"block_n": 128, "num_stages": 2, "num_splits": 3}
+    out, _ = decode_attention(q, k, v, torch.tensor([700, 600]), None, **lists, **launch)
+    expected, _ = decode_attention_reference(q, k, v, torch.tensor([700, 600]), None, **lists)
     torch.testing.assert_close(out, expected)
 
 
