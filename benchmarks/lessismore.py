@@ -81,6 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--e2e", type=int, nargs="*", default=[], metavar="SEQ",
                         help="also generate() end to end at these lengths (B=1)")
+    parser.add_argument("--e2e-repeats", type=int, default=3,
+                        help="timed generate() calls after the two warm-up calls (decode: the median step of all)")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     params = LessIsMoreParams(budget=args.budget)
@@ -112,12 +114,12 @@ def main(argv=None) -> None:
             ids = torch.randint(1, model.config.vocab_size, (1, seq), device="cuda", generator=generator)
             timed = {}
             for impl in ("dense", "lessismore"):
-                (prefill, decode), _ = measure(f"sparsify_{impl}", model, ids, None, False, 1)
+                (prefill, decode), _ = measure(f"sparsify_{impl}", model, ids, None, False, args.e2e_repeats)
                 if "error" in decode:
                     rows.append({"case": "e2e", "seq_len": seq, "impl": impl, "error": decode["error"]})
                     continue
                 timed[impl] = decode["mean_ms"]
-                rows.append({"case": "e2e", "seq_len": seq, "impl": impl, "ms": decode["mean_ms"],
+                rows.append({"case": "e2e", "seq_len": seq, "impl": impl, "ms": decode["mean_ms"], "median_step_ms": decode["ms"],
                              "tokens_per_s": 1e3 / decode["mean_ms"], "prefill_ms": prefill["ms"],
                              "methods_applied": prefill.get("methods_applied")})
             if len(timed) == 2:
