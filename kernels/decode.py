@@ -461,17 +461,17 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
     token t seeing the keys below ``kv_lengths[b] - (T - 1 - t)`` (causal), without lists or scores; at most
     MAX_CHUNK_ROWS / (Hq / Hkv) tokens. Row b's length is ``kv_lengths[b] + length_shift`` (clamped to [0, L];
     the shift lets a caller pass a static cache's offset, not launch an add). Row b sees key j when ``j`` is
-    below its length, ``key_padding[b, j]`` (if given) and, with block lists, ``(j - block_offsets[b]) // block_size`` (offsets 0 when None: row b's blocks
-    start at its offset, a left-padded row's first real position) is one of
-    ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices outside the cache are
-    ignored; positions before the offset are in no block); with token lists, ``j`` is one of
-    ``kv_token_indices[b, g, :kv_token_counts[b, g]]`` (positions outside [0, L) ignored; LessIsMore's selections).
-    ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32 or q's dtype (then the float32 scores
-    rounded to it), without lists: also written, at every
-    position, with query head h's score ``q_h . k_j * scale`` where key j is visible and in the scored window
-    ``[scores_start[b] + scores_skip[0], length - scores_skip[1])`` (``scores_start`` (B,) int, None: 0), and
-    -inf everywhere else, past the length too (LessIsMore's selection layers: the scores come from the same pass over K as the
-    attention, ready for a top-k over the middle region).
+    below its length, ``key_padding[b, j]`` (if given) and, with block lists, ``(j - block_offsets[b]) //
+    block_size`` (offsets 0 when None: row b's blocks start at its offset, a left-padded row's first real
+    position) is one of ``kv_block_indices[b, g, :kv_block_counts[b, g]]`` (count clamped to [0, S]; indices
+    outside the cache are ignored; positions before the offset are in no block); with token lists, ``j`` is one
+    of ``kv_token_indices[b, g, :kv_token_counts[b, g]]`` (positions outside [0, L) ignored; LessIsMore's
+    selections). ``scale`` None means 1/sqrt(D). ``scores_out`` (B, Hq, L) float32 or q's dtype (then the
+    float32 scores rounded to it), without lists: also written, at every position, with query head h's score
+    ``q_h . k_j * scale`` where key j is visible and in the scored window ``[scores_start[b] + scores_skip[0],
+    length - scores_skip[1])`` (``scores_start`` (B,) int, None: 0), and -inf everywhere else, past the length
+    too (LessIsMore's selection layers: the scores come from the same pass over K as the attention, ready for a
+    top-k over the middle region).
     Returns out (B, Hq, T, Dv) in q's dtype and lse (B, Hq, T) float32, natural log; a row that sees no key gets
     out 0 and lse -inf.
     """
