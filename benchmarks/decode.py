@@ -11,7 +11,8 @@ a block mask of exactly the blocks ReSA selected, built outside the timing: atte
 decode step under sparsify) and, in ``eager_ms``, launched one op at a time. Each row has the bytes it must
 read (``gbytes``: K/V of the tokens it attends to, plus for resa the summaries the selection scores) and the
 share of the device's copy bandwidth that reaches (``copy_bw_share``, from a timed device-to-device copy).
-``parts_ms``: resa's three ops alone.
+``parts_ms``: resa's three ops alone, and ``resa_budget`` (the blocks each row keeps: one node per forward for
+all its layers, so not in a layer's step).
 
 Checked in the same run: resa's output over the selected blocks against the float32 reference, and against
 FlexAttention over the same blocks; with every block kept, against dense attention in float32, no worse than 2x
@@ -52,22 +53,29 @@ class ResaStep:
                                 BLOCK_SIZE)
         self.offset = torch.tensor(length - 1, device=q.device)  # the new token's position: a static cache's view
         self.width = selection_width(n_blocks, sparse_ratio, MIN_BLOCKS, LOCAL_BLOCKS)
-        self.indices, self.counts = self.select()
+        self.in_use, self.keep = self.budget()
+        self.indices = self.select()
+        self.counts = self.keep[:, None].expand(batch, kv_heads)
+
+    def budget(self):
+        """Blocks in use and kept per row: once per forward in the graph, for all its layers (timed apart)."""
+        return self.ops.resa_budget(self.q, self.k, self.offset, self.starts, BLOCK_SIZE, self.ratio, MIN_BLOCKS,
+                                    LOCAL_BLOCKS)
 
     def update(self):
         self.ops.resa_summaries(self.kmin, self.kmax, self.q, self.k, self.offset, self.starts, BLOCK_SIZE)
 
     def select(self):
-        return self.ops.resa_select(self.q, self.kmin, self.kmax, self.k, self.offset, self.starts, BLOCK_SIZE,
-                                    self.ratio, MIN_BLOCKS, LOCAL_BLOCKS, self.scale)
+        return self.ops.resa_select(self.q, self.kmin, self.kmax, self.in_use, self.keep, self.ratio, MIN_BLOCKS,
+                                    LOCAL_BLOCKS, self.scale)
 
-    def attend(self, indices, counts):
-        return self.ops.block_decode(self.q, self.k, self.v, self.offset, None, self.starts, indices, counts,
+    def attend(self, indices):
+        return self.ops.block_decode(self.q, self.k, self.v, self.offset, None, self.starts, indices, self.keep,
                                      BLOCK_SIZE, self.scale)
 
     def step(self):
         self.update()
-        return self.attend(*self.select())
+        return self.attend(self.select())
 
     def block_mask(self) -> BlockMask:
         """FlexAttention's block mask of the selected blocks, for :meth:`flex`'s layout (each (row, KV head) a batch
@@ -146,10 +154,9 @@ def accuracy(device, flex) -> dict[str, float]:
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     every_block = ResaStep(qb, kb, vb, 1.0).step()
     # The selection on the GPU (its kernels) against the reference ops on the CPU, from the same summaries.
-    on_cpu = torch.ops.sparsify.resa_select(qb.cpu(), sparse.kmin.cpu(), sparse.kmax.cpu(), kb.cpu(),
-                                            sparse.offset.cpu(), sparse.starts.cpu(), BLOCK_SIZE, 0.1, MIN_BLOCKS,
-                                            LOCAL_BLOCKS, sparse.scale)[0]
-    same_selection = (sparse.select()[0].cpu() == on_cpu).float().mean().item()
+    on_cpu = torch.ops.sparsify.resa_select(qb.cpu(), sparse.kmin.cpu(), sparse.kmax.cpu(), sparse.in_use.cpu(),
+                                            sparse.keep.cpu(), 0.1, MIN_BLOCKS, LOCAL_BLOCKS, sparse.scale)
+    same_selection = (sparse.select().cpu() == on_cpu).float().mean().item()
     errors = {"resa_vs_reference_same_blocks": relative_error(ours, expected),
               "flex_vs_resa_same_blocks": relative_error(same_blocks, ours),
               "resa_all_blocks_vs_dense": relative_error(every_block, dense),
@@ -206,11 +213,12 @@ def main(argv=None) -> None:
                     continue
                 row["copy_bw_share"] = gbytes[impl] / (timed[impl] / 1e3) / bandwidth
                 rows.append(row)
-            indices, counts = step.indices, step.counts
+            indices = step.indices
             extra["parts_ms"][f"{case}@{seq}"] = {
                 "resa_summaries": time_ms(graphed(step.update)),
                 "resa_select": time_ms(graphed(step.select)),
-                "block_decode": time_ms(graphed(lambda: step.attend(indices, counts))),
+                "block_decode": time_ms(graphed(lambda: step.attend(indices))),
+                "resa_budget_once_per_forward": time_ms(graphed(step.budget)),
             }
             for other in sorted(set(timed) - {"resa"}):
                 ratios[f"{case}@{seq} {other}/resa"] = timed[other] / timed["resa"]

@@ -32,19 +32,24 @@ def _block_bounds(
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_u,
     stride_sb, stride_sh, stride_sn,
-    kv_heads, n_blocks, local_blocks,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    kv_heads, n_blocks, local_blocks, query_scale,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """BLOCK blocks (``program_id(0)``) of one (batch, KV head) (``program_id(1)``): their bounds, -inf past the
-    row's blocks in use, +inf for its last ``local_blocks`` in use."""
+    """BLOCK blocks (``program_id(0)``) of one (batch, KV head) (``program_id(1)``): their bounds for the mean of
+    the head's GROUP query heads times ``query_scale``, -inf past the row's blocks in use, +inf for its last
+    ``local_blocks`` in use."""
     chunk = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = (batch_head // kv_heads).to(tl.int64)
     head = (batch_head % kv_heads).to(tl.int64)
     offs_n = chunk * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_g = tl.arange(0, BLOCK_G)
     exists = offs_n < n_blocks
-    query = tl.load(Query + batch * stride_qb + head * stride_qh + offs_d * stride_qd).to(tl.float32)
+    heads = head * GROUP + offs_g.to(tl.int64)
+    group = tl.load(Query + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=(offs_g < GROUP)[:, None], other=0.0).to(tl.float32)
+    query = tl.sum(group, 0) / GROUP * query_scale
     rows = offs_n[:, None].to(tl.int64)
     low = tl.load(Kmin + batch * stride_kb + head * stride_kh + rows * stride_kn + offs_d[None, :] * stride_kd,
                   mask=exists[:, None], other=0.0).to(tl.float32)
@@ -68,9 +73,9 @@ def _check(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_use: 
         raise ShapeError(f"block_bounds: kmin and kmax must share a shape (B, Hkv, n_blocks, D); got "
                          f"{tuple(kmin.shape)} and {tuple(kmax.shape)}")
     batch, kv_heads, _, dim = kmin.shape
-    if query.shape != (batch, kv_heads, dim):
-        raise ShapeError(f"block_bounds: query must be (B, Hkv, D) = ({batch}, {kv_heads}, {dim}); got "
-                         f"{tuple(query.shape)}")
+    if query.dim() != 3 or query.shape[0] != batch or query.shape[1] % kv_heads or query.shape[2] != dim:
+        raise ShapeError(f"block_bounds: query must be (B, Hq, D) with B = {batch}, Hq a multiple of Hkv = "
+                         f"{kv_heads} and D = {dim}; got {tuple(query.shape)}")
     if in_use.shape != (batch,) or in_use.dtype not in (torch.int32, torch.int64):
         raise ShapeError(f"block_bounds: in_use must be an int32 or int64 tensor of shape ({batch},); got "
                          f"{in_use.dtype} {tuple(in_use.shape)}")
@@ -81,14 +86,16 @@ def _check(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_use: 
 
 
 def block_bounds_reference(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_use: torch.Tensor,
-                           local_blocks: int) -> torch.Tensor:
-    """(B, Hkv, n_blocks) float32: ``sum_d max(q_d kmin_d, q_d kmax_d)`` per block, in float32.
+                           local_blocks: int, scale: float = 1.0) -> torch.Tensor:
+    """(B, Hkv, n_blocks) float32: ``sum_d max(q_d kmin_d, q_d kmax_d)`` per block, in float32, for the selection
+    query q of each KV head: the mean of its group's query heads times ``scale``.
 
-    query: (B, Hkv, D) (the selection query of each KV head, already scaled); kmin, kmax: (B, Hkv, n_blocks, D);
-    in_use: (B,) the blocks row b has in use. Blocks from ``in_use[b]`` on score -inf; the last ``local_blocks``
-    in use score +inf (always kept)."""
+    query: (B, Hq, D), Hq = G x Hkv, the G heads of KV head g at [g G, (g + 1) G) (G = 1: the selection queries
+    themselves); kmin, kmax: (B, Hkv, n_blocks, D); in_use: (B,) the blocks row b has in use. Blocks from
+    ``in_use[b]`` on score -inf; the last ``local_blocks`` in use score +inf (always kept)."""
     _check(query, kmin, kmax, in_use)
-    query = query.float()[:, :, None]
+    batch, kv_heads, _, dim = kmin.shape
+    query = query.float().reshape(batch, kv_heads, -1, dim).mean(2)[:, :, None] * scale
     bound = torch.maximum(query * kmin.float(), query * kmax.float()).sum(-1)
     j = torch.arange(kmin.shape[2], device=kmin.device)[None, :]
     used = j < in_use[:, None]
@@ -97,9 +104,10 @@ def block_bounds_reference(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.
 
 
 def block_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_use: torch.Tensor,
-                 local_blocks: int) -> torch.Tensor:
-    """Launch the kernel. Same contract as :func:`block_bounds_reference`; D a power of 2 in [16, 256], any float
-    dtype of the summaries, any strides. No host synchronisation: CUDA-graph capturable."""
+                 local_blocks: int, scale: float = 1.0) -> torch.Tensor:
+    """Launch the kernel. Same contract as :func:`block_bounds_reference` (the group's mean taken in the kernel,
+    so a decode step launches nothing else to score); D a power of 2 in [16, 256], any float dtype of the
+    summaries and the query, any strides. No host synchronisation: CUDA-graph capturable."""
     _check(query, kmin, kmax, in_use)
     batch, kv_heads, n_blocks, dim = kmin.shape
     if not supports(dim):
@@ -109,9 +117,11 @@ def block_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in
                          "(or TRITON_INTERPRET=1). Use block_bounds_reference there")
     scores = torch.empty((batch, kv_heads, n_blocks), device=kmin.device, dtype=torch.float32)
     block = min(BLOCKS_PER_PROGRAM, triton.next_power_of_2(max(1, n_blocks)))
+    group = query.shape[1] // kv_heads
     _block_bounds[(triton.cdiv(n_blocks, block), batch * kv_heads)](
         query, kmin, kmax, in_use, scores, *query.stride(), *kmin.stride(), *kmax.stride(), in_use.stride(0),
-        *scores.stride(), kv_heads, n_blocks, local_blocks, HEAD_DIM=dim, BLOCK=block, num_warps=4)
+        *scores.stride(), kv_heads, n_blocks, local_blocks, float(scale), HEAD_DIM=dim, GROUP=group,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK=block, num_warps=4)
     return scores
 
 
@@ -121,16 +131,22 @@ def block_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in
 MAX_SELECT_BLOCKS = 16384
 
 
+# The top-k threshold is found digit by digit, most significant first: RADIX_BITS a pass, each a histogram of the
+# candidates' digit (8: 4 passes over 256 bins).
+RADIX_BITS = 8
+
+
 @triton.jit
 def _select_top(
     Scores, Keep, Out,
     stride_sb, stride_sh, stride_sn, stride_k, stride_ob, stride_oh, stride_os,
     kv_heads, n_blocks, width,
-    BLOCK: tl.constexpr, WIDTH_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, WIDTH_BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
 ):
     """One (batch, KV head) row: the ``keep[b]`` highest scores' positions, ascending, in its first slots, and
-    ``n_blocks`` in the rest of its ``width``. The row stays in registers: a bisection over the scores' order-
-    preserving integer keys finds the keep-th largest (32 counting passes), ties at it go to the lowest positions,
+    ``n_blocks`` in the rest of its ``width``. The row stays in registers. A radix select over the scores'
+    order-preserving 32-bit keys finds the keep-th largest, DIGIT_BITS a pass (a histogram of the digit among the
+    keys that share the digits found so far: 32 / DIGIT_BITS dependent passes); ties at it go to the lowest positions,
     and a cumulative sum gives each kept block its slot, so the list comes out sorted without a sort."""
     row = tl.program_id(0)
     batch = (row // kv_heads).to(tl.int64)
@@ -139,20 +155,28 @@ def _select_top(
     exists = offs < n_blocks
     scores = tl.load(Scores + batch * stride_sb + head * stride_sh + offs.to(tl.int64) * stride_sn, mask=exists,
                      other=float("-inf"))
-    bits = tl.where(scores == 0.0, 0, scores.to(tl.int32, bitcast=True))  # -0.0 ties with +0.0
-    # Negative floats order backwards as integers: flipping their magnitude bits makes the order the floats'.
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-    key = tl.where(exists, key, -(2**31) - 1)  # below every real key
+    bits = tl.where(scores == 0.0, 0, scores.to(tl.int32, bitcast=True)).to(tl.int64)  # -0.0 ties with +0.0
+    # Negative floats order backwards as integers: flipping their magnitude bits makes the order the floats';
+    # the offset makes every key non-negative, so digits are plain shifts. -1: past the row, never a candidate.
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+    key = tl.where(exists, key, -1)
     keep = tl.minimum(tl.minimum(tl.load(Keep + batch * stride_k), n_blocks), width).to(tl.int32)
-    low = tl.full((), -(2**31), tl.int64)
-    high = tl.full((), 2**31 - 1, tl.int64)
-    for _ in range(32):  # the largest t with count(key >= t) >= keep
-        middle = (low + high + 1) // 2
-        enough = tl.sum((key >= middle).to(tl.int32), 0) >= keep
-        low = tl.where(enough, middle, low)
-        high = tl.where(enough, high, middle - 1)
-    greater = key > low
-    ties = key == low
+    RADIX: tl.constexpr = 1 << DIGIT_BITS
+    bins = tl.arange(0, 2 * RADIX)  # the upper half collects the keys that are not candidates
+    prefix = tl.full((), 0, tl.int64)
+    need = keep
+    for p in tl.static_range(32 // DIGIT_BITS):
+        shift: tl.constexpr = 32 - DIGIT_BITS * (p + 1)
+        candidate = (key >> (shift + DIGIT_BITS)) == prefix
+        digit = tl.where(candidate, (key >> shift) & (RADIX - 1), RADIX).to(tl.int32)
+        counts = tl.where(bins < RADIX, tl.histogram(digit, 2 * RADIX), 0)
+        # at_least[d]: candidates whose digit is d or more; the threshold's digit is the largest d with enough.
+        at_least = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts
+        chosen = tl.max(tl.where((bins < RADIX) & (at_least >= need), bins, 0), 0)
+        need -= tl.sum(tl.where(bins > chosen, counts, 0), 0)
+        prefix = prefix * RADIX + chosen
+    greater = key > prefix
+    ties = key == prefix
     room = keep - tl.sum(greater.to(tl.int32), 0)
     take = greater | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= room))
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
@@ -197,7 +221,7 @@ def select_top_blocks(scores: torch.Tensor, keep: torch.Tensor, width: int) -> t
     block = triton.next_power_of_2(max(16, n_blocks))
     _select_top[(batch * kv_heads,)](scores, keep, out, *scores.stride(), keep.stride(0), *out.stride(),
                                      kv_heads, n_blocks, width, BLOCK=block,
-                                     WIDTH_BLOCK=triton.next_power_of_2(max(16, width)),
+                                     WIDTH_BLOCK=triton.next_power_of_2(max(16, width)), DIGIT_BITS=RADIX_BITS,
                                      num_warps=8 if block >= 4096 else 4)
     return out
 
@@ -212,7 +236,7 @@ def _update_summaries(
     stride_xb, stride_xh, stride_xn, stride_xd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_u, stride_s,
-    kv_heads, n_blocks, q_len, cache_len,
+    kv_heads, n_blocks, q_len, cache_len, length_shift,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, POSITIONS: tl.constexpr,
 ):
     """Touched block ``program_id(0)`` of (batch, KV head) ``program_id(1)``: its min and max over its positions
@@ -221,7 +245,7 @@ def _update_summaries(
     row = tl.program_id(1)
     batch = (row // kv_heads).to(tl.int64)
     head = (row % kv_heads).to(tl.int64)
-    used = tl.load(Used + batch * stride_u).to(tl.int64)
+    used = tl.load(Used + batch * stride_u).to(tl.int64) + length_shift
     start = tl.load(Starts + batch * stride_s).to(tl.int64)
     first = tl.maximum((used - q_len - start) // BLOCK_SIZE, 0)
     block = tl.minimum(first + touched, n_blocks - 1)
@@ -242,9 +266,10 @@ def _update_summaries(
 
 
 def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, used: torch.Tensor,
-                     starts: torch.Tensor, q_len: int, block_size: int) -> None:
+                     starts: torch.Tensor, q_len: int, block_size: int, length_shift: int = 0) -> None:
     """Rewrite, in place, the summaries of the ``ceil(q_len / block_size) + 1`` blocks (at most all) that a call's
-    last ``q_len`` positions in use touch: row b's blocks from ``starts[b]``, positions below ``used[b]``.
+    last ``q_len`` positions in use touch: row b's blocks from ``starts[b]``, positions below ``used[b] +
+    length_shift`` (the shift added in the kernel: a static cache's offset needs no add launched before it).
     kmin, kmax: (B, Hkv, n_blocks, D); k: (B, Hkv, L, D), any strides. One program per touched block."""
     batch, kv_heads, n_blocks, dim = kmin.shape
     if kmax.shape != kmin.shape or k.dim() != 4 or k.shape[:2] != (batch, kv_heads) or k.shape[3] != dim \
@@ -256,5 +281,5 @@ def update_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, us
     touched = min(n_blocks, -(-q_len // block_size) + 1)
     _update_summaries[(touched, batch * kv_heads)](
         kmin, kmax, k, used, starts, *kmin.stride(), *kmax.stride(), *k.stride(), used.stride(0), starts.stride(0),
-        kv_heads, n_blocks, q_len, k.shape[2], HEAD_DIM=dim, BLOCK_SIZE=block_size,
+        kv_heads, n_blocks, q_len, k.shape[2], length_shift, HEAD_DIM=dim, BLOCK_SIZE=block_size,
         POSITIONS=triton.next_power_of_2(block_size), num_warps=4)

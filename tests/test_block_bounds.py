@@ -49,6 +49,19 @@ def test_the_kernel_equals_the_reference(dtype, n_blocks):
             assert (actual[row, :, max(0, used - local):used] == float("inf")).all()
 
 
+def test_the_kernel_scores_the_mean_of_each_groups_query_heads():
+    """Hq = 3 x Hkv query heads, scaled: the kernel takes the group's mean itself; the reference equals the bound
+    of the explicitly averaged query."""
+    gen = torch.Generator().manual_seed(3)
+    kmin, kmax = summaries(gen, 2, 2, 21, 16, torch.bfloat16)
+    heads = torch.randn(2, 6, 16, generator=gen).bfloat16()
+    in_use = torch.tensor([21, 13])
+    expected = block_bounds_reference(heads, kmin, kmax, in_use, 1, 0.25)
+    mean = heads.float().view(2, 2, 3, 16).mean(2) * 0.25
+    torch.testing.assert_close(expected, block_bounds_reference(mean, kmin, kmax, in_use, 1))
+    torch.testing.assert_close(block_bounds(heads, kmin, kmax, in_use, 1, 0.25), expected, atol=1e-4, rtol=1e-5)
+
+
 def test_strided_summaries_are_read_in_place():
     """A slice of the KV heads (a segment serving part of a layer's heads) and a query that is not contiguous."""
     gen = torch.Generator().manual_seed(5)
@@ -66,7 +79,7 @@ def test_bad_inputs_get_clear_errors(monkeypatch):
     query, in_use = torch.randn(2, 2, 16), torch.tensor([5, 5])
     cases = [
         ((query, kmin, kmax[:, :1], in_use), "kmin and kmax must share a shape"),
-        ((query[:, :1], kmin, kmax, in_use), r"query must be \(B, Hkv, D\) = \(2, 2, 16\)"),
+        ((query[:, :1], kmin, kmax, in_use), r"query must be \(B, Hq, D\) with B = 2, Hq a multiple of Hkv = 2"),
         ((query, kmin, kmax, in_use.float()), "in_use must be an int32 or int64 tensor of shape"),
         ((query, kmin, kmax, in_use[:1]), r"in_use must be an int32 or int64 tensor of shape \(2,\)"),
     ]
@@ -94,6 +107,22 @@ def test_the_top_blocks_kernel_equals_the_reference(n_blocks):
     actual = select_top_blocks(scores, keep, width)
     assert actual.dtype == torch.int32 and actual.shape == (3, 2, width)
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("levels", [3, 50, None])
+def test_the_top_blocks_kernel_equals_the_reference_over_long_rows_with_ties(levels):
+    """2500 blocks a row, scores of a few values (ties that share every digit of the radix select), of many
+    values close together (sharing the high digits), and of any value, negative ones included; any keep."""
+    gen = torch.Generator().manual_seed(levels or 0)
+    scores = torch.randn(2, 3, 2500, generator=gen)
+    if levels is not None:
+        scores = 1.0 + torch.randint(0, levels, scores.shape, generator=gen) / 4096
+    scores[0, 1, -300:] = float("-inf")
+    for keep in ([2500, 1], [7, 1200], [0, 333]):
+        keep = torch.tensor(keep)
+        width = int(keep.max().clamp(min=1))
+        torch.testing.assert_close(select_top_blocks(scores, keep, width),
+                                   select_top_blocks_reference(scores, keep, width))
 
 
 def test_ties_at_the_last_kept_score_go_to_the_lowest_positions():

@@ -76,10 +76,11 @@ def resa_summaries(kmin: Tensor, kmax: Tensor, q: Tensor, k: Tensor, query_offse
     row's end) keeps what it had. No host synchronisation. On CUDA one program per touched block
     (``kernels/block_bounds.py``)."""
     batch, kv_heads, n_blocks, dim = kmin.shape
-    used = lengths_in_use(q, k, query_offset)
     if kmin.is_cuda and bounds_kernels.supports(dim):  # one program per touched block
-        bounds_kernels.update_summaries(kmin, kmax, k, used, starts, q.shape[2], block_size)
+        lengths, shift = lengths_and_shift(q, k, query_offset)
+        bounds_kernels.update_summaries(kmin, kmax, k, lengths, starts, q.shape[2], block_size, length_shift=shift)
         return
+    used = lengths_in_use(q, k, query_offset)
     touched = min(n_blocks, -(-q.shape[2] // block_size) + 1)
     first = torch.clamp((used - q.shape[2] - starts) // block_size, min=0)
     blocks = torch.clamp(first[:, None] + torch.arange(touched, device=q.device), max=n_blocks - 1)   # (B, T)
@@ -108,52 +109,61 @@ def selection_width(n_blocks: int, sparse_ratio: float, min_blocks: int, local_b
     return max(1, min(n_blocks, max(math.ceil(n_blocks * sparse_ratio), min_blocks, local_blocks)))
 
 
-@torch.library.custom_op("sparsify::resa_select", mutates_args=())
-def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, k: Tensor, query_offset: Tensor | None,
-                starts: Tensor, block_size: int, sparse_ratio: float, min_blocks: int,
-                local_blocks: int, scale: float) -> tuple[Tensor, Tensor]:
-    """ReSA's block selection for one decode step: (indices (B, Hkv, S) int32, counts (B, Hkv) int32).
+@torch.library.custom_op("sparsify::resa_budget", mutates_args=())
+def resa_budget(q: Tensor, k: Tensor, query_offset: Tensor | None, starts: Tensor, block_size: int,
+                sparse_ratio: float, min_blocks: int, local_blocks: int) -> tuple[Tensor, Tensor]:
+    """Each row's blocks in use and the blocks a decode step keeps of them, (B,) int64 each.
 
-    q: (B, Hq, 1, D); kmin, kmax: (B, Hkv, n_blocks, D). The selection query of KV head g is the mean of its group's
-    query heads times ``scale``; block j scores ``sum_d max(q_d kmin_jd, q_d kmax_jd)``. Of the ``n`` blocks a
-    row has in use (:func:`lengths_in_use`, from its first real position ``starts[b]``), the last ``local_blocks``
-    always, and the best-scoring others up to ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` in all; their
-    indices sorted, first ``counts`` of each row (the rest hold ``n_blocks``, which the kernel ignores). S is
-    :func:`selection_width` of n_blocks. On CUDA the scores come from one pass over the summaries and the sorted
-    lists from one program per row (``kernels/block_bounds.py``; rows of more than MAX_SELECT_BLOCKS blocks, and
-    other devices, use the references). Ties at the last kept score go to the lowest blocks."""
-    batch, kv_heads, n_blocks, dim = kmin.shape
-    query = q.float().view(batch, kv_heads, -1, dim).mean(2) * scale                      # (B, Hkv, D)
-    in_use = -(-(lengths_in_use(q, k, query_offset) - starts) // block_size)               # (B,)
-    on_gpu = kmin.is_cuda and bounds_kernels.supports(dim)
-    score = bounds_kernels.block_bounds if on_gpu else bounds_kernels.block_bounds_reference
-    scores = score(query, kmin, kmax, in_use, local_blocks)                                # (B, Hkv, n_blocks)
+    Row b has ``n = ceil((used_b - starts[b]) / block_size)`` blocks in use (:func:`lengths_in_use`; q and k give
+    only their lengths) and keeps ``max(ceil(n * sparse_ratio), min(n, min_blocks))`` of them, at least its last
+    ``min(n, local_blocks)`` and at most n. The same for every layer of a forward: one node per forward
+    (``ReSA.budget``), so that a layer's selection launches only its two kernels."""
+    in_use = -(-(lengths_in_use(q, k, query_offset) - starts) // block_size)
     keep = torch.maximum(torch.ceil(in_use.double() * sparse_ratio).long(), torch.clamp(in_use, max=min_blocks))
-    keep = torch.minimum(torch.maximum(keep, torch.clamp(in_use, max=local_blocks)), in_use)   # (B,)
-    width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
-    select = bounds_kernels.select_top_blocks if on_gpu and n_blocks <= bounds_kernels.MAX_SELECT_BLOCKS else \
-        bounds_kernels.select_top_blocks_reference
-    indices = select(scores, keep, width)                                                  # (B, Hkv, S)
-    return indices, keep[:, None].expand(batch, kv_heads).to(torch.int32).contiguous()
+    return in_use, torch.minimum(torch.maximum(keep, torch.clamp(in_use, max=local_blocks)), in_use)
+
+
+@resa_budget.register_fake
+def _(q, k, query_offset, starts, block_size, sparse_ratio, min_blocks, local_blocks):
+    return tuple(starts.new_empty((q.shape[0],), dtype=torch.int64) for _ in range(2))
+
+
+@torch.library.custom_op("sparsify::resa_select", mutates_args=())
+def resa_select(q: Tensor, kmin: Tensor, kmax: Tensor, in_use: Tensor, keep: Tensor, sparse_ratio: float,
+                min_blocks: int, local_blocks: int, scale: float) -> Tensor:
+    """ReSA's block selection for one decode step: (B, Hkv, S) int32, row (b, g)'s first ``keep[b]`` entries the
+    sorted indices of its kept blocks, the rest ``n_blocks`` (which the decode kernel ignores).
+
+    q: (B, Hq, 1, D); kmin, kmax: (B, Hkv, n_blocks, D); in_use, keep: (B,) from :func:`resa_budget`. The selection
+    query of KV head g is the mean of its group's query heads times ``scale``; block j scores ``sum_d max(q_d
+    kmin_jd, q_d kmax_jd)``; the last ``local_blocks`` in use always, the best-scoring others up to ``keep``.
+    S is :func:`selection_width` of n_blocks (static, so a growing cache changes no shape). On CUDA two
+    kernels, the scores in one pass over the summaries (the group's mean taken there) and the sorted lists one
+    program per row (``kernels/block_bounds.py``; rows of more than MAX_SELECT_BLOCKS blocks, and other devices,
+    use the references). Ties at the last kept score go to the lowest blocks."""
+    on_gpu = kmin.is_cuda and bounds_kernels.supports(kmin.shape[-1])
+    score = bounds_kernels.block_bounds if on_gpu else bounds_kernels.block_bounds_reference
+    scores = score(q.select(2, 0), kmin, kmax, in_use, local_blocks, scale)                # (B, Hkv, n_blocks)
+    select = bounds_kernels.select_top_blocks if on_gpu and kmin.shape[2] <= bounds_kernels.MAX_SELECT_BLOCKS \
+        else bounds_kernels.select_top_blocks_reference
+    return select(scores, keep, selection_width(kmin.shape[2], sparse_ratio, min_blocks, local_blocks))
 
 
 @resa_select.register_fake
-def _(q, kmin, kmax, k, query_offset, starts, block_size, sparse_ratio, min_blocks, local_blocks, scale):
-    batch, kv_heads, n_blocks, _ = kmin.shape
-    width = selection_width(n_blocks, sparse_ratio, min_blocks, local_blocks)
-    return (q.new_empty((batch, kv_heads, width), dtype=torch.int32),
-            q.new_empty((batch, kv_heads), dtype=torch.int32))
+def _(q, kmin, kmax, in_use, keep, sparse_ratio, min_blocks, local_blocks, scale):
+    width = selection_width(kmin.shape[2], sparse_ratio, min_blocks, local_blocks)
+    return q.new_empty((kmin.shape[0], kmin.shape[1], width), dtype=torch.int32)
 
 
 @torch.library.custom_op("sparsify::block_decode", mutates_args=())
 def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, key_padding: Tensor | None,
-                 starts: Tensor,
-                 indices: Tensor, counts: Tensor, block_size: int, scale: float) -> Tensor:
-    """One decode step over listed key blocks: q (B, Hq, 1, D) against the blocks ``indices[b, g, :counts[b, g]]``
+                 starts: Tensor, indices: Tensor, keep: Tensor, block_size: int, scale: float) -> Tensor:
+    """One decode step over listed key blocks: q (B, Hq, 1, D) against the blocks ``indices[b, g, :keep[b]]``
     (of ``block_size`` cache positions from the row's first real position) of k, v (B, Hkv, Lk, D), within the
     positions in use (:func:`lengths_in_use`) and ``key_padding`` (B, Lk). The split-KV kernel on CUDA, its reference
     elsewhere. Returns (B, Hq, 1, Dv)."""
     lengths, shift = lengths_and_shift(q, k, query_offset)
+    counts = keep[:, None].expand(indices.shape[:2])  # every KV head of a row keeps as many: a view
     arguments = dict(key_padding=key_padding, kv_block_indices=indices, kv_block_counts=counts,
                      block_size=block_size, block_offsets=starts, length_shift=shift)
     if q.is_cuda and decode_kernels.supports(q, k, v):
@@ -162,7 +172,7 @@ def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, k
 
 
 @block_decode.register_fake
-def _(q, k, v, query_offset, key_padding, starts, indices, counts, block_size, scale):
+def _(q, k, v, query_offset, key_padding, starts, indices, keep, block_size, scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -231,15 +241,29 @@ class ReSA(AttentionMethod):
         group = attn.group_size
         return [ctx.call(torch.ops.aten.slice.Tensor, t, 1, start // group, stop // group) for t in tensors]
 
+    def budget(self, params: ReSAParams, ctx):
+        """Each row's blocks in use and kept (:func:`resa_budget`): one node per forward and parameters."""
+        padding = ctx.key_padding
+        key = ("resa_budget", getattr(padding, "name", None), params.block_size, params.sparse_ratio,
+               params.min_blocks, params.local_blocks)
+
+        def build():
+            budget = ctx.call(torch.ops.sparsify.resa_budget.default, ctx.q, ctx.k, ctx.query_offset,
+                              self.row_starts(ctx), params.block_size, params.sparse_ratio, params.min_blocks,
+                              params.local_blocks)
+            return tuple(ctx.call(operator.getitem, budget, i) for i in range(2))
+
+        return ctx.shared(key, build)
+
     def plan(self, params: ReSAParams, attn, ctx):
         """The selection: per layer and step (it reads this layer's query)."""
         kmin, kmax = self._summaries(ctx, attn)
-        selection = ctx.call(torch.ops.sparsify.resa_select.default, ctx.q, kmin, kmax, ctx.k, ctx.query_offset,
-                             self.row_starts(ctx), params.block_size, params.sparse_ratio, params.min_blocks,
-                             params.local_blocks, attn.match.scale)
-        return tuple(ctx.call(operator.getitem, selection, i) for i in range(2))
+        in_use, keep = self.budget(params, ctx)
+        indices = ctx.call(torch.ops.sparsify.resa_select.default, ctx.q, kmin, kmax, in_use, keep,
+                           params.sparse_ratio, params.min_blocks, params.local_blocks, attn.match.scale)
+        return indices, keep
 
     def run(self, params: ReSAParams, attn, ctx, plan):
-        indices, counts = plan
+        indices, keep = plan
         return ctx.call(torch.ops.sparsify.block_decode.default, ctx.q, ctx.k, ctx.v, ctx.query_offset,
-                        ctx.key_padding, self.row_starts(ctx), indices, counts, params.block_size, attn.match.scale)
+                        ctx.key_padding, self.row_starts(ctx), indices, keep, params.block_size, attn.match.scale)
