@@ -87,6 +87,18 @@ def token_pass_launch(batch: int, kv_heads: int, listed: int, device) -> dict:
     return {"block_n": TOKENS_BLOCK_N, "num_stages": TOKENS_STAGES, "num_splits": -(-tiles // per_split)}
 
 
+# A pass over block lists (ReSA's: 256 blocks of 16 at a 4K-token budget): 128-key tiles (each gathering 8 listed
+# blocks), 2 stages, the default splits. On the H100 at 32/8 heads, D=128, 128K, each layer's marginal time in a
+# graph of 32 (benchmarks/results/resa-probe-2026-12-06.log): B=1 10.5 us (the decode default, 64-key tiles and
+# 3 stages, 14.1), B=8 58.6 (59.3).
+BLOCKS_BLOCK_N, BLOCKS_STAGES = 128, 2
+
+
+def block_pass_launch() -> dict:
+    """The launch arguments (``block_n``, ``num_stages``) of :func:`decode_attention` for block lists."""
+    return {"block_n": BLOCKS_BLOCK_N, "num_stages": BLOCKS_STAGES}
+
+
 def stages_for_decode(num_stages: int, block_n: int, head_dim: int, head_dim_v: int, element_size: int,
                       shared_memory: int | None) -> int:
     """``num_stages``, lowered until the pipelined K and V tiles (``stages * block_n * (D + Dv)`` elements) fit
@@ -494,8 +506,11 @@ def decode_attention_reference(q, k, v, kv_lengths, scale, *, key_padding=None, 
         offsets = block_offsets.long() if block_offsets is not None else torch.zeros(batch, dtype=torch.long,
                                                                                       device=q.device)
         relative = keys[None, :] - offsets[:, None]                                       # (B, L)
-        key_block = torch.where(relative >= 0, relative // block_size, n_cache_blocks)   # before the offset: none
-        visible = visible & chosen.gather(2, key_block[:, None].expand(batch, kv_heads, length))
+        key_block = relative.clamp(min=0) // block_size
+        # Positions before the offset are in no block (not in the rejects' column either, which is set whenever
+        # a list has entries past its count).
+        in_a_block = (relative >= 0)[:, None] & chosen.gather(2, key_block[:, None].expand(batch, kv_heads, length))
+        visible = visible & in_a_block
     if kv_token_indices is not None:
         visible = visible & _listed(kv_token_indices, kv_token_counts, length)[..., :length]
     qf = q.float().reshape(batch, kv_heads, group, q_len, dim)

@@ -135,6 +135,24 @@ def test_block_lists(seed, batch, kv_heads, group, length, block_size, listed, p
         torch.testing.assert_close(dense_lse, ref_lse, atol=1e-5, rtol=1e-4)
 
 
+def test_block_lists_at_resas_launch():
+    """ReSA's launch (block_pass_launch: 128-key tiles of eight 16-key blocks, 2 stages) over sorted lists whose
+    count is one per row, seen as (B, Hkv) through a stride-0 view as resa's block_decode passes it, from each
+    row's offset with no padding mask (the positions before it are in no block), at a length that ends inside a
+    block. The reference once counted those positions in whenever a list had entries past its count."""
+    gen = torch.Generator().manual_seed(604)
+    batch, kv_heads, group, length, block_size = 2, 2, 4, 517, 16
+    q, k, v = make_qkv(gen, batch, kv_heads, group, length, 64)
+    n_cache_blocks = -(-length // block_size)
+    indices = torch.stack([torch.randperm(n_cache_blocks, generator=gen)[:19].sort().values
+                           for _ in range(batch * kv_heads)]).view(batch, kv_heads, 19).int()
+    keep = torch.tensor([19, 11])
+    offsets = torch.tensor([0, 21])
+    lengths = torch.tensor([length, length - 40])
+    check(q, k, v, lengths, None, kv_block_indices=indices, kv_block_counts=keep[:, None].expand(batch, kv_heads),
+          block_size=block_size, block_offsets=offsets, **decode.block_pass_launch())
+
+
 def test_block_lists_from_each_rows_offset():
     """Row b's block j covers positions [offset_b + j * bs, offset_b + (j + 1) * bs) (a left-padded row's blocks
     as it would have them alone): the kernel equals the reference, and the reference equals attention over those

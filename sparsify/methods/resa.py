@@ -167,7 +167,8 @@ def block_decode(q: Tensor, k: Tensor, v: Tensor, query_offset: Tensor | None, k
     arguments = dict(key_padding=key_padding, kv_block_indices=indices, kv_block_counts=counts,
                      block_size=block_size, block_offsets=starts, length_shift=shift)
     if q.is_cuda and decode_kernels.supports(q, k, v):
-        return decode_kernels.decode_attention(q, k, v, lengths, scale, **arguments)[0]
+        return decode_kernels.decode_attention(q, k, v, lengths, scale, **arguments,
+                                               **decode_kernels.block_pass_launch())[0]
     return decode_kernels.decode_attention_reference(q, k, v, lengths, scale, **arguments)[0]
 
 
