@@ -198,7 +198,9 @@ def measure(impl_name: str, model, ids: torch.Tensor, reference_tokens, profile:
     if impl_name.startswith(SPARSIFY_PREFIX):
         methods, fallbacks = impl.model.sparsify.applied()
         extra["methods_applied"] = sorted(methods)
-        extra["compiled_by"] = sorted({frame.current.compiled_by for frame in impl.model.sparsify.frames})
+        # Every graph's (a decode step's, a rectification's...): Inductor may skip CUDA graphs for one of them.
+        extra["compiled_by"] = sorted({variant.compiled_by for frame in impl.model.sparsify.frames
+                                       for variant in frame.variants.values()})
         extra["graphs_compiled"] = impl.model.sparsify.backend.compilations
         state = state_of(impl.cache)
         # The last call's (each call starts a new sequence on the reset cache).

@@ -94,6 +94,7 @@ def main(argv=None) -> None:
                          "first_call_s": prefill["first_call_s"],
                          "rectifications_per_call": prefill.get("rectifications_per_call"),
                          "methods_applied": prefill.get("methods_applied"),
+                         "compiled_by": prefill.get("compiled_by"), "graphs_compiled": prefill.get("graphs_compiled"),
                          "token_agreement_with_dense": decode["token_agreement_with_hf_eager"]})
             if impl != "dense" and "dense" in timed:
                 key = f"e2e_b{batch}@{seq}"
