@@ -73,7 +73,8 @@ def _check(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_use: 
         raise ShapeError(f"block_bounds: kmin and kmax must share a shape (B, Hkv, n_blocks, D); got "
                          f"{tuple(kmin.shape)} and {tuple(kmax.shape)}")
     batch, kv_heads, _, dim = kmin.shape
-    if query.dim() != 3 or query.shape[0] != batch or query.shape[1] % kv_heads or query.shape[2] != dim:
+    if query.dim() != 3 or query.shape[0] != batch or not query.shape[1] >= kv_heads > 0 \
+            or query.shape[1] % kv_heads or query.shape[2] != dim:
         raise ShapeError(f"block_bounds: query must be (B, Hq, D) with B = {batch}, Hq a multiple of Hkv = "
                          f"{kv_heads} and D = {dim}; got {tuple(query.shape)}")
     if in_use.shape != (batch,) or in_use.dtype not in (torch.int32, torch.int64):

@@ -62,16 +62,18 @@ def test_the_kernel_scores_the_mean_of_each_groups_query_heads():
     torch.testing.assert_close(block_bounds(heads, kmin, kmax, in_use, 1, 0.25), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_strided_summaries_are_read_in_place():
-    """A slice of the KV heads (a segment serving part of a layer's heads) and a query that is not contiguous."""
+@pytest.mark.parametrize("group", [1, 3])
+def test_strided_summaries_are_read_in_place(group):
+    """A slice of the KV heads (a segment serving part of a layer's heads) and of their query heads, as
+    resa_select passes them (q[:, :, 0] of a decode step's (B, Hq, 1, D)): strided, not contiguous."""
     gen = torch.Generator().manual_seed(5)
     kmin, kmax = summaries(gen, 2, 4, 20, 16, torch.bfloat16)
-    query = torch.randn(2, 16, 4, generator=gen).transpose(1, 2)
+    q = torch.randn(2, 1, 4 * group, 16, generator=gen).transpose(1, 2)          # (B, Hq, 1, D), strided
     kmin, kmax = kmin[:, 1:3], kmax[:, 1:3]
-    query = query[:, 1:3]
+    query = q[:, group:3 * group].select(2, 0)
     in_use = torch.tensor([20, 9], dtype=torch.int32)
-    torch.testing.assert_close(block_bounds(query, kmin, kmax, in_use, 1),
-                               block_bounds_reference(query, kmin, kmax, in_use, 1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(block_bounds(query, kmin, kmax, in_use, 1, 0.25),
+                               block_bounds_reference(query, kmin, kmax, in_use, 1, 0.25), atol=1e-4, rtol=1e-5)
 
 
 def test_bad_inputs_get_clear_errors(monkeypatch):
@@ -80,6 +82,7 @@ def test_bad_inputs_get_clear_errors(monkeypatch):
     cases = [
         ((query, kmin, kmax[:, :1], in_use), "kmin and kmax must share a shape"),
         ((query[:, :1], kmin, kmax, in_use), r"query must be \(B, Hq, D\) with B = 2, Hq a multiple of Hkv = 2"),
+        ((query[:, :0], kmin, kmax, in_use), r"query must be \(B, Hq, D\) with B = 2, Hq a multiple of Hkv = 2"),
         ((query, kmin, kmax, in_use.float()), "in_use must be an int32 or int64 tensor of shape"),
         ((query, kmin, kmax, in_use[:1]), r"in_use must be an int32 or int64 tensor of shape \(2,\)"),
     ]
@@ -111,8 +114,8 @@ def test_the_top_blocks_kernel_equals_the_reference(n_blocks):
 
 @pytest.mark.parametrize("levels", [3, 50, None])
 def test_the_top_blocks_kernel_equals_the_reference_over_long_rows_with_ties(levels):
-    """2500 blocks a row, scores of a few values (ties that share every digit of the radix select), of many
-    values close together (sharing the high digits), and of any value, negative ones included; any keep."""
+    """2500 blocks a row, scores of a few values (many ties at the threshold), of many values close together
+    (sharing their high bits), and of any value, negative ones included; any keep."""
     gen = torch.Generator().manual_seed(levels or 0)
     scores = torch.randn(2, 3, 2500, generator=gen)
     if levels is not None:

@@ -72,6 +72,39 @@ def test_the_selection_equals_its_definition():
             assert (indices[b, g, keep:] == n_blocks).all()  # past the count: an index the kernel ignores
 
 
+def test_the_budget_equals_its_definition_per_row():
+    """A static cache's offset, each row's own first position (left padding), and local blocks above what the
+    ratio and min_blocks keep: n = ceil((used - start) / block_size), keep = min(max(ceil(n r), min(n, m),
+    min(n, local)), n)."""
+    k, q = torch.zeros(3, 2, 100, 8), torch.zeros(3, 4, 1, 8)
+    starts, offset = torch.tensor([0, 9, 60]), torch.tensor(70)  # 71 positions in use
+    for ratio, min_blocks, local in ((0.2, 3, 2), (0.05, 0, 4), (1.0, 50, 1)):
+        in_use, keep = torch.ops.sparsify.resa_budget(q, k, offset, starts, 4, ratio, min_blocks, local)
+        for b, start in enumerate(starts.tolist()):
+            n = math.ceil((71 - start) / 4)
+            expected = min(max(math.ceil(n * ratio), min(n, min_blocks), min(n, local)), n)
+            assert (in_use[b].item(), keep[b].item()) == (n, expected), (ratio, min_blocks, local, b)
+
+
+def test_the_decode_ops_fake_implementations_match_them():
+    """torch.library.opcheck of the budget, the selection and the sparse decode (their fakes give the shapes and
+    dtypes the real ops return, as compilation relies on), with a static offset and left-padded rows."""
+    torch.manual_seed(2)
+    k, v = torch.randn(2, 2, 40, 8), torch.randn(2, 2, 40, 8)
+    q = torch.randn(2, 6, 1, 8)
+    kmin, kmax = summaries_from_scratch(k, 40, 4, 10)
+    starts, offset = torch.tensor([0, 5]), torch.tensor(35)
+    padding = torch.arange(40)[None, :] >= starts[:, None]
+    budget = (q, k, offset, starts, 4, 0.3, 2, 1)
+    torch.library.opcheck(torch.ops.sparsify.resa_budget.default, budget)
+    in_use, keep = torch.ops.sparsify.resa_budget(*budget)
+    selection = (q, kmin, kmax, in_use, keep, 0.3, 2, 1, 0.5)
+    torch.library.opcheck(torch.ops.sparsify.resa_select.default, selection)
+    indices = torch.ops.sparsify.resa_select(*selection)
+    torch.library.opcheck(torch.ops.sparsify.block_decode.default,
+                          (q, k, v, offset, padding, starts, indices, keep, 4, 0.5))
+
+
 def test_with_every_block_kept_decode_equals_dense_decode():
     model = tiny_model("llama")
     fast = sparsify.compile(model, resa(sparse_ratio=1.0, rectify_every=0))
@@ -180,6 +213,20 @@ def test_a_sequence_longer_than_its_state_is_refused():
 def test_rectify_every_1_is_refused_with_the_reason():
     with pytest.raises(PolicyError, match=r"rules\[0\].with.rectify_every: 1 would re-encode every generated token"):
         sparsify.Policy.load(resa(rectify_every=1))
+
+
+def test_a_decode_call_that_is_not_causal_is_refused_by_name():
+    """Cross-attention over an encoder's keys is no cache of the sequence: resa's budget, read from the cache's
+    length, would be wrong there, so the decode methods that read the whole cache refuse it."""
+    from types import SimpleNamespace
+
+    from sparsify.methods.base import cache_decode_reason
+
+    call = SimpleNamespace(phase="decode", causal=False, match=SimpleNamespace(causal_by_position=True,
+                                                                                model_window=0))
+    assert cache_decode_reason("resa", call, "blocks") == (
+        "resa serves causal self-attention over the cache; this call is not causal (e.g. cross-attention)")
+    assert cache_decode_reason("resa", SimpleNamespace(**{**vars(call), "causal": True}), "blocks") is None
 
 
 def test_resa_keeps_prefill_dense_and_says_why_where_it_cannot_serve():

@@ -183,6 +183,8 @@ def cache_decode_reason(name: str, attn: "AttentionInfo", pattern: str) -> str |
         return f"{name} serves phases decode, not {attn.phase}"
     if not attn.match.causal_by_position:
         return f"{name} reads the cache through a described mask (transformers models under sparsify.compile)"
+    if not attn.causal:
+        return f"{name} serves causal self-attention over the cache; this call is not causal (e.g. cross-attention)"
     if attn.match.model_window:
         return (f"the model's own sliding window ({attn.match.model_window} tokens) is not intersected with "
                 f"{name}'s {pattern}")

@@ -7,8 +7,9 @@ computes its attention, the blocks its new tokens touch are recomputed from the 
 them all and a decode step rewrites one). A decode step then **selects** blocks (``sparsify.resa_select``): the
 mean of the KV group's query heads, scaled, scores each block by the upper bound ``sum_d max(q_d kmin_d,
 q_d kmax_d)`` of q.k inside it; the last ``local_blocks`` are always kept; ``max(ceil(n * sparse_ratio),
-min(n, min_blocks))`` of the ``n`` blocks in use are kept, as sorted indices, in lists of a static width (the
-budget at the cache's capacity) so that a growing cache changes no shape. The split-KV decode kernel
+min(n, min_blocks))`` of the ``n`` blocks in use are kept (``sparsify.resa_budget``, once per forward for all
+layers), as sorted indices, in lists of a static width (the budget at the cache's capacity) so that a growing
+cache changes no shape. The split-KV decode kernel
 (``sparsify.block_decode``, ``kernels/decode.py``) attends over those blocks, all query heads of a group reading
 each K/V block once.
 
@@ -243,10 +244,12 @@ class ReSA(AttentionMethod):
         return [ctx.call(torch.ops.aten.slice.Tensor, t, 1, start // group, stop // group) for t in tensors]
 
     def budget(self, params: ReSAParams, ctx):
-        """Each row's blocks in use and kept (:func:`resa_budget`): one node per forward and parameters."""
-        padding = ctx.key_padding
-        key = ("resa_budget", getattr(padding, "name", None), params.block_size, params.sparse_ratio,
-               params.min_blocks, params.local_blocks)
+        """Each row's blocks in use and kept (:func:`resa_budget`): one node per forward, padding, offset and
+        parameters. Every attention resa serves is causal self-attention over a cache of the whole sequence
+        (:func:`cache_decode_reason`), so those fix its lengths; the key length is not in the key, as a dynamic
+        cache gives each layer's its own symbol."""
+        key = ("resa_budget", getattr(ctx.key_padding, "name", None), getattr(ctx.query_offset, "name", None),
+               params.block_size, params.sparse_ratio, params.min_blocks, params.local_blocks)
 
         def build():
             budget = ctx.call(torch.ops.sparsify.resa_budget.default, ctx.q, ctx.k, ctx.query_offset,
